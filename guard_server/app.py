@@ -1,0 +1,178 @@
+"""Build the aiohttp application: routes, the error middleware and resource lifecycles."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from guard_server.appkeys import METRICS, SETTINGS, UPSTREAMS
+from guard_server.config.reload import SettingsHolder
+from guard_server.config.schema import UpstreamSettings
+from guard_server.errors import GuardError
+from guard_server.generation import GenerationHandler
+from guard_server.metrics import GuardMetrics
+from guard_server.openai_fields import Endpoint
+from guard_server.pipeline.auth import authenticate
+from guard_server.pipeline.context import RequestContext
+from guard_server.upstream.pool import UpstreamPool
+from guard_server.upstream.vllm_process import VllmProcess
+
+log = logging.getLogger(__name__)
+
+TEACHER_DIR = Path(__file__).parent / "teacher" / "model"
+
+_HTTP_ERROR_TYPES = {404: "not_found_error", 405: "invalid_request_error"}
+
+
+@web.middleware
+async def openai_errors(request: web.Request, handler):  # type: ignore[no-untyped-def]
+    """Render every error as an OpenAI error body; never leak a stack trace."""
+    try:
+        return await handler(request)
+    except GuardError as exc:
+        return web.Response(
+            body=exc.to_json(),
+            status=exc.status,
+            content_type="application/json",
+            headers=exc.headers,
+        )
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        error = GuardError(
+            exc.status,
+            exc.reason if exc.status != 413 else "The request body is too large.",
+            type=_HTTP_ERROR_TYPES.get(exc.status, "invalid_request_error"),
+        )
+        return web.Response(
+            body=error.to_json(), status=exc.status, content_type="application/json"
+        )
+    except asyncio.CancelledError:
+        raise
+    except Exception:
+        log.exception("unhandled error on %s %s", request.method, request.path)
+        error = GuardError(500, "The guard hit an internal error.", type="internal_error")
+        return web.Response(body=error.to_json(), status=500, content_type="application/json")
+
+
+async def list_models(request: web.Request) -> web.Response:
+    """``GET /v1/models``: the models the caller's tier may use."""
+    holder = request.app[SETTINGS]
+    ctx = RequestContext(Endpoint.CHAT, holder.current, request.headers, time.perf_counter())
+    await authenticate(ctx)
+    assert ctx.client is not None
+    created = int(holder.current.path.stat().st_mtime)
+    data = [
+        {"id": name, "object": "model", "created": created, "owned_by": "guard-server"}
+        for name in holder.current.model_names
+        if ctx.client.tier.may_use(name)
+    ]
+    return web.json_response({"object": "list", "data": data})
+
+
+async def healthz(request: web.Request) -> web.Response:
+    """``GET /healthz``: the process is alive."""
+    return web.json_response({"status": "ok"})
+
+
+async def readyz(request: web.Request) -> web.Response:
+    """``GET /readyz``: config loaded and every model has a healthy upstream."""
+    upstreams = request.app[UPSTREAMS]
+    if upstreams.ready:
+        return web.json_response({"status": "ready"})
+    down = [name for name, upstream in upstreams.models.items() if not upstream.ready]
+    return web.json_response({"status": "not ready", "unhealthy_models": down}, status=503)
+
+
+async def metrics_endpoint(request: web.Request) -> web.Response:
+    """``GET /metrics``: Prometheus text format."""
+    body = generate_latest(request.app[METRICS].registry)
+    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+def build_app(
+    holder: SettingsHolder,
+    metrics: GuardMetrics | None = None,
+    *,
+    teacher_log: Path | None = None,
+) -> web.Application:
+    """The guard as an aiohttp application.
+
+    With no upstreams configured, the app runs the bundled teacher on real vLLM as a
+    managed child process for as long as the app runs.
+    """
+    settings = holder.current
+    metrics = metrics or GuardMetrics()
+    app = web.Application(
+        middlewares=[openai_errors],
+        client_max_size=settings.config.server.max_body_bytes,
+    )
+    app[SETTINGS] = holder
+    app[METRICS] = metrics
+
+    async def upstreams_ctx(app: web.Application) -> AsyncIterator[None]:
+        upstream_settings = dict(settings.config.upstreams)
+        teacher = None
+        if not upstream_settings:
+            teacher = await _start_bundled_teacher(holder, teacher_log)
+            upstream_settings = {
+                settings.config.bundled_teacher.model_name: UpstreamSettings(urls=[teacher.url])
+            }
+        pool = UpstreamPool(upstream_settings, metrics)
+        await pool.start()
+        app[UPSTREAMS] = pool
+        try:
+            yield
+        finally:
+            await pool.close()
+            if teacher is not None:
+                await asyncio.to_thread(teacher.stop)
+
+    async def reload_ctx(app: web.Application) -> AsyncIterator[None]:
+        loop = asyncio.get_running_loop()
+        watcher = asyncio.create_task(holder.watch())
+        loop.add_signal_handler(signal.SIGHUP, lambda: asyncio.ensure_future(holder.reload()))
+        try:
+            yield
+        finally:
+            loop.remove_signal_handler(signal.SIGHUP)
+            watcher.cancel()
+            await asyncio.gather(watcher, return_exceptions=True)
+
+    app.cleanup_ctx.append(upstreams_ctx)
+    app.cleanup_ctx.append(reload_ctx)
+
+    for endpoint in Endpoint:
+        handler = GenerationHandler(endpoint, holder, metrics)
+        app.router.add_post(handler.path, handler)
+    app.router.add_get("/v1/models", list_models)
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    app.router.add_get("/metrics", metrics_endpoint)
+    return app
+
+
+async def _start_bundled_teacher(holder: SettingsHolder, log_path: Path | None) -> VllmProcess:
+    teacher_settings = holder.current.config.bundled_teacher
+    process = VllmProcess(
+        TEACHER_DIR,
+        teacher_settings.model_name,
+        port=teacher_settings.port,
+        max_logprobs=teacher_settings.max_logprobs,
+        log_path=log_path,
+    )
+    process.start()
+    try:
+        seconds = await asyncio.to_thread(process.wait_healthy, teacher_settings.startup_timeout_s)
+    except BaseException:
+        process.stop()
+        raise
+    log.info("bundled teacher healthy on %s after %.1f s", process.url, seconds)
+    return process

@@ -1,0 +1,149 @@
+"""The ``guard-server`` command line: serve, check-config, hash-key."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import secrets
+import signal
+import sys
+from pathlib import Path
+
+from aiohttp import web
+
+from guard_server.config.loader import ConfigError, Settings, load_settings
+from guard_server.config.reload import SettingsHolder
+from guard_server.metrics import GuardMetrics
+from guard_server.pipeline.auth import hash_key
+
+DEFAULT_CONFIG = Path("policies/guard.yaml")
+DEMO_KEY = "sk-guard-demo"
+
+log = logging.getLogger("guard_server")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="guard-server", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    serve = commands.add_parser("serve", help="run the guard")
+    serve.add_argument("--config", type=Path, default=DEFAULT_CONFIG)
+    serve.add_argument("--host", help="listen address (overrides server.host)")
+    serve.add_argument("--port", type=int, help="listen port (overrides server.port)")
+    serve.add_argument("--log-level", default="INFO")
+    check = commands.add_parser("check-config", help="validate a config and its policy files")
+    check.add_argument("file", type=Path)
+    key = commands.add_parser("hash-key", help="make a new API key (or hash one from stdin)")
+    key.add_argument("--stdin", action="store_true", help="hash the key read from stdin")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the console script."""
+    args = _parser().parse_args(argv)
+    if args.command == "check-config":
+        return _check_config(args.file)
+    if args.command == "hash-key":
+        return _hash_key(args.stdin)
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    try:
+        settings = load_settings(args.config)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    with contextlib.suppress(ImportError):
+        import uvloop
+
+        uvloop.install()
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(_serve(settings, args.host, args.port))
+    return 0
+
+
+def _check_config(path: Path) -> int:
+    try:
+        settings = load_settings(path)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(
+        f"ok: {path}: {len(settings.model_names)} model(s), {len(settings.tiers)} tier(s), "
+        f"{len(settings.clients_by_key_hash)} client key(s), "
+        f"{len(settings.files) - 1} policy file(s)"
+    )
+    return 0
+
+
+def _hash_key(from_stdin: bool) -> int:
+    if from_stdin:
+        key = sys.stdin.readline().strip()
+        if not key:
+            print("error: no key on stdin", file=sys.stderr)
+            return 2
+        print(hash_key(key))
+        return 0
+    key = "sk-" + secrets.token_urlsafe(32)
+    print(f"key:  {key}\nhash: {hash_key(key)}")
+    print("Give the key to the client; put only the hash in a policy file.", file=sys.stderr)
+    return 0
+
+
+async def _serve(settings: Settings, host: str | None, port: int | None) -> None:
+    from guard_server.app import build_app
+
+    metrics = GuardMetrics()
+    holder = SettingsHolder(
+        settings,
+        on_reload=lambda ok: metrics.config_reloads.labels("success" if ok else "failure").inc(),
+    )
+    if settings.secret_is_ephemeral:
+        log.warning("no server secret configured: using a random one for this process only")
+    app = build_app(holder, metrics)
+    runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
+    await runner.setup()
+    server = settings.config.server
+    site = web.TCPSite(runner, host or server.host, server.port if port is None else port)
+    await site.start()
+    bound = runner.addresses[0]
+    _print_banner(f"http://{bound[0]}:{bound[1]}/v1", settings)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, stop.set)
+    try:
+        await stop.wait()
+    finally:
+        log.info("shutting down")
+        await runner.cleanup()
+
+
+def _print_banner(base_url: str, settings: Settings) -> None:
+    model = settings.model_names[0]
+    question = "What is 12 + 7?"
+    if not settings.config.upstreams:
+        from guard_server.teacher.task import make_problems
+
+        question = make_problems(1, seed=7, split="heldout")[0].question
+    print(
+        f"""
+guard-server is listening on {base_url}  (model: {model})
+
+Try it with the openai SDK (the demo key works only with policies/demo-clients.yaml):
+
+    from openai import OpenAI
+    client = OpenAI(base_url="{base_url}", api_key="{DEMO_KEY}")
+    reply = client.chat.completions.create(
+        model="{model}", messages=[{{"role": "user", "content": {question!r}}}], temperature=0)
+    print(reply.choices[0].message.content)
+
+or with curl:
+
+    curl -s {base_url}/chat/completions -H 'Authorization: Bearer {DEMO_KEY}' \\
+      -H 'Content-Type: application/json' \\
+      -d '{{"model": "{model}", "messages": [{{"role": "user", "content": "{question}"}}]}}'
+""",
+        flush=True,
+    )

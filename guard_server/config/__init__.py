@@ -1,0 +1,1 @@
+"""Configuration: the pydantic schema, loading with clear errors, and live reload."""

@@ -1,0 +1,200 @@
+"""Load the config file and its policy files into one validated, immutable snapshot."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import secrets
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+from pydantic import BaseModel, ValidationError
+
+from guard_server.config.schema import Bound, GuardConfig, PolicyFile, TierPolicy
+from guard_server.openai_fields import expand_field_selectors
+
+MIN_SECRET_BYTES = 32
+_Model = TypeVar("_Model", bound=BaseModel)
+
+
+class ConfigError(Exception):
+    """A configuration that cannot be used; the message names the file, field and value."""
+
+
+@dataclass(frozen=True, slots=True)
+class Tier:
+    """A tier, resolved: the models it may use, the fields it may send, and their bounds."""
+
+    name: str
+    models: frozenset[str] | None  # None: every configured model
+    allowed_fields: frozenset[str]
+    bounds: dict[str, Bound]
+
+    def may_use(self, model: str) -> bool:
+        """Whether this tier may call ``model``."""
+        return self.models is None or model in self.models
+
+
+@dataclass(frozen=True, slots=True)
+class Client:
+    """An authenticated API client."""
+
+    id: str
+    tier: Tier
+
+
+@dataclass(frozen=True)
+class Settings:
+    """One consistent snapshot of everything the guard was configured with."""
+
+    path: Path
+    config: GuardConfig
+    tiers: dict[str, Tier]
+    clients_by_key_hash: dict[bytes, Client]
+    secret: bytes
+    secret_is_ephemeral: bool
+    files: tuple[Path, ...]
+    digest: str = field(compare=False)
+
+    @property
+    def model_names(self) -> list[str]:
+        """Public model names, in configuration order."""
+        if self.config.upstreams:
+            return list(self.config.upstreams)
+        return [self.config.bundled_teacher.model_name]
+
+
+def _read_yaml(path: Path) -> tuple[Any, bytes]:
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read: {exc.strerror or exc}") from None
+    try:
+        data = yaml.safe_load(raw)
+    except yaml.YAMLError as exc:
+        where = ""
+        mark = getattr(exc, "problem_mark", None)
+        if mark is not None:
+            where = f" at line {mark.line + 1}, column {mark.column + 1}"
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise ConfigError(f"{path}: invalid YAML{where}: {problem}") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping, got {type(data).__name__}")
+    return data, raw
+
+
+def _validate(model: type[_Model], data: dict[str, Any], path: Path) -> _Model:
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        lines = [f"{path}: {exc.error_count()} invalid field(s):"]
+        for error in exc.errors(include_url=False):
+            location = ".".join(str(part) for part in error["loc"]) or "(top level)"
+            message = error["msg"]
+            if error["type"] == "extra_forbidden":
+                message = "unknown field"
+            value = error.get("input")
+            shown = "" if isinstance(value, dict) else f" (got {value!r})"
+            lines.append(f"  {location}: {message}{shown}")
+        raise ConfigError("\n".join(lines)) from None
+
+
+def _resolve_tier(name: str, policy: TierPolicy) -> Tier:
+    models = None if "*" in policy.models else frozenset(policy.models)
+    return Tier(name, models, expand_field_selectors(policy.allow_fields), dict(policy.bounds))
+
+
+def _load_secret(config: GuardConfig, base: Path) -> tuple[bytes, bool]:
+    source = config.secret
+    if source is None:
+        return secrets.token_bytes(MIN_SECRET_BYTES), True
+    if source.env is not None:
+        value = os.environ.get(source.env)
+        if value is None:
+            raise ConfigError(f"secret.env: environment variable {source.env} is not set")
+        secret = value.encode()
+    else:
+        secret_path = base / source.file  # type: ignore[operator]
+        try:
+            secret = secret_path.read_bytes().strip()
+        except OSError as exc:
+            raise ConfigError(f"secret.file: cannot read {secret_path}: {exc.strerror}") from None
+    if len(secret) < MIN_SECRET_BYTES:
+        raise ConfigError(f"the server secret must be at least {MIN_SECRET_BYTES} bytes long")
+    return secret, False
+
+
+def load_settings(path: str | os.PathLike[str]) -> Settings:
+    """Read, validate and resolve the config at ``path`` and every policy file it names."""
+    config_path = Path(path).resolve()
+    data, raw = _read_yaml(config_path)
+    config = _validate(GuardConfig, data, config_path)
+    base = config_path.parent
+    digest = hashlib.sha256(raw)
+    files = [config_path]
+    tiers: dict[str, Tier] = {}
+    client_entries: dict[str, tuple[str, list[str], Path]] = {}
+    for policy_name in config.policies:
+        policy_path = (base / policy_name).resolve()
+        policy_data, policy_raw = _read_yaml(policy_path)
+        digest.update(policy_raw)
+        files.append(policy_path)
+        policy = _validate(PolicyFile, policy_data, policy_path)
+        for tier_name, tier_policy in policy.tiers.items():
+            if tier_name in tiers:
+                raise ConfigError(f"{policy_path}: tiers.{tier_name}: tier defined twice")
+            tiers[tier_name] = _resolve_tier(tier_name, tier_policy)
+        for client_id, entry in policy.clients.items():
+            if client_id in client_entries:
+                raise ConfigError(f"{policy_path}: clients.{client_id}: client defined twice")
+            client_entries[client_id] = (entry.tier, entry.keys, policy_path)
+
+    model_names = list(config.upstreams) or [config.bundled_teacher.model_name]
+    for tier in tiers.values():
+        for model in sorted(tier.models or ()):
+            if model not in model_names:
+                raise ConfigError(
+                    f"tiers.{tier.name}.models: unknown model {model!r}; "
+                    f"configured models: {', '.join(model_names)}"
+                )
+
+    clients_by_key_hash: dict[bytes, Client] = {}
+    for client_id, (tier_name, key_hashes, policy_path) in client_entries.items():
+        if tier_name not in tiers:
+            raise ConfigError(
+                f"{policy_path}: clients.{client_id}.tier: unknown tier {tier_name!r}; "
+                f"defined tiers: {', '.join(sorted(tiers)) or '(none)'}"
+            )
+        client = Client(client_id, tiers[tier_name])
+        for key_hash in key_hashes:
+            digest_bytes = bytes.fromhex(key_hash.removeprefix("sha256:"))
+            if digest_bytes in clients_by_key_hash:
+                raise ConfigError(f"{policy_path}: clients.{client_id}.keys: key used twice")
+            clients_by_key_hash[digest_bytes] = client
+
+    secret, ephemeral = _load_secret(config, base)
+    return Settings(
+        path=config_path,
+        config=config,
+        tiers=tiers,
+        clients_by_key_hash=clients_by_key_hash,
+        secret=secret,
+        secret_is_ephemeral=ephemeral,
+        files=tuple(files),
+        digest=digest.hexdigest(),
+    )
+
+
+def files_digest(files: tuple[Path, ...]) -> str | None:
+    """The digest of the files' current contents, or None when one cannot be read."""
+    digest = hashlib.sha256()
+    try:
+        for file in files:
+            digest.update(file.read_bytes())
+    except OSError:
+        return None
+    return digest.hexdigest()

@@ -1,0 +1,166 @@
+"""The pydantic schema of the guard's YAML configuration and policy files."""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from guard_server.openai_fields import BOUNDABLE, expand_field_selectors
+
+_KEY_HASH = re.compile(r"^sha256:[0-9a-f]{64}$")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ServerSettings(_Strict):
+    """Where the guard listens and how it treats request bodies."""
+
+    host: str = "127.0.0.1"
+    port: Annotated[int, Field(ge=0, le=65535)] = 8080
+    max_body_bytes: Annotated[int, Field(ge=1024)] = 1_048_576
+    policy_header: bool = True
+    reload_interval_s: Annotated[float, Field(gt=0)] = 2.0
+
+
+class Timeouts(_Strict):
+    """Upstream timeouts in seconds."""
+
+    connect: Annotated[float, Field(gt=0)] = 5.0
+    read: Annotated[float, Field(gt=0)] = 120.0
+    total: Annotated[float, Field(gt=0)] = 600.0
+
+
+class UpstreamSettings(_Strict):
+    """The vLLM servers behind one public model name."""
+
+    urls: Annotated[list[str], Field(min_length=1)]
+    served_model: str | None = None
+    timeouts: Timeouts = Timeouts()
+    max_connections: Annotated[int, Field(ge=1)] = 256
+    health_interval_s: Annotated[float, Field(gt=0)] = 5.0
+
+    @field_validator("urls")
+    @classmethod
+    def _http_urls(cls, urls: list[str]) -> list[str]:
+        for url in urls:
+            if not re.match(r"^https?://[^/\s]+", url):
+                raise ValueError(f"{url!r} is not an http(s) URL")
+        return [url.rstrip("/") for url in urls]
+
+
+class SecretSource(_Strict):
+    """Where the server secret comes from: an environment variable or a file."""
+
+    env: str | None = None
+    file: str | None = None
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> SecretSource:
+        if (self.env is None) == (self.file is None):
+            raise ValueError("set exactly one of `env` or `file`")
+        return self
+
+
+class StateSettings(_Strict):
+    """Where shared state (limits, risk scores) lives."""
+
+    backend: Literal["memory"] = "memory"
+
+
+class MetricsSettings(_Strict):
+    """Prometheus options."""
+
+    client_label: bool = False
+
+
+class BundledTeacherSettings(_Strict):
+    """How `serve` runs the bundled teacher when no upstream is configured."""
+
+    model_name: str = "teacher"
+    port: Annotated[int, Field(ge=0, le=65535)] = 0
+    startup_timeout_s: Annotated[float, Field(gt=0)] = 300.0
+    max_logprobs: Annotated[int, Field(ge=0)] = 20
+
+
+class GuardConfig(_Strict):
+    """The top-level guard configuration file."""
+
+    server: ServerSettings = ServerSettings()
+    upstreams: dict[str, UpstreamSettings] = {}
+    secret: SecretSource | None = None
+    state: StateSettings = StateSettings()
+    metrics: MetricsSettings = MetricsSettings()
+    bundled_teacher: BundledTeacherSettings = BundledTeacherSettings()
+    policies: list[str] = []
+
+
+class Bound(_Strict):
+    """Bounds on one numeric request field, and what happens outside them."""
+
+    min: float | None = None
+    max: float | None = None
+    on_exceed: Literal["clamp", "reject"] = "reject"
+
+    @model_validator(mode="after")
+    def _ordered(self) -> Bound:
+        if self.min is None and self.max is None:
+            raise ValueError("set `min`, `max` or both")
+        if self.min is not None and self.max is not None and self.min > self.max:
+            raise ValueError(f"min ({self.min}) is greater than max ({self.max})")
+        return self
+
+
+class TierPolicy(_Strict):
+    """What one tier's clients may ask for."""
+
+    models: list[str] = ["*"]
+    allow_fields: list[str] = ["@openai", "@vllm_sampling"]
+    bounds: dict[str, Bound] = {}
+
+    @field_validator("allow_fields")
+    @classmethod
+    def _known_fields(cls, selectors: list[str]) -> list[str]:
+        expand_field_selectors(selectors)
+        for required in ("model",):
+            if required not in expand_field_selectors(selectors):
+                raise ValueError(f"{required!r} must be allowed")
+        return selectors
+
+    @field_validator("bounds")
+    @classmethod
+    def _boundable(cls, bounds: dict[str, Bound]) -> dict[str, Bound]:
+        for name in bounds:
+            if name not in BOUNDABLE:
+                raise ValueError(
+                    f"{name!r} cannot be bounded; boundable fields: {', '.join(sorted(BOUNDABLE))}"
+                )
+        return bounds
+
+
+class ClientEntry(_Strict):
+    """One API client: its tier and the sha256 hashes of its keys."""
+
+    tier: str
+    keys: Annotated[list[str], Field(min_length=1)]
+
+    @field_validator("keys")
+    @classmethod
+    def _hashes_only(cls, keys: list[str]) -> list[str]:
+        for key in keys:
+            if not _KEY_HASH.match(key):
+                raise ValueError(
+                    "keys must be stored as 'sha256:<64 lowercase hex>' "
+                    "(see `guard-server hash-key`), never in plain text"
+                )
+        return keys
+
+
+class PolicyFile(_Strict):
+    """A policy file: tiers and/or clients."""
+
+    tiers: dict[str, TierPolicy] = {}
+    clients: dict[str, ClientEntry] = {}

@@ -1,0 +1,239 @@
+"""The generation endpoints: run the pipeline around one upstream call, streaming or not."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import aiohttp
+import orjson
+from aiohttp import web
+
+from guard_server.appkeys import UPSTREAMS
+from guard_server.config.reload import SettingsHolder
+from guard_server.errors import GuardError, bad_request, upstream_error
+from guard_server.metrics import GuardMetrics
+from guard_server.openai_fields import Endpoint
+from guard_server.pipeline.auth import authenticate
+from guard_server.pipeline.context import RequestContext
+from guard_server.pipeline.policy import apply_tier_policy
+from guard_server.pipeline.record import record
+from guard_server.pipeline.rewrite import rewrite_for_upstream
+from guard_server.pipeline.transform import carries_token, transform_chunk, transform_response
+from guard_server.pipeline.validate import parse_json_object, validate_request
+from guard_server.upstream.pool import ModelUpstream
+
+log = logging.getLogger(__name__)
+
+Stage = Callable[[RequestContext], Awaitable[None]]
+
+# Stages after authentication that run before the upstream call, in order.
+REQUEST_STAGES: tuple[Stage, ...] = (validate_request, apply_tier_policy)
+
+_PATHS = {Endpoint.CHAT: "/v1/chat/completions", Endpoint.COMPLETIONS: "/v1/completions"}
+_SSE_HEADERS = {
+    "Content-Type": "text/event-stream; charset=utf-8",
+    "Cache-Control": "no-cache",
+    "X-Accel-Buffering": "no",
+}
+_DONE = b"data: [DONE]\n\n"
+
+
+class GenerationHandler:
+    """Serves one generation endpoint through the pipeline."""
+
+    def __init__(
+        self,
+        endpoint: Endpoint,
+        holder: SettingsHolder,
+        metrics: GuardMetrics,
+    ) -> None:
+        self.endpoint = endpoint
+        self.path = _PATHS[endpoint]
+        self.holder = holder
+        self.metrics = metrics
+
+    async def __call__(self, request: web.Request) -> web.StreamResponse:
+        ctx = RequestContext(
+            endpoint=self.endpoint,
+            settings=self.holder.current,
+            headers=request.headers,
+            started=time.perf_counter(),
+        )
+        self.metrics.in_flight.inc()
+        try:
+            response = await self._serve(request, ctx)
+        except GuardError as exc:
+            ctx.status = exc.status
+            raise
+        except asyncio.CancelledError:
+            ctx.status = 499
+            raise
+        except BaseException:
+            ctx.status = 500
+            raise
+        else:
+            ctx.status = ctx.status or response.status
+            return response
+        finally:
+            self.metrics.in_flight.dec()
+            record(ctx, self.metrics)
+
+    async def _serve(self, request: web.Request, ctx: RequestContext) -> web.StreamResponse:
+        await authenticate(ctx)
+        ctx.body = parse_json_object(await _read_body(request, ctx))
+        for stage in REQUEST_STAGES:
+            await stage(ctx)
+        upstream = request.app[UPSTREAMS].get(ctx.model)
+        payload = rewrite_for_upstream(ctx, upstream.served_model)
+        headers = self._policy_headers(ctx)
+        if ctx.stream:
+            return await self._relay_stream(request, ctx, upstream, payload, headers)
+        return await self._relay_whole(ctx, upstream, payload, headers)
+
+    def _policy_headers(self, ctx: RequestContext) -> dict[str, str]:
+        if not (ctx.policy_notes and ctx.settings.config.server.policy_header):
+            return {}
+        assert ctx.client is not None
+        return {"x-guard-policy": "; ".join([f"tier={ctx.client.tier.name}", *ctx.policy_notes])}
+
+    async def _relay_whole(
+        self, ctx: RequestContext, upstream: ModelUpstream, payload: bytes, headers: dict[str, str]
+    ) -> web.Response:
+        started = time.perf_counter()
+        response = await upstream.post(self.path, payload)
+        try:
+            if response.status != 200:
+                raise await _mapped_error(response, self.metrics)
+            data = await response.read()
+        except (TimeoutError, aiohttp.ClientPayloadError, aiohttp.ClientConnectionError) as exc:
+            raise _broken_read(exc, self.metrics) from None
+        finally:
+            response.release()
+            ctx.upstream_seconds += time.perf_counter() - started
+        body = orjson.loads(data)
+        transform_response(ctx, body)
+        return web.Response(
+            body=orjson.dumps(body), content_type="application/json", headers=headers
+        )
+
+    async def _relay_stream(
+        self,
+        request: web.Request,
+        ctx: RequestContext,
+        upstream: ModelUpstream,
+        payload: bytes,
+        headers: dict[str, str],
+    ) -> web.StreamResponse:
+        started = time.perf_counter()
+        response = await upstream.post(self.path, payload)
+        ctx.upstream_seconds += time.perf_counter() - started
+        try:
+            if response.status != 200:
+                raise await _mapped_error(response, self.metrics)
+            out = web.StreamResponse(headers={**_SSE_HEADERS, **headers})
+            await out.prepare(request)
+            ctx.status = 200
+            await self._pump(ctx, response, out)
+            await out.write_eof()
+            return out
+        finally:
+            response.close()
+
+    async def _pump(
+        self, ctx: RequestContext, response: aiohttp.ClientResponse, out: web.StreamResponse
+    ) -> None:
+        """Relay SSE events one by one as they arrive; never buffer the answer."""
+        content = response.content
+        while True:
+            waited = time.perf_counter()
+            try:
+                line = await content.readline()
+            except (TimeoutError, aiohttp.ClientPayloadError, aiohttp.ClientConnectionError) as exc:
+                await out.write(_error_event(_broken_read(exc, self.metrics)) + _DONE)
+                return
+            finally:
+                ctx.upstream_seconds += time.perf_counter() - waited
+            if not line:
+                self.metrics.upstream_errors.labels("stream").inc()
+                error = upstream_error(502, "The upstream stream ended early.", "upstream_stream")
+                await out.write(_error_event(error) + _DONE)
+                return
+            if not line.startswith(b"data:"):
+                continue
+            data = line[5:].strip()
+            if data == b"[DONE]":
+                await out.write(_DONE)
+                return
+            chunk = orjson.loads(data)
+            if "error" in chunk:
+                self.metrics.upstream_errors.labels("stream").inc()
+            elif not transform_chunk(ctx, chunk):
+                continue
+            if ctx.first_token_at is None and carries_token(chunk):
+                ctx.first_token_at = time.perf_counter()
+            await out.write(b"data: " + orjson.dumps(chunk) + b"\n\n")
+
+
+async def _read_body(request: web.Request, ctx: RequestContext) -> bytes:
+    limit = ctx.settings.config.server.max_body_bytes
+    if request.content_length is not None and request.content_length > limit:
+        raise _too_large(limit)
+    body = await request.content.read(limit + 1)
+    if len(body) > limit:
+        raise _too_large(limit)
+    if not body:
+        raise bad_request("The request body is empty; send a JSON object.")
+    return body
+
+
+def _too_large(limit: int) -> GuardError:
+    return GuardError(
+        413,
+        f"The request body is larger than the {limit}-byte limit.",
+        code="request_too_large",
+    )
+
+
+async def _mapped_error(response: aiohttp.ClientResponse, metrics: GuardMetrics) -> GuardError:
+    """Turn a non-200 upstream answer into the client's error: 4xx as is, 5xx as 502."""
+    raw = await response.read()
+    status = response.status
+    message = None
+    try:
+        error = orjson.loads(raw).get("error")
+        if isinstance(error, dict):
+            message = error.get("message")
+        elif isinstance(error, str):
+            message = error
+    except (orjson.JSONDecodeError, AttributeError):
+        pass
+    if 400 <= status < 500:
+        return GuardError(
+            status,
+            str(message or f"The upstream rejected the request (HTTP {status})."),
+            type="invalid_request_error",
+            code="upstream_rejected",
+        )
+    metrics.upstream_errors.labels("status").inc()
+    log.warning("upstream answered HTTP %d: %s", status, raw[:500])
+    return upstream_error(502, f"The upstream failed (HTTP {status}).", "upstream_error")
+
+
+def _broken_read(exc: BaseException, metrics: GuardMetrics) -> GuardError:
+    if isinstance(exc, TimeoutError):
+        metrics.upstream_errors.labels("timeout").inc()
+        return upstream_error(504, "The upstream did not answer in time.", "upstream_timeout")
+    metrics.upstream_errors.labels("stream").inc()
+    return upstream_error(
+        502, f"The upstream connection broke: {type(exc).__name__}.", "upstream_disconnected"
+    )
+
+
+def _error_event(error: GuardError) -> bytes:
+    body: dict[str, Any] = error.body()
+    body["error"]["code"] = error.status
+    return b"data: " + orjson.dumps(body) + b"\n\n"

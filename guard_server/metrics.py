@@ -1,0 +1,122 @@
+"""Prometheus metrics of the guard. Every label is bounded by configuration."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+_LATENCY_BUCKETS = (
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1,
+    2.5,
+    5,
+    10,
+    30,
+    60,
+    120,
+)
+_OVERHEAD_BUCKETS = (
+    0.0001,
+    0.00025,
+    0.0005,
+    0.001,
+    0.002,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+)
+
+
+class GuardMetrics:
+    """All of the guard's metrics, registered on one registry."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        self.requests = Counter(
+            "guard_requests",
+            "Requests answered by the guard, by tier, endpoint and HTTP status.",
+            ["tier", "endpoint", "status"],
+            registry=r,
+        )
+        self.client_requests = Counter(
+            "guard_client_requests",
+            "Requests by client id (only when metrics.client_label is on).",
+            ["client"],
+            registry=r,
+        )
+        self.request_seconds = Histogram(
+            "guard_request_duration_seconds",
+            "Total request latency seen by the client, in seconds.",
+            ["tier", "endpoint"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.upstream_seconds = Histogram(
+            "guard_upstream_duration_seconds",
+            "Time spent waiting on the upstream model server, in seconds.",
+            ["endpoint"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.overhead_seconds = Histogram(
+            "guard_overhead_seconds",
+            "The guard's own time per request (total minus upstream), in seconds.",
+            ["endpoint"],
+            buckets=_OVERHEAD_BUCKETS,
+            registry=r,
+        )
+        self.ttft_seconds = Histogram(
+            "guard_time_to_first_token_seconds",
+            "Streaming: time from request arrival to the first content chunk sent, in seconds.",
+            ["tier", "endpoint"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.prompt_tokens = Counter(
+            "guard_prompt_tokens", "Prompt tokens reported by the upstream.", ["tier"], registry=r
+        )
+        self.completion_tokens = Counter(
+            "guard_completion_tokens",
+            "Completion tokens reported by the upstream.",
+            ["tier"],
+            registry=r,
+        )
+        self.upstream_errors = Counter(
+            "guard_upstream_errors",
+            "Upstream failures by kind (connect, timeout, status, stream, unavailable).",
+            ["kind"],
+            registry=r,
+        )
+        self.upstream_healthy = Gauge(
+            "guard_upstream_healthy",
+            "1 if the upstream endpoint passed its last health check.",
+            ["model", "endpoint"],
+            registry=r,
+        )
+        self.config_reloads = Counter(
+            "guard_config_reloads",
+            "Config reloads by result (success or failure).",
+            ["result"],
+            registry=r,
+        )
+        self.policy_actions = Counter(
+            "guard_policy_actions",
+            "Request rewrites by the tier policy (clamp, strip), by tier and field.",
+            ["tier", "action", "field"],
+            registry=r,
+        )
+        self.in_flight = Gauge(
+            "guard_requests_in_flight", "Requests being served right now.", registry=r
+        )

@@ -1,0 +1,175 @@
+"""The request fields the guard knows, their JSON types, endpoints and exposure groups.
+
+vLLM silently ignores unknown fields; the guard rejects them. Every field a client may send
+is listed here. Tiers expose fields by group (``@openai``, ``@vllm_sampling``,
+``@vllm_advanced``) or by name; ``vllm_xargs`` is in no group: only the guard sets it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import Enum
+
+
+class JsonType(Enum):
+    """The JSON shapes a field may take."""
+
+    STRING = "string"
+    INTEGER = "integer"
+    NUMBER = "number"
+    BOOLEAN = "boolean"
+    OBJECT = "object"
+    ARRAY = "array"
+    STRING_OR_ARRAY = "string or array"
+    STRING_OR_OBJECT = "string or object"
+    INTEGER_OR_BOOLEAN = "integer or boolean"
+
+
+class Endpoint(Enum):
+    """The two generation endpoints."""
+
+    CHAT = "chat"
+    COMPLETIONS = "completions"
+
+
+BOTH = frozenset({Endpoint.CHAT, Endpoint.COMPLETIONS})
+CHAT = frozenset({Endpoint.CHAT})
+COMPLETIONS = frozenset({Endpoint.COMPLETIONS})
+
+OPENAI = "openai"
+VLLM_SAMPLING = "vllm_sampling"
+VLLM_ADVANCED = "vllm_advanced"
+GUARD_ONLY = "guard_only"
+GROUPS = (OPENAI, VLLM_SAMPLING, VLLM_ADVANCED)
+
+
+@dataclass(frozen=True, slots=True)
+class FieldSpec:
+    """One request field: its type per endpoint, where it is valid and its exposure group."""
+
+    name: str
+    types: dict[Endpoint, JsonType]
+    group: str
+
+    @property
+    def endpoints(self) -> frozenset[Endpoint]:
+        """The endpoints that accept this field."""
+        return frozenset(self.types)
+
+
+def _spec(name: str, json_type: JsonType, endpoints: frozenset[Endpoint], group: str) -> FieldSpec:
+    return FieldSpec(name, dict.fromkeys(endpoints, json_type), group)
+
+
+_S, _I, _N, _B = JsonType.STRING, JsonType.INTEGER, JsonType.NUMBER, JsonType.BOOLEAN
+_O, _A = JsonType.OBJECT, JsonType.ARRAY
+
+_FIELDS: list[FieldSpec] = [
+    # The OpenAI API itself.
+    _spec("model", _S, BOTH, OPENAI),
+    _spec("messages", _A, CHAT, OPENAI),
+    _spec("prompt", JsonType.STRING_OR_ARRAY, COMPLETIONS, OPENAI),
+    _spec("max_tokens", _I, BOTH, OPENAI),
+    _spec("max_completion_tokens", _I, CHAT, OPENAI),
+    _spec("n", _I, BOTH, OPENAI),
+    _spec("temperature", _N, BOTH, OPENAI),
+    _spec("top_p", _N, BOTH, OPENAI),
+    _spec("stop", JsonType.STRING_OR_ARRAY, BOTH, OPENAI),
+    _spec("stream", _B, BOTH, OPENAI),
+    _spec("stream_options", _O, BOTH, OPENAI),
+    _spec("seed", _I, BOTH, OPENAI),
+    _spec("presence_penalty", _N, BOTH, OPENAI),
+    _spec("frequency_penalty", _N, BOTH, OPENAI),
+    _spec("user", _S, BOTH, OPENAI),
+    _spec("response_format", _O, BOTH, OPENAI),
+    _spec("tools", _A, CHAT, OPENAI),
+    _spec("tool_choice", JsonType.STRING_OR_OBJECT, CHAT, OPENAI),
+    _spec("parallel_tool_calls", _B, CHAT, OPENAI),
+    _spec("reasoning_effort", _S, CHAT, OPENAI),
+    _spec("top_logprobs", _I, CHAT, OPENAI),
+    FieldSpec("logprobs", {Endpoint.CHAT: _B, Endpoint.COMPLETIONS: _I}, OPENAI),
+    # vLLM sampling extras that reveal nothing beyond the sampled text.
+    _spec("top_k", _I, BOTH, VLLM_SAMPLING),
+    _spec("min_p", _N, BOTH, VLLM_SAMPLING),
+    _spec("repetition_penalty", _N, BOTH, VLLM_SAMPLING),
+    _spec("length_penalty", _N, BOTH, VLLM_SAMPLING),
+    _spec("min_tokens", _I, BOTH, VLLM_SAMPLING),
+    _spec("stop_token_ids", _A, BOTH, VLLM_SAMPLING),
+    _spec("include_stop_str_in_output", _B, BOTH, VLLM_SAMPLING),
+    _spec("ignore_eos", _B, BOTH, VLLM_SAMPLING),
+    _spec("skip_special_tokens", _B, BOTH, VLLM_SAMPLING),
+    _spec("spaces_between_special_tokens", _B, BOTH, VLLM_SAMPLING),
+    _spec("truncate_prompt_tokens", _I, BOTH, VLLM_SAMPLING),
+    _spec("bad_words", _A, BOTH, VLLM_SAMPLING),
+    _spec("structured_outputs", _O, BOTH, VLLM_SAMPLING),
+    _spec("add_generation_prompt", _B, CHAT, VLLM_SAMPLING),
+    _spec("continue_final_message", _B, CHAT, VLLM_SAMPLING),
+    _spec("include_reasoning", _B, CHAT, VLLM_SAMPLING),
+    # vLLM extras that leak model internals, steer the engine or cost unbounded work.
+    _spec("logit_bias", _O, BOTH, VLLM_ADVANCED),
+    _spec("prompt_logprobs", _I, BOTH, VLLM_ADVANCED),
+    _spec("logprob_token_ids", _A, BOTH, VLLM_ADVANCED),
+    _spec("allowed_token_ids", _A, BOTH, VLLM_ADVANCED),
+    _spec("echo", _B, BOTH, VLLM_ADVANCED),
+    _spec("return_tokens_as_token_ids", _B, BOTH, VLLM_ADVANCED),
+    _spec("return_token_ids", _B, BOTH, VLLM_ADVANCED),
+    _spec("use_beam_search", _B, BOTH, VLLM_ADVANCED),
+    _spec("prompt_embeds", JsonType.STRING_OR_ARRAY, COMPLETIONS, VLLM_ADVANCED),
+    _spec("kv_transfer_params", _O, BOTH, VLLM_ADVANCED),
+    _spec("add_special_tokens", _B, BOTH, VLLM_ADVANCED),
+    _spec("chat_template", _S, CHAT, VLLM_ADVANCED),
+    _spec("chat_template_kwargs", _O, CHAT, VLLM_ADVANCED),
+    _spec("documents", _A, CHAT, VLLM_ADVANCED),
+    _spec("priority", _I, BOTH, VLLM_ADVANCED),
+    _spec("request_id", _S, BOTH, VLLM_ADVANCED),
+    _spec("cache_salt", _S, BOTH, VLLM_ADVANCED),
+    # Parameters for the guard's own vLLM plugin: set by the guard, never by a client.
+    _spec("vllm_xargs", _O, BOTH, GUARD_ONLY),
+]
+
+FIELDS: dict[str, FieldSpec] = {spec.name: spec for spec in _FIELDS}
+
+REQUIRED: dict[Endpoint, tuple[str, ...]] = {
+    Endpoint.CHAT: ("model", "messages"),
+    Endpoint.COMPLETIONS: ("model", "prompt"),
+}
+
+# Numeric fields a tier may bound. ``max_tokens`` also bounds ``max_completion_tokens``.
+BOUNDABLE: frozenset[str] = frozenset(
+    {
+        "max_tokens",
+        "n",
+        "temperature",
+        "top_p",
+        "top_k",
+        "min_p",
+        "top_logprobs",
+        "logprobs",
+        "presence_penalty",
+        "frequency_penalty",
+        "repetition_penalty",
+        "min_tokens",
+        "prompt_logprobs",
+    }
+)
+
+
+def expand_field_selectors(selectors: list[str]) -> frozenset[str]:
+    """Turn ``["@openai", "echo"]`` into the set of field names; raise ValueError on a bad name."""
+    names: set[str] = set()
+    for selector in selectors:
+        if selector.startswith("@"):
+            group = selector[1:]
+            if group not in GROUPS:
+                raise ValueError(
+                    f"unknown field group {selector!r}; groups are "
+                    + ", ".join("@" + g for g in GROUPS)
+                )
+            names.update(s.name for s in _FIELDS if s.group == group)
+        elif selector in FIELDS:
+            if FIELDS[selector].group == GUARD_ONLY:
+                raise ValueError(f"{selector!r} is set by the guard only and cannot be allowed")
+            names.add(selector)
+        else:
+            raise ValueError(f"unknown request field {selector!r}")
+    return frozenset(names)

@@ -1,0 +1,37 @@
+"""The state one request carries through the pipeline."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from multidict import CIMultiDictProxy
+
+from guard_server.config.loader import Client, Settings
+from guard_server.openai_fields import Endpoint
+
+
+@dataclass(slots=True)
+class RequestContext:
+    """Everything the stages know about one generation request."""
+
+    endpoint: Endpoint
+    settings: Settings
+    headers: CIMultiDictProxy[str]
+    started: float
+    client: Client | None = None
+    body: dict[str, Any] = field(default_factory=dict)
+    model: str = ""
+    stream: bool = False
+    client_wants_usage: bool = False
+    policy_notes: list[str] = field(default_factory=list)
+    status: int = 0
+    upstream_seconds: float = 0.0
+    first_token_at: float | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+    @property
+    def tier_name(self) -> str:
+        """The caller's tier, or ``none`` before authentication succeeded."""
+        return self.client.tier.name if self.client else "none"

@@ -1,0 +1,71 @@
+"""Apply the tier policy: allowed models and fields, and bounds that clamp or reject."""
+
+from __future__ import annotations
+
+import math
+
+from guard_server.config.schema import Bound
+from guard_server.errors import bad_request, model_not_found
+from guard_server.openai_fields import Endpoint
+from guard_server.pipeline.context import RequestContext
+
+# -1 asks vLLM for every token's logprob: larger than any bound.
+_ALL_MEANS_UNBOUNDED = frozenset({"logprobs", "top_logprobs", "prompt_logprobs"})
+
+
+async def apply_tier_policy(ctx: RequestContext) -> None:
+    """Enforce what the caller's tier may ask for, rewriting clamped values in place."""
+    assert ctx.client is not None
+    tier = ctx.client.tier
+    body = ctx.body
+    if ctx.model not in ctx.settings.model_names or not tier.may_use(ctx.model):
+        raise model_not_found(ctx.model)
+    for name in body:
+        if name not in tier.allowed_fields and name != "vllm_xargs":
+            raise bad_request(
+                f"`{name}` is not allowed for tier `{tier.name}`.",
+                param=name,
+                code="parameter_not_allowed",
+            )
+    if "vllm_xargs" in body:
+        del body["vllm_xargs"]
+        ctx.policy_notes.append("stripped=vllm_xargs")
+    for name, bound in tier.bounds.items():
+        targets = ("max_tokens", "max_completion_tokens") if name == "max_tokens" else (name,)
+        for field in targets:
+            _enforce_bound(ctx, field, bound)
+    max_tokens = tier.bounds.get("max_tokens")
+    if (
+        ctx.endpoint is Endpoint.CHAT
+        and max_tokens is not None
+        and max_tokens.max is not None
+        and body.get("max_tokens") is None
+        and body.get("max_completion_tokens") is None
+    ):
+        body["max_tokens"] = int(max_tokens.max)
+
+
+def _enforce_bound(ctx: RequestContext, field: str, bound: Bound) -> None:
+    value = ctx.body.get(field)
+    if value is None or isinstance(value, bool):
+        return
+    effective = math.inf if (field in _ALL_MEANS_UNBOUNDED and value == -1) else value
+    if bound.max is not None and effective > bound.max:
+        limit, side = bound.max, "above the maximum"
+    elif bound.min is not None and effective < bound.min:
+        limit, side = bound.min, "below the minimum"
+    else:
+        return
+    tier = ctx.client.tier.name if ctx.client else "none"
+    if bound.on_exceed == "reject":
+        raise bad_request(
+            f"`{field}` is {value}, {side} of {_show(limit)} allowed for tier `{tier}`.",
+            param=field,
+            code="value_out_of_range",
+        )
+    ctx.body[field] = int(limit) if isinstance(value, int) else float(limit)
+    ctx.policy_notes.append(f"clamped={field}")
+
+
+def _show(limit: float) -> str:
+    return str(int(limit)) if float(limit).is_integer() else str(limit)

@@ -1,0 +1,23 @@
+"""Rewrite the request for the upstream: its model name and forced usage reporting."""
+
+from __future__ import annotations
+
+import orjson
+
+from guard_server.pipeline.context import RequestContext
+
+
+def rewrite_for_upstream(ctx: RequestContext, served_model: str) -> bytes:
+    """Serialize the body as the upstream should see it.
+
+    Streams always ask vLLM for usage so the guard can count tokens; the usage chunk is
+    dropped again on the way back if the client did not ask for it. As in vLLM, any
+    ``stream_options`` object asks for usage unless it sets ``include_usage`` to false.
+    """
+    body = ctx.body
+    body["model"] = served_model
+    if ctx.stream:
+        options = body.get("stream_options")
+        ctx.client_wants_usage = options is not None and bool(options.get("include_usage", True))
+        body["stream_options"] = {**(options or {}), "include_usage": True}
+    return orjson.dumps(body)

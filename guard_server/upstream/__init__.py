@@ -1,0 +1,1 @@
+"""Upstream model servers: pooled clients, health, load spreading, the managed vLLM process."""

@@ -1,0 +1,173 @@
+"""One pooled HTTP client per model, spreading requests over its healthy vLLM endpoints."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+from dataclasses import dataclass
+
+import aiohttp
+
+from guard_server.config.schema import UpstreamSettings
+from guard_server.errors import GuardError, upstream_error
+from guard_server.metrics import GuardMetrics
+
+log = logging.getLogger(__name__)
+
+_JSON_HEADERS = {"Content-Type": "application/json"}
+_HEALTH_TIMEOUT = aiohttp.ClientTimeout(total=3)
+
+
+@dataclass(slots=True)
+class Endpoint:
+    """One upstream base URL and what the guard last saw of its health."""
+
+    url: str
+    healthy: bool = True
+
+
+class ModelUpstream:
+    """The endpoints behind one public model name, sharing one connection pool."""
+
+    def __init__(self, name: str, settings: UpstreamSettings, metrics: GuardMetrics) -> None:
+        self.name = name
+        self.served_model = settings.served_model or name
+        self.settings = settings
+        self.endpoints = [Endpoint(url) for url in settings.urls]
+        self._metrics = metrics
+        self._turn = itertools.count()
+        self._session: aiohttp.ClientSession | None = None
+        self._health_task: asyncio.Task[None] | None = None
+        for endpoint in self.endpoints:
+            self._set_health(endpoint, True)
+
+    async def start(self) -> None:
+        """Open the connection pool and start health checks."""
+        timeouts = self.settings.timeouts
+        self._session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=self.settings.max_connections, ttl_dns_cache=300),
+            timeout=aiohttp.ClientTimeout(
+                total=timeouts.total, sock_connect=timeouts.connect, sock_read=timeouts.read
+            ),
+            read_bufsize=1 << 20,
+            auto_decompress=False,
+            skip_auto_headers=("User-Agent",),
+        )
+        self._health_task = asyncio.create_task(self._check_health_forever())
+
+    async def close(self) -> None:
+        """Stop health checks and close the pool."""
+        if self._health_task is not None:
+            self._health_task.cancel()
+            await asyncio.gather(self._health_task, return_exceptions=True)
+        if self._session is not None:
+            await self._session.close()
+
+    @property
+    def ready(self) -> bool:
+        """Whether at least one endpoint is healthy."""
+        return any(endpoint.healthy for endpoint in self.endpoints)
+
+    def _candidates(self) -> list[Endpoint]:
+        start = next(self._turn) % len(self.endpoints)
+        rotated = self.endpoints[start:] + self.endpoints[:start]
+        return [endpoint for endpoint in rotated if endpoint.healthy]
+
+    async def post(self, path: str, payload: bytes) -> aiohttp.ClientResponse:
+        """POST to a healthy endpoint, moving on to the next one if a connection fails.
+
+        Returns the response with its status and headers read; the caller reads the body
+        and must release it. Raises an OpenAI-shaped 503/504 when no endpoint answers.
+        """
+        assert self._session is not None
+        candidates = self._candidates()
+        if not candidates:
+            self._metrics.upstream_errors.labels("unavailable").inc()
+            raise upstream_error(
+                503, f"No healthy upstream for model `{self.name}`.", "upstream_unavailable"
+            )
+        for endpoint in candidates:
+            try:
+                return await self._session.post(
+                    endpoint.url + path, data=payload, headers=_JSON_HEADERS
+                )
+            except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as exc:
+                self._metrics.upstream_errors.labels("connect").inc()
+                log.warning("upstream %s unreachable: %s", endpoint.url, exc)
+                self._set_health(endpoint, False)
+            except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as exc:
+                self._metrics.upstream_errors.labels("connect").inc()
+                raise upstream_error(
+                    502,
+                    f"The upstream closed the connection: {type(exc).__name__}.",
+                    "upstream_disconnected",
+                ) from None
+            except TimeoutError:
+                self._metrics.upstream_errors.labels("timeout").inc()
+                raise upstream_error(
+                    504, "The upstream did not answer in time.", "upstream_timeout"
+                ) from None
+        raise upstream_error(
+            503,
+            f"No upstream for model `{self.name}` accepted the connection.",
+            "upstream_unavailable",
+        )
+
+    async def _check_health_forever(self) -> None:
+        while True:
+            await asyncio.gather(*(self._probe(endpoint) for endpoint in self.endpoints))
+            await asyncio.sleep(self.settings.health_interval_s)
+
+    async def _probe(self, endpoint: Endpoint) -> None:
+        assert self._session is not None
+        try:
+            async with self._session.get(
+                endpoint.url + "/health", timeout=_HEALTH_TIMEOUT
+            ) as response:
+                healthy = response.status == 200
+        except (aiohttp.ClientError, TimeoutError):
+            healthy = False
+        if healthy != endpoint.healthy:
+            log.warning("upstream %s is now %s", endpoint.url, "healthy" if healthy else "down")
+        self._set_health(endpoint, healthy)
+
+    def _set_health(self, endpoint: Endpoint, healthy: bool) -> None:
+        endpoint.healthy = healthy
+        self._metrics.upstream_healthy.labels(self.name, endpoint.url).set(1 if healthy else 0)
+
+
+class UpstreamPool:
+    """All models' upstreams."""
+
+    def __init__(self, upstreams: dict[str, UpstreamSettings], metrics: GuardMetrics) -> None:
+        self.models = {
+            name: ModelUpstream(name, settings, metrics) for name, settings in upstreams.items()
+        }
+
+    async def start(self) -> None:
+        """Open every model's pool."""
+        for upstream in self.models.values():
+            await upstream.start()
+
+    async def close(self) -> None:
+        """Close every model's pool."""
+        for upstream in self.models.values():
+            await upstream.close()
+
+    def get(self, model: str) -> ModelUpstream:
+        """The upstream for a public model name; 503 if the config names none."""
+        upstream = self.models.get(model)
+        if upstream is None:
+            raise GuardError(
+                503,
+                f"No upstream is configured for model `{model}`.",
+                type="upstream_error",
+                code="upstream_unavailable",
+            )
+        return upstream
+
+    @property
+    def ready(self) -> bool:
+        """Whether every model has a healthy endpoint."""
+        return all(upstream.ready for upstream in self.models.values())

@@ -1,0 +1,78 @@
+"""Session fixtures: real vLLM on the bundled teacher, and a guard in front of it."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import openai
+import pytest
+
+from guard_server.app import TEACHER_DIR
+from guard_server.upstream.vllm_process import VllmProcess
+from tests.processes import DEMO_KEY, TRUSTED_KEY, GuardProcess, write_config
+
+
+@pytest.fixture(scope="session")
+def artifacts(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A folder for logs and configs of this test session."""
+    return tmp_path_factory.mktemp("session")
+
+
+@pytest.fixture(scope="session")
+def vllm_url(artifacts: Path) -> Iterator[str]:
+    """Real vLLM (CPU) serving the bundled teacher, started once per session.
+
+    Set GUARD_TEST_VLLM_URL to reuse a vLLM you already run.
+    """
+    external = os.environ.get("GUARD_TEST_VLLM_URL")
+    if external:
+        yield external.rstrip("/")
+        return
+    model_dir = os.environ.get("GUARD_TEST_MODEL_DIR", str(TEACHER_DIR))
+    process = VllmProcess(model_dir, "teacher", log_path=artifacts / "vllm.log")
+    process.start()
+    try:
+        process.wait_healthy(timeout_s=300)
+        yield process.url
+    finally:
+        process.stop()
+
+
+@pytest.fixture(scope="session")
+def guard(vllm_url: str, artifacts: Path) -> Iterator[GuardProcess]:
+    """One guard process in front of the session's vLLM, with the repo's policies."""
+    directory = artifacts / "guard"
+    directory.mkdir()
+    process = GuardProcess(write_config(directory, [vllm_url]), artifacts / "guard.log")
+    process.start()
+    process.wait_ready()
+    try:
+        yield process
+    finally:
+        process.stop()
+
+
+def _client(guard: GuardProcess, key: str) -> openai.OpenAI:
+    return openai.OpenAI(base_url=guard.base_url, api_key=key, max_retries=0, timeout=60)
+
+
+@pytest.fixture
+def client(guard: GuardProcess) -> openai.OpenAI:
+    """The official SDK, as a default-tier client."""
+    return _client(guard, DEMO_KEY)
+
+
+@pytest.fixture
+def trusted_client(guard: GuardProcess) -> openai.OpenAI:
+    """The official SDK, as a trusted-tier client."""
+    return _client(guard, TRUSTED_KEY)
+
+
+@pytest.fixture
+async def async_client(guard: GuardProcess):
+    """The official async SDK, as a default-tier client."""
+    client = openai.AsyncOpenAI(base_url=guard.base_url, api_key=DEMO_KEY, max_retries=0)
+    yield client
+    await client.close()
