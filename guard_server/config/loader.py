@@ -130,7 +130,8 @@ def _load_secret(config: GuardConfig, base: Path) -> tuple[bytes, bool]:
 
 def load_settings(path: str | os.PathLike[str]) -> Settings:
     """Read, validate and resolve the config at ``path`` and every policy file it names."""
-    config_path = Path(path).resolve()
+    # Absolute but not resolved: a symlink swap (Kubernetes ConfigMaps) must be seen.
+    config_path = Path(os.path.abspath(path))
     data, raw = _read_yaml(config_path)
     config = _validate(GuardConfig, data, config_path)
     base = config_path.parent
@@ -139,7 +140,7 @@ def load_settings(path: str | os.PathLike[str]) -> Settings:
     tiers: dict[str, Tier] = {}
     client_entries: dict[str, tuple[str, list[str], Path]] = {}
     for policy_name in config.policies:
-        policy_path = (base / policy_name).resolve()
+        policy_path = Path(os.path.abspath(base / policy_name))
         policy_data, policy_raw = _read_yaml(policy_path)
         digest.update(policy_raw)
         files.append(policy_path)

@@ -1,0 +1,102 @@
+"""A fault-injection upstream for the failure tests only (everything else uses real vLLM)."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+from aiohttp import web
+
+from guard_server.upstream.vllm_process import free_port
+
+
+def _chunk(text: str) -> bytes:
+    return (
+        b'data: {"id":"cmpl-1","object":"text_completion","created":0,"model":"teacher",'
+        b'"choices":[{"index":0,"text":"' + text.encode() + b'","logprobs":null,'
+        b'"finish_reason":null}]}\n\n'
+    )
+
+
+class FaultyUpstream:
+    """An OpenAI-like server whose behaviour the test picks with ``mode``.
+
+    Modes: ``error500``, ``hang``, ``slow_stream`` (a chunk every 50 ms, for 10 s) and
+    ``break_stream`` (two chunks, then the connection drops).
+    """
+
+    def __init__(self, mode: str) -> None:
+        self.mode = mode
+        self.port = free_port()
+        self.requests = 0
+        self.cancelled = threading.Event()
+        self.chunks_sent = 0
+        self._loop = asyncio.new_event_loop()
+        self._started = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._runner: web.AppRunner | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def __enter__(self) -> FaultyUpstream:
+        self._thread.start()
+        self._started.wait(10)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        async def shutdown() -> None:
+            assert self._runner is not None
+            await self._runner.cleanup()
+
+        asyncio.run_coroutine_threadsafe(shutdown(), self._loop).result(10)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(10)
+
+    def _run(self) -> None:
+        asyncio.set_event_loop(self._loop)
+        app = web.Application()
+        app.router.add_get("/health", self._health)
+        app.router.add_post("/v1/completions", self._generate)
+        app.router.add_post("/v1/chat/completions", self._generate)
+        self._runner = web.AppRunner(app, handler_cancellation=True)
+        self._loop.run_until_complete(self._runner.setup())
+        site = web.TCPSite(self._runner, "127.0.0.1", self.port)
+        self._loop.run_until_complete(site.start())
+        self._started.set()
+        self._loop.run_forever()
+
+    async def _health(self, request: web.Request) -> web.Response:
+        return web.Response(text="ok")
+
+    async def _generate(self, request: web.Request) -> web.StreamResponse:
+        self.requests += 1
+        await request.read()
+        if self.mode == "error500":
+            return web.json_response(
+                {"error": {"message": "Traceback (most recent call last): secret internals"}},
+                status=500,
+            )
+        if self.mode == "hang":
+            await asyncio.sleep(30)
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        try:
+            if self.mode == "break_stream":
+                await response.write(_chunk("a") + _chunk("b"))
+                await asyncio.sleep(0.05)
+                assert request.transport is not None
+                request.transport.close()
+                return response
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline:
+                await response.write(_chunk("x"))
+                self.chunks_sent += 1
+                await asyncio.sleep(0.05)
+        except asyncio.CancelledError:
+            self.cancelled.set()
+            raise
+        await response.write(b"data: [DONE]\n\n")
+        return response

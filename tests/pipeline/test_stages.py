@@ -1,0 +1,105 @@
+"""Each pipeline stage alone, on a hand-made RequestContext (no network)."""
+
+from __future__ import annotations
+
+import time
+
+import orjson
+import pytest
+from multidict import CIMultiDict, CIMultiDictProxy
+
+from guard_server.config.loader import load_settings
+from guard_server.errors import GuardError
+from guard_server.openai_fields import Endpoint
+from guard_server.pipeline.auth import authenticate
+from guard_server.pipeline.context import RequestContext
+from guard_server.pipeline.policy import apply_tier_policy
+from guard_server.pipeline.rewrite import rewrite_for_upstream
+from guard_server.pipeline.transform import transform_chunk
+from guard_server.pipeline.validate import validate_request
+from tests.processes import DEMO_KEY, POLICIES, TRUSTED_KEY
+
+SETTINGS = load_settings(POLICIES / "guard.yaml")
+
+
+def _ctx(
+    body: dict, key: str | None = DEMO_KEY, endpoint: Endpoint = Endpoint.CHAT
+) -> RequestContext:
+    headers = CIMultiDict({"Authorization": f"Bearer {key}"} if key else {})
+    ctx = RequestContext(endpoint, SETTINGS, CIMultiDictProxy(headers), time.perf_counter())
+    ctx.body = body
+    return ctx
+
+
+async def _run(ctx: RequestContext) -> RequestContext:
+    await authenticate(ctx)
+    await validate_request(ctx)
+    await apply_tier_policy(ctx)
+    return ctx
+
+
+def _chat(**fields: object) -> dict:
+    return {"model": "teacher", "messages": [{"role": "user", "content": "hi"}], **fields}
+
+
+async def test_authenticate_maps_keys_to_tiers() -> None:
+    ctx = _ctx({}, key=TRUSTED_KEY)
+    await authenticate(ctx)
+    assert ctx.client is not None and ctx.client.tier.name == "trusted"
+    with pytest.raises(GuardError) as caught:
+        await authenticate(_ctx({}, key="sk-guard-dem0"))
+    assert caught.value.status == 401
+
+
+async def test_chat_without_max_tokens_gets_the_tier_maximum() -> None:
+    ctx = await _run(_ctx(_chat()))
+    assert ctx.body["max_tokens"] == 128
+
+
+async def test_clamp_rewrites_and_notes_the_field() -> None:
+    ctx = await _run(_ctx(_chat(logprobs=True, top_logprobs=-1)))
+    assert ctx.body["top_logprobs"] == 5
+    assert "clamped=top_logprobs" in ctx.policy_notes
+
+
+async def test_temperature_below_minimum_is_rejected() -> None:
+    with pytest.raises(GuardError) as caught:
+        await _run(_ctx(_chat(temperature=-0.5)))
+    assert caught.value.status == 400 and caught.value.param == "temperature"
+
+
+async def test_chat_only_field_is_unknown_on_completions() -> None:
+    body = {"model": "teacher", "prompt": "x", "top_logprobs": 2}
+    with pytest.raises(GuardError) as caught:
+        await _run(_ctx(body, endpoint=Endpoint.COMPLETIONS))
+    assert caught.value.param == "top_logprobs"
+
+
+@pytest.mark.parametrize("prompt", [[], [1, "a"], [[1], []], {"text": "x"}])
+async def test_malformed_prompts_are_rejected(prompt: object) -> None:
+    with pytest.raises(GuardError) as caught:
+        await _run(_ctx({"model": "teacher", "prompt": prompt}, endpoint=Endpoint.COMPLETIONS))
+    assert caught.value.param == "prompt"
+
+
+async def test_booleans_are_not_integers() -> None:
+    with pytest.raises(GuardError) as caught:
+        await _run(_ctx(_chat(n=True)))
+    assert caught.value.param == "n"
+
+
+async def test_rewrite_forces_usage_and_transform_hides_it_again() -> None:
+    ctx = await _run(_ctx(_chat(stream=True)))
+    sent = orjson.loads(rewrite_for_upstream(ctx, "served-name"))
+    assert sent["model"] == "served-name"
+    assert sent["stream_options"] == {"include_usage": True}
+    usage_chunk = {
+        "model": "served-name",
+        "choices": [],
+        "usage": {"prompt_tokens": 3, "completion_tokens": 4},
+    }
+    assert transform_chunk(ctx, usage_chunk) is False
+    assert (ctx.prompt_tokens, ctx.completion_tokens) == (3, 4)
+    text_chunk = {"model": "served-name", "choices": [{"index": 0, "delta": {"content": "a"}}]}
+    assert transform_chunk(ctx, text_chunk) is True
+    assert text_chunk["model"] == "teacher"

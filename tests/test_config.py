@@ -1,0 +1,173 @@
+"""Config validation names the file, field and value; reloads never drop the good config."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import openai
+import pytest
+import yaml
+
+from guard_server.config.loader import ConfigError, load_settings
+from guard_server.pipeline.auth import hash_key
+from tests.processes import DEMO_KEY, POLICIES, GuardProcess, metric_value, write_config
+
+
+def _config(tmp_path: Path, policy: dict) -> Path:
+    (tmp_path / "policy.yaml").write_text(yaml.safe_dump(policy))
+    path = tmp_path / "guard.yaml"
+    path.write_text(yaml.safe_dump({"policies": ["policy.yaml"]}))
+    return path
+
+
+def _tier(**fields: object) -> dict:
+    return {"tiers": {"default": {"allow_fields": ["@openai"], **fields}}}
+
+
+def test_the_shipped_config_is_valid() -> None:
+    settings = load_settings(POLICIES / "guard.yaml")
+    assert set(settings.tiers) == {"default", "trusted"}
+    assert settings.model_names == ["teacher"]
+
+
+def test_bad_field_error_names_file_path_and_value(tmp_path: Path) -> None:
+    path = _config(tmp_path, _tier(bounds={"n": {"max": 4, "on_exceed": "clip"}}))
+    with pytest.raises(ConfigError) as caught:
+        load_settings(path)
+    message = str(caught.value)
+    assert "policy.yaml" in message
+    assert "tiers.default.bounds.n.on_exceed" in message
+    assert "'clip'" in message
+    assert "'clamp' or 'reject'" in message
+
+
+@pytest.mark.parametrize(
+    ("policy", "expected"),
+    [
+        (_tier(bounds={"messages": {"max": 1}}), "'messages' cannot be bounded"),
+        (_tier(allow_fields=["@openai", "@everything"]), "unknown field group '@everything'"),
+        (_tier(allow_fields=["@openai", "vllm_xargs"]), "set by the guard only"),
+        (_tier(bounds={"n": {"min": 5, "max": 2}}), "min (5.0) is greater than max (2.0)"),
+        (_tier(colour="blue"), "tiers.default.colour: unknown field"),
+        ({"clients": {"a": {"tier": "gold", "keys": [hash_key("k")]}}}, "unknown tier 'gold'"),
+        ({"clients": {"a": {"tier": "default", "keys": ["sk-plain"]}}}, "never in plain text"),
+        (_tier(models=["gpt-9"]), "unknown model 'gpt-9'"),
+    ],
+)
+def test_invalid_policies_are_rejected_clearly(tmp_path: Path, policy: dict, expected: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        load_settings(_config(tmp_path, policy))
+    assert expected in str(caught.value)
+
+
+def test_yaml_syntax_error_names_the_line(tmp_path: Path) -> None:
+    path = tmp_path / "guard.yaml"
+    path.write_text("server:\n  port: 80\n bad: [\n")
+    with pytest.raises(ConfigError, match=r"guard.yaml: invalid YAML at line \d+"):
+        load_settings(path)
+
+
+def test_check_config_cli_exit_codes(tmp_path: Path) -> None:
+    ok = subprocess.run(
+        [sys.executable, "-m", "guard_server", "check-config", str(POLICIES / "guard.yaml")],
+        capture_output=True, text=True,
+    )  # fmt: skip
+    assert ok.returncode == 0, ok.stderr
+    bad = _config(tmp_path, _tier(bounds={"n": {"max": "many"}}))
+    failed = subprocess.run(
+        [sys.executable, "-m", "guard_server", "check-config", str(bad)],
+        capture_output=True, text=True,
+    )  # fmt: skip
+    assert failed.returncode == 2
+    assert "tiers.default.bounds.n.max" in failed.stderr and "'many'" in failed.stderr
+
+
+def _demo_clients(tmp_path: Path, tier: str) -> Path:
+    path = tmp_path / "clients.yaml"
+    path.write_text(
+        yaml.safe_dump({"clients": {"demo": {"tier": tier, "keys": [hash_key(DEMO_KEY)]}}})
+    )
+    return path
+
+
+def _wait_for(predicate, timeout_s: float = 10.0) -> None:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.1)
+    raise AssertionError("condition not met in time")
+
+
+def test_reload_applies_good_changes_and_keeps_serving_on_bad_ones(
+    tmp_path: Path, vllm_url: str
+) -> None:
+    clients = _demo_clients(tmp_path, "default")
+    config = write_config(
+        tmp_path, [vllm_url], policies=[str(POLICIES / "default.yaml"), str(clients)]
+    )
+    guard = GuardProcess(config, tmp_path / "guard.log").start()
+    try:
+        sdk = openai.OpenAI(base_url=guard.base_url, api_key=DEMO_KEY, max_retries=0)
+
+        def echo_allowed() -> bool:
+            try:
+                sdk.completions.create(
+                    model="teacher", prompt="a", max_tokens=1, extra_body={"echo": True}
+                )
+            except openai.BadRequestError:
+                return False
+            return True
+
+        assert not echo_allowed()
+        # A valid change is picked up by the file watcher without a restart.
+        _demo_clients(tmp_path, "trusted")
+        _wait_for(echo_allowed)
+        # A broken file is rejected on SIGHUP; the last good config keeps serving.
+        clients.write_text("clients: [this is: not valid")
+        guard.send_signal(signal.SIGHUP)
+        _wait_for(
+            lambda: (
+                metric_value(guard.metrics(), "guard_config_reloads_total", result="failure") >= 1
+            )
+        )
+        assert echo_allowed()
+        assert metric_value(guard.metrics(), "guard_config_reloads_total", result="success") >= 1
+        assert "config reload rejected" in guard.log()
+    finally:
+        guard.stop()
+
+
+def test_configmap_style_symlink_swap_is_picked_up(tmp_path: Path, vllm_url: str) -> None:
+    """Kubernetes updates a mounted ConfigMap by swapping the ``..data`` symlink."""
+    mount = tmp_path / "mount"
+    mount.mkdir()
+    for version, tier in (("v1", "default"), ("v2", "trusted")):
+        (mount / version).mkdir()
+        _demo_clients(mount / version, tier)
+    (mount / "..data").symlink_to("v1")
+    (mount / "clients.yaml").symlink_to("..data/clients.yaml")
+    config = write_config(
+        tmp_path, [vllm_url], policies=[str(POLICIES / "default.yaml"), str(mount / "clients.yaml")]
+    )
+    guard = GuardProcess(config, tmp_path / "guard.log").start()
+    try:
+        sdk = openai.OpenAI(base_url=guard.base_url, api_key=DEMO_KEY, max_retries=0)
+        with pytest.raises(openai.BadRequestError):
+            sdk.completions.create(
+                model="teacher", prompt="a", max_tokens=1, extra_body={"echo": True}
+            )
+        (mount / "..data_tmp").symlink_to("v2")
+        (mount / "..data_tmp").rename(mount / "..data")
+        _wait_for(
+            lambda: (
+                metric_value(guard.metrics(), "guard_config_reloads_total", result="success") >= 1
+            )
+        )
+        sdk.completions.create(model="teacher", prompt="a", max_tokens=1, extra_body={"echo": True})
+    finally:
+        guard.stop()

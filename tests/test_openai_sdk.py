@@ -1,0 +1,128 @@
+"""The guard is a drop-in OpenAI endpoint: the official SDK against real vLLM, through it."""
+
+from __future__ import annotations
+
+import openai
+
+from guard_server.teacher.task import check, completion_prompt, make_problems
+from tests.processes import GuardProcess, metric_value
+
+PROBLEM = make_problems(1, seed=11, split="heldout")[0]
+
+
+def test_chat_completion_answers_like_vllm(client: openai.OpenAI) -> None:
+    reply = client.chat.completions.create(
+        model="teacher",
+        messages=[{"role": "user", "content": PROBLEM.question}],
+        temperature=0,
+    )
+    assert reply.object == "chat.completion"
+    assert reply.model == "teacher"
+    assert reply.choices[0].message.role == "assistant"
+    assert reply.usage is not None and reply.usage.completion_tokens > 0
+    assert reply.usage.total_tokens == reply.usage.prompt_tokens + reply.usage.completion_tokens
+
+
+def test_completion_with_stop_and_n(client: openai.OpenAI) -> None:
+    reply = client.completions.create(
+        model="teacher",
+        prompt=completion_prompt(PROBLEM.question),
+        max_tokens=20,
+        n=3,
+        temperature=1.0,
+        stop=["."],
+    )
+    assert len(reply.choices) == 3
+    assert sorted(c.index for c in reply.choices) == [0, 1, 2]
+    for choice in reply.choices:
+        assert "." not in choice.text
+        assert choice.finish_reason in ("stop", "length")
+
+
+def test_chat_stream_with_logprobs_ends_cleanly(client: openai.OpenAI) -> None:
+    stream = client.chat.completions.create(
+        model="teacher",
+        messages=[{"role": "user", "content": PROBLEM.question}],
+        temperature=0,
+        logprobs=True,
+        top_logprobs=3,
+        stream=True,
+    )
+    text, logprob_tokens, finish = "", 0, None
+    for chunk in stream:
+        assert chunk.model == "teacher"
+        for choice in chunk.choices:
+            text += choice.delta.content or ""
+            if choice.logprobs and choice.logprobs.content:
+                for item in choice.logprobs.content:
+                    assert len(item.top_logprobs) <= 3
+                    logprob_tokens += 1
+            finish = choice.finish_reason or finish
+    assert text
+    assert logprob_tokens > 0
+    assert finish in ("stop", "length")
+
+
+def test_stream_usage_only_when_asked(client: openai.OpenAI) -> None:
+    def usage_chunks(**options: object) -> int:
+        stream = client.completions.create(
+            model="teacher", prompt=completion_prompt(PROBLEM.question), max_tokens=8,
+            stream=True, **options,
+        )  # fmt: skip
+        return sum(1 for chunk in stream if chunk.usage is not None)
+
+    assert usage_chunks() == 0
+    assert usage_chunks(stream_options={"include_usage": True}) == 1
+
+
+def test_greedy_teacher_answer_is_correct_through_the_guard(client: openai.OpenAI) -> None:
+    problems = make_problems(20, seed=3, split="heldout")
+    correct = 0
+    for problem in problems:
+        reply = client.chat.completions.create(
+            model="teacher",
+            messages=[{"role": "user", "content": problem.question}],
+            temperature=0,
+        )
+        correct += check(problem, reply.choices[0].message.content or "")
+    assert correct >= 19
+
+
+async def test_async_sdk_concurrent_streams(async_client: openai.AsyncOpenAI) -> None:
+    import asyncio
+
+    async def one(i: int) -> str:
+        stream = await async_client.completions.create(
+            model="teacher", prompt=completion_prompt(PROBLEM.question), max_tokens=12,
+            temperature=0, stream=True,
+        )  # fmt: skip
+        return "".join([chunk.choices[0].text async for chunk in stream if chunk.choices])
+
+    texts = await asyncio.gather(*(one(i) for i in range(16)))
+    assert len(set(texts)) == 1 and texts[0]
+
+
+def test_models_lists_what_the_tier_may_use(client: openai.OpenAI) -> None:
+    assert [model.id for model in client.models.list()] == ["teacher"]
+
+
+def test_metrics_count_requests_tokens_and_ttft(client: openai.OpenAI, guard: GuardProcess) -> None:
+    before = guard.metrics()
+    stream = client.chat.completions.create(
+        model="teacher", messages=[{"role": "user", "content": PROBLEM.question}], stream=True
+    )
+    for _ in stream:
+        pass
+    after = guard.metrics()
+    labels = {"tier": "default", "endpoint": "chat"}
+    assert metric_value(after, "guard_requests_total", status="200", **labels) == (
+        metric_value(before, "guard_requests_total", status="200", **labels) + 1
+    )
+    assert metric_value(after, "guard_completion_tokens_total", tier="default") > metric_value(
+        before, "guard_completion_tokens_total", tier="default"
+    )
+    assert metric_value(after, "guard_time_to_first_token_seconds_count", **labels) == (
+        metric_value(before, "guard_time_to_first_token_seconds_count", **labels) + 1
+    )
+    assert metric_value(after, "guard_overhead_seconds_count", endpoint="chat") > 0
+    assert "sk-guard" not in after

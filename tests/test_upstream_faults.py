@@ -1,0 +1,116 @@
+"""Upstream failures map to OpenAI-shaped 502/503/504; a client disconnect cancels upstream."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+
+from guard_server.upstream.vllm_process import free_port
+from tests.fake_upstream import FaultyUpstream
+from tests.processes import DEMO_KEY, GuardProcess, metric_value, write_config
+
+
+@pytest.fixture
+def guard_for(tmp_path: Path) -> Iterator:  # type: ignore[type-arg]
+    started: list[GuardProcess] = []
+
+    def start(urls: list[str], read_timeout: float = 30) -> GuardProcess:
+        upstream = {
+            "urls": urls,
+            "timeouts": {"connect": 1, "read": read_timeout, "total": 60},
+            "health_interval_s": 0.3,
+        }
+        config = write_config(tmp_path, urls, upstreams={"teacher": upstream})
+        guard = GuardProcess(config, tmp_path / f"guard{len(started)}.log").start()
+        started.append(guard)
+        return guard
+
+    yield start
+    for guard in started:
+        guard.stop()
+
+
+def _sdk(guard: GuardProcess) -> openai.OpenAI:
+    return openai.OpenAI(base_url=guard.base_url, api_key=DEMO_KEY, max_retries=0, timeout=20)
+
+
+def _complete(guard: GuardProcess, stream: bool = False):  # type: ignore[no-untyped-def]
+    return _sdk(guard).completions.create(model="teacher", prompt="hi", max_tokens=5, stream=stream)
+
+
+def test_upstream_down_is_503_and_not_ready(guard_for) -> None:  # type: ignore[no-untyped-def]
+    guard = guard_for([f"http://127.0.0.1:{free_port()}"])
+    with pytest.raises(openai.InternalServerError) as caught:
+        _complete(guard)
+    assert caught.value.status_code == 503
+    assert caught.value.response.json()["error"]["code"] == "upstream_unavailable"
+    assert httpx.get(guard.url + "/readyz").status_code == 503
+    assert httpx.get(guard.url + "/healthz").status_code == 200
+
+
+def test_upstream_500_is_502_without_its_internals(guard_for) -> None:  # type: ignore[no-untyped-def]
+    with FaultyUpstream("error500") as upstream:
+        guard = guard_for([upstream.url])
+        with pytest.raises(openai.InternalServerError) as caught:
+            _complete(guard)
+    assert caught.value.status_code == 502
+    assert "Traceback" not in caught.value.response.text
+    assert metric_value(guard.metrics(), "guard_upstream_errors_total", kind="status") == 1
+
+
+def test_upstream_timeout_is_504(guard_for) -> None:  # type: ignore[no-untyped-def]
+    with FaultyUpstream("hang") as upstream:
+        guard = guard_for([upstream.url], read_timeout=0.5)
+        with pytest.raises(openai.InternalServerError) as caught:
+            _complete(guard)
+    assert caught.value.status_code == 504
+    assert caught.value.response.json()["error"]["code"] == "upstream_timeout"
+
+
+def test_broken_stream_ends_with_an_error_event_then_done(guard_for) -> None:  # type: ignore[no-untyped-def]
+    with FaultyUpstream("break_stream") as upstream:
+        guard = guard_for([upstream.url])
+        response = httpx.post(
+            guard.base_url + "/completions",
+            json={"model": "teacher", "prompt": "hi", "max_tokens": 5, "stream": True},
+            headers={"Authorization": f"Bearer {DEMO_KEY}"},
+        )
+    events = [line for line in response.text.split("\n\n") if line]
+    assert response.status_code == 200
+    assert events[-1] == "data: [DONE]"
+    assert '"error"' in events[-2]
+    assert sum('"text":"' in event for event in events) == 2
+
+
+def test_client_disconnect_cancels_the_upstream_request(guard_for) -> None:  # type: ignore[no-untyped-def]
+    with FaultyUpstream("slow_stream") as upstream:
+        guard = guard_for([upstream.url])
+        stream = _complete(guard, stream=True)
+        for received, _ in enumerate(stream, start=1):
+            if received == 3:
+                break
+        stream.close()
+        assert upstream.cancelled.wait(5), "the upstream request was not cancelled"
+        sent = upstream.chunks_sent
+        time.sleep(0.3)
+        assert upstream.chunks_sent == sent
+
+
+def test_load_is_spread_and_a_dead_endpoint_is_skipped(guard_for) -> None:  # type: ignore[no-untyped-def]
+    with FaultyUpstream("slow_stream") as first, FaultyUpstream("slow_stream") as second:
+        dead = f"http://127.0.0.1:{free_port()}"
+        guard = guard_for([first.url, dead, second.url], read_timeout=0.2)
+        sdk = _sdk(guard)
+        for _ in range(6):
+            stream = sdk.completions.create(model="teacher", prompt="hi", max_tokens=5, stream=True)
+            next(iter(stream))
+            stream.close()
+        assert first.requests >= 2 and second.requests >= 2
+        assert first.requests + second.requests == 6
+        text = guard.metrics()
+        assert metric_value(text, "guard_upstream_healthy", endpoint=dead) == 0
