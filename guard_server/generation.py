@@ -95,10 +95,10 @@ class GenerationHandler:
         return await self._relay_whole(ctx, upstream, payload, headers)
 
     def _policy_headers(self, ctx: RequestContext) -> dict[str, str]:
-        if not (ctx.policy_notes and ctx.settings.config.server.policy_header):
+        if not (ctx.policy_actions and ctx.settings.config.server.policy_header):
             return {}
-        assert ctx.client is not None
-        return {"x-guard-policy": "; ".join([f"tier={ctx.client.tier.name}", *ctx.policy_notes])}
+        notes = [f"{action}={field}" for action, field in ctx.policy_actions]
+        return {"x-guard-policy": "; ".join([f"tier={ctx.tier_name}", *notes])}
 
     async def _relay_whole(
         self, ctx: RequestContext, upstream: ModelUpstream, payload: bytes, headers: dict[str, str]

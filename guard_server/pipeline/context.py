@@ -24,7 +24,7 @@ class RequestContext:
     model: str = ""
     stream: bool = False
     client_wants_usage: bool = False
-    policy_notes: list[str] = field(default_factory=list)
+    policy_actions: list[tuple[str, str]] = field(default_factory=list)  # (action, field)
     status: int = 0
     upstream_seconds: float = 0.0
     first_token_at: float | None = None

@@ -29,7 +29,7 @@ async def apply_tier_policy(ctx: RequestContext) -> None:
             )
     if "vllm_xargs" in body:
         del body["vllm_xargs"]
-        ctx.policy_notes.append("stripped=vllm_xargs")
+        ctx.policy_actions.append(("stripped", "vllm_xargs"))
     for name, bound in tier.bounds.items():
         targets = ("max_tokens", "max_completion_tokens") if name == "max_tokens" else (name,)
         for field in targets:
@@ -64,7 +64,7 @@ def _enforce_bound(ctx: RequestContext, field: str, bound: Bound) -> None:
             code="value_out_of_range",
         )
     ctx.body[field] = int(limit) if isinstance(value, int) else float(limit)
-    ctx.policy_notes.append(f"clamped={field}")
+    ctx.policy_actions.append(("clamped", field))
 
 
 def _show(limit: float) -> str:

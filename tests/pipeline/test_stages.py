@@ -59,7 +59,7 @@ async def test_chat_without_max_tokens_gets_the_tier_maximum() -> None:
 async def test_clamp_rewrites_and_notes_the_field() -> None:
     ctx = await _run(_ctx(_chat(logprobs=True, top_logprobs=-1)))
     assert ctx.body["top_logprobs"] == 5
-    assert "clamped=top_logprobs" in ctx.policy_notes
+    assert ("clamped", "top_logprobs") in ctx.policy_actions
 
 
 async def test_temperature_below_minimum_is_rejected() -> None:
