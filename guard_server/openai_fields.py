@@ -87,6 +87,7 @@ _FIELDS: list[FieldSpec] = [
     _spec("parallel_tool_calls", _B, CHAT, OPENAI),
     _spec("reasoning_effort", _S, CHAT, OPENAI),
     _spec("top_logprobs", _I, CHAT, OPENAI),
+    _spec("logit_bias", _O, BOTH, OPENAI),
     FieldSpec("logprobs", {Endpoint.CHAT: _B, Endpoint.COMPLETIONS: _I}, OPENAI),
     # vLLM sampling extras that reveal nothing beyond the sampled text.
     _spec("top_k", _I, BOTH, VLLM_SAMPLING),
@@ -106,7 +107,6 @@ _FIELDS: list[FieldSpec] = [
     _spec("continue_final_message", _B, CHAT, VLLM_SAMPLING),
     _spec("include_reasoning", _B, CHAT, VLLM_SAMPLING),
     # vLLM extras that leak model internals, steer the engine or cost unbounded work.
-    _spec("logit_bias", _O, BOTH, VLLM_ADVANCED),
     _spec("prompt_logprobs", _I, BOTH, VLLM_ADVANCED),
     _spec("logprob_token_ids", _A, BOTH, VLLM_ADVANCED),
     _spec("allowed_token_ids", _A, BOTH, VLLM_ADVANCED),
@@ -134,7 +134,8 @@ REQUIRED: dict[Endpoint, tuple[str, ...]] = {
     Endpoint.COMPLETIONS: ("model", "prompt"),
 }
 
-# Numeric fields a tier may bound. ``max_tokens`` also bounds ``max_completion_tokens``.
+# Numeric fields a tier may bound. ``max_tokens`` also bounds ``max_completion_tokens``;
+# ``logprobs``/``top_logprobs`` are capped by the tier's ``logprobs.max_top`` instead.
 BOUNDABLE: frozenset[str] = frozenset(
     {
         "max_tokens",
@@ -143,8 +144,6 @@ BOUNDABLE: frozenset[str] = frozenset(
         "top_p",
         "top_k",
         "min_p",
-        "top_logprobs",
-        "logprobs",
         "presence_penalty",
         "frequency_penalty",
         "repetition_penalty",

@@ -20,6 +20,9 @@ REPO = Path(__file__).resolve().parents[1]
 POLICIES = REPO / "policies"
 DEMO_KEY = "sk-guard-demo"
 TRUSTED_KEY = "sk-guard-trusted"
+ALICE_KEY = "sk-test-alice"
+BOB_KEY = "sk-test-bob"
+TEST_CLIENTS = REPO / "tests" / "data" / "test-clients.yaml"
 
 
 def write_config(directory: Path, upstream_urls: list[str], **overrides: Any) -> Path:
@@ -33,7 +36,11 @@ def write_config(directory: Path, upstream_urls: list[str], **overrides: Any) ->
                 "health_interval_s": 0.5,
             }
         },
-        "policies": [str(POLICIES / "default.yaml"), str(POLICIES / "demo-clients.yaml")],
+        "policies": [
+            str(POLICIES / "default.yaml"),
+            str(POLICIES / "demo-clients.yaml"),
+            str(TEST_CLIENTS),
+        ],
     }
     for key, value in overrides.items():
         if isinstance(value, dict) and isinstance(config.get(key), dict):

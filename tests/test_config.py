@@ -56,6 +56,12 @@ def test_bad_field_error_names_file_path_and_value(tmp_path: Path) -> None:
         ({"clients": {"a": {"tier": "gold", "keys": [hash_key("k")]}}}, "unknown tier 'gold'"),
         ({"clients": {"a": {"tier": "default", "keys": ["sk-plain"]}}}, "never in plain text"),
         (_tier(models=["gpt-9"]), "unknown model 'gpt-9'"),
+        (_tier(logprobs={"noise": {"scale": -1}}), "tiers.default.logprobs.noise.scale"),
+        (_tier(logprobs={"quantize": {"mode": "round"}}), "'none', 'grid' or 'rank'"),
+        (_tier(logprobs={"max_top": -2}), "tiers.default.logprobs.max_top"),
+        (_tier(bounds={"top_logprobs": {"max": 5}}), "'top_logprobs' cannot be bounded"),
+        (_tier(seed="random"), "'allow', 'strip' or 'rekey'"),
+        (_tier(logit_bias={"mode": "limit", "max_abs": 500}), "tiers.default.logit_bias.max_abs"),
     ],
 )
 def test_invalid_policies_are_rejected_clearly(tmp_path: Path, policy: dict, expected: str) -> None:

@@ -81,14 +81,14 @@ def test_out_of_bounds_value_is_clamped_with_a_visible_header(client: openai.Ope
 
 @pytest.mark.parametrize(
     "field",
-    ["logit_bias", "prompt_logprobs", "echo", "logprob_token_ids", "allowed_token_ids",
+    ["prompt_logprobs", "echo", "logprob_token_ids", "allowed_token_ids",
      "return_tokens_as_token_ids", "prompt_embeds", "kv_transfer_params"],
 )  # fmt: skip
 def test_risky_vllm_fields_are_forbidden_for_the_default_tier(
     client: openai.OpenAI, field: str
 ) -> None:
     values = {
-        "logit_bias": {"5": 10}, "prompt_logprobs": 1, "echo": True, "logprob_token_ids": [5],
+        "prompt_logprobs": 1, "echo": True, "logprob_token_ids": [5],
         "allowed_token_ids": [5, 6], "return_tokens_as_token_ids": True, "prompt_embeds": "AA==",
         "kv_transfer_params": {},
     }  # fmt: skip

@@ -12,7 +12,15 @@ from typing import Any, TypeVar
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from guard_server.config.schema import Bound, GuardConfig, PolicyFile, TierPolicy
+from guard_server.config.schema import (
+    Bound,
+    GuardConfig,
+    LogitBiasPolicy,
+    LogprobPolicy,
+    PolicyFile,
+    TierPolicy,
+)
+from guard_server.defences.logprobs import LogprobHardening
 from guard_server.openai_fields import expand_field_selectors
 
 MIN_SECRET_BYTES = 32
@@ -31,6 +39,10 @@ class Tier:
     models: frozenset[str] | None  # None: every configured model
     allowed_fields: frozenset[str]
     bounds: dict[str, Bound]
+    logprobs: LogprobPolicy
+    hardening: LogprobHardening
+    logit_bias: LogitBiasPolicy
+    seed: str
 
     def may_use(self, model: str) -> bool:
         """Whether this tier may call ``model``."""
@@ -105,7 +117,23 @@ def _validate(model: type[_Model], data: dict[str, Any], path: Path) -> _Model:
 
 def _resolve_tier(name: str, policy: TierPolicy) -> Tier:
     models = None if "*" in policy.models else frozenset(policy.models)
-    return Tier(name, models, expand_field_selectors(policy.allow_fields), dict(policy.bounds))
+    hardening = LogprobHardening(
+        noise_scale=policy.logprobs.noise.scale,
+        preserve_order=policy.logprobs.noise.preserve_order,
+        normalize=policy.logprobs.noise.normalize,
+        quantize=policy.logprobs.quantize.mode,
+        grid_step=policy.logprobs.quantize.step,
+    )
+    return Tier(
+        name=name,
+        models=models,
+        allowed_fields=expand_field_selectors(policy.allow_fields),
+        bounds=dict(policy.bounds),
+        logprobs=policy.logprobs,
+        hardening=hardening,
+        logit_bias=policy.logit_bias,
+        seed=policy.seed,
+    )
 
 
 def _load_secret(config: GuardConfig, base: Path) -> tuple[bytes, bool]:

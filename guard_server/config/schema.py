@@ -114,12 +114,49 @@ class Bound(_Strict):
         return self
 
 
+class LogprobNoise(_Strict):
+    """Keyed noise on returned logprob values (see guard_server.defences.logprobs)."""
+
+    scale: Annotated[float, Field(ge=0, le=50)] = 0.0
+    preserve_order: bool = True
+    normalize: bool = True
+
+
+class LogprobQuantize(_Strict):
+    """Rounding of returned logprob values: to a grid (down), or ranks only."""
+
+    mode: Literal["none", "grid", "rank"] = "none"
+    step: Annotated[float, Field(gt=0, le=10)] = 0.5
+
+
+class LogprobPolicy(_Strict):
+    """What the logprob channel reveals to one tier."""
+
+    max_top: Annotated[int, Field(ge=0, le=1000)] = 20
+    on_exceed: Literal["clamp", "reject"] = "clamp"
+    noise: LogprobNoise = LogprobNoise()
+    quantize: LogprobQuantize = LogprobQuantize()
+    allow_echo: bool = True
+
+
+class LogitBiasPolicy(_Strict):
+    """How `logit_bias` is treated, when the tier allows the field at all."""
+
+    mode: Literal["allow", "strip", "reject", "limit"] = "allow"
+    max_entries: Annotated[int, Field(ge=0)] = 300
+    max_abs: Annotated[float, Field(ge=0, le=100)] = 100.0
+    with_logprobs: Literal["allow", "reject"] = "allow"
+
+
 class TierPolicy(_Strict):
     """What one tier's clients may ask for."""
 
     models: list[str] = ["*"]
     allow_fields: list[str] = ["@openai", "@vllm_sampling"]
     bounds: dict[str, Bound] = {}
+    logprobs: LogprobPolicy = LogprobPolicy()
+    logit_bias: LogitBiasPolicy = LogitBiasPolicy()
+    seed: Literal["allow", "strip", "rekey"] = "allow"
 
     @field_validator("allow_fields")
     @classmethod

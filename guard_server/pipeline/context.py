@@ -28,6 +28,8 @@ class RequestContext:
     status: int = 0
     upstream_seconds: float = 0.0
     first_token_at: float | None = None
+    logprob_key: bytes | None = None
+    logprob_positions: dict[int, int] = field(default_factory=dict)  # per choice, streams
     prompt_tokens: int = 0
     completion_tokens: int = 0
 

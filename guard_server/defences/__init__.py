@@ -1,0 +1,1 @@
+"""Defence math: pure functions shared by the guard and (later) its vLLM plugin."""

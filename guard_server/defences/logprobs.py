@@ -1,0 +1,76 @@
+"""Hardening of returned logprobs: keyed noise, order preservation, normalization, quantization.
+
+Each position is processed alone and in constant time, so streaming costs the same per chunk.
+The noise for a value is a pure function of (request key, position, token): the same client
+asking the same prompt again gets the same numbers, so averaging repeats gains nothing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+# vLLM reports -inf as -9999.0: such values are left alone.
+FLOOR = -9999.0
+_TWO_64 = float(1 << 64)
+
+
+def keyed_normal(key: bytes, position: int, token: str) -> float:
+    """A standard normal draw that depends only on (key, position, token)."""
+    digest = hashlib.blake2b(
+        position.to_bytes(4, "little") + token.encode(), key=key, digest_size=16
+    ).digest()
+    u1 = (int.from_bytes(digest[:8], "little") + 0.5) / _TWO_64
+    u2 = int.from_bytes(digest[8:], "little") / _TWO_64
+    return math.sqrt(-2.0 * math.log(u1)) * math.cos(2.0 * math.pi * u2)
+
+
+@dataclass(frozen=True, slots=True)
+class LogprobHardening:
+    """How one tier's returned logprob values are changed."""
+
+    noise_scale: float = 0.0
+    preserve_order: bool = True
+    normalize: bool = True
+    quantize: Literal["none", "grid", "rank"] = "none"
+    grid_step: float = 0.5
+
+    @property
+    def active(self) -> bool:
+        """Whether values are changed at all."""
+        return self.noise_scale > 0 or self.quantize != "none"
+
+    def apply(
+        self, key: bytes, position: int, tokens: list[str], values: list[float]
+    ) -> list[float]:
+        """The hardened values for one position's distinct tokens (same order as given)."""
+        live = [i for i, v in enumerate(values) if v > FLOOR]
+        out = list(values)
+        if self.quantize == "rank":
+            order = sorted(live, key=lambda i: -values[i])
+            for rank, i in enumerate(order):
+                out[i] = -float(rank)
+            return out
+        if self.noise_scale > 0:
+            for i in live:
+                out[i] = values[i] + self.noise_scale * keyed_normal(key, position, tokens[i])
+            if self.preserve_order:
+                ranked_tokens = sorted(live, key=lambda i: -values[i])
+                ranked_values = sorted((out[i] for i in live), reverse=True)
+                for i, value in zip(ranked_tokens, ranked_values, strict=True):
+                    out[i] = value
+        if self.normalize and live:
+            top = max(out[i] for i in live)
+            total = top + math.log(sum(math.exp(out[i] - top) for i in live))
+            shift = max(total, 0.0)
+            for i in live:
+                out[i] = min(out[i] - shift, 0.0)
+        if self.quantize == "grid":
+            step = self.grid_step
+            for i in live:
+                out[i] = min(
+                    math.floor(out[i] / step) * step, 0.0
+                )  # down: stays a sub-distribution
+        return out

@@ -1,0 +1,78 @@
+"""The logprob hardening math alone: keyed noise, order, normalization, quantization."""
+
+from __future__ import annotations
+
+import math
+import random
+import statistics
+
+import pytest
+
+from guard_server.defences.keys import client_key, rekeyed_seed, request_key
+from guard_server.defences.logprobs import FLOOR, LogprobHardening, keyed_normal
+
+SECRET = b"s" * 32
+
+
+def _random_position(rng: random.Random, k: int = 6) -> tuple[list[str], list[float]]:
+    logits = [rng.gauss(0, 3) for _ in range(k)]
+    top = max(logits)
+    lse = top + math.log(sum(math.exp(x - top) for x in logits)) + rng.uniform(0, 2)
+    return [f"t{i}" for i in range(k)], [x - lse for x in logits]
+
+
+def test_keyed_normal_is_deterministic_and_standard() -> None:
+    key = request_key(client_key(SECRET, "logprob-noise", "alice"), "prompt")
+    draws = [keyed_normal(key, position, "tok") for position in range(20_000)]
+    assert draws[:50] == [keyed_normal(key, position, "tok") for position in range(50)]
+    assert abs(statistics.fmean(draws)) < 0.03
+    assert abs(statistics.pstdev(draws) - 1) < 0.03
+
+
+def test_keys_differ_by_client_purpose_and_prompt() -> None:
+    keys = {
+        client_key(SECRET, "logprob-noise", "alice"),
+        client_key(SECRET, "logprob-noise", "bob"),
+        client_key(SECRET, "seed", "alice"),
+        client_key(b"t" * 32, "logprob-noise", "alice"),
+    }
+    assert len(keys) == 4
+    base = client_key(SECRET, "logprob-noise", "alice")
+    assert request_key(base, [{"a": 1, "b": 2}]) == request_key(base, [{"b": 2, "a": 1}])
+    assert request_key(base, "x") != request_key(base, "y")
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_hardened_values_are_a_valid_ordered_subdistribution(seed: int) -> None:
+    rng = random.Random(seed)
+    tokens, values = _random_position(rng)
+    policy = LogprobHardening(noise_scale=2.0, quantize="grid", grid_step=0.5)
+    out = policy.apply(b"k" * 32, seed, tokens, values)
+    assert all(math.isfinite(v) and v <= 0 for v in out)
+    assert sum(math.exp(v) for v in out) <= 1 + 1e-9
+    assert all(abs(v / 0.5 - round(v / 0.5)) < 1e-9 for v in out)
+    by_original = sorted(range(len(values)), key=lambda i: -values[i])
+    assert [out[i] for i in by_original] == sorted(out, reverse=True)
+
+
+def test_noise_moves_values_and_order_can_be_released() -> None:
+    tokens, values = [f"t{i}" for i in range(8)], [-0.1 * i - 1 for i in range(8)]
+    free = LogprobHardening(noise_scale=3.0, preserve_order=False, normalize=False)
+    out = free.apply(b"k" * 32, 0, tokens, values)
+    assert out != values
+    assert sorted(out, reverse=True) != out  # with big noise the order changes
+
+
+def test_rank_mode_returns_minus_rank_and_floor_is_kept() -> None:
+    policy = LogprobHardening(quantize="rank")
+    out = policy.apply(b"k" * 32, 0, ["a", "b", "c", "d"], [-2.0, -0.5, FLOOR, -1.0])
+    assert out == [-2.0, 0.0, FLOOR, -1.0]
+
+
+def test_rekeyed_seed_reproduces_only_the_same_request() -> None:
+    body = {"model": "m", "prompt": "p", "temperature": 1.0, "seed": 7}
+    same = rekeyed_seed(SECRET, "alice", dict(body), 7)
+    assert same == rekeyed_seed(SECRET, "alice", dict(body), 7)
+    assert same != rekeyed_seed(SECRET, "alice", {**body, "temperature": 0.9}, 7)
+    assert same != rekeyed_seed(SECRET, "bob", dict(body), 7)
+    assert 0 <= same < 2**63
