@@ -12,15 +12,20 @@ from pathlib import Path
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from guard_server.appkeys import METRICS, SETTINGS, UPSTREAMS
+from guard_server.appkeys import METRICS, SETTINGS, STATE, UPSTREAMS
+from guard_server.config.loader import Settings
 from guard_server.config.reload import SettingsHolder
-from guard_server.config.schema import UpstreamSettings
+from guard_server.config.schema import StateSettings, Timeouts, UpstreamSettings
 from guard_server.errors import GuardError
 from guard_server.generation import GenerationHandler
 from guard_server.metrics import GuardMetrics
 from guard_server.openai_fields import Endpoint
+from guard_server.pipeline.admit import Admitter
 from guard_server.pipeline.auth import authenticate
 from guard_server.pipeline.context import RequestContext
+from guard_server.state.base import StateStore
+from guard_server.state.memory import MemoryStore
+from guard_server.state.redis import RedisStore
 from guard_server.upstream.pool import UpstreamPool
 from guard_server.upstream.vllm_process import VllmProcess
 
@@ -116,6 +121,9 @@ def build_app(
     )
     app[SETTINGS] = holder
     app[METRICS] = metrics
+    store = _state_store(settings.config.state)
+    app[STATE] = store
+    metrics.state_up.set(1)
 
     async def upstreams_ctx(app: web.Application) -> AsyncIterator[None]:
         upstream_settings = dict(settings.config.upstreams)
@@ -146,17 +154,42 @@ def build_app(
             watcher.cancel()
             await asyncio.gather(watcher, return_exceptions=True)
 
+    async def state_ctx(app: web.Application) -> AsyncIterator[None]:
+        try:
+            yield
+        finally:
+            await store.close()
+
+    app.cleanup_ctx.append(state_ctx)
     app.cleanup_ctx.append(upstreams_ctx)
     app.cleanup_ctx.append(reload_ctx)
 
+    admitter = Admitter(
+        store,
+        metrics,
+        fail_open=settings.config.state.on_failure == "open",
+        slot_ttl_s=_slot_ttl(settings),
+    )
     for endpoint in Endpoint:
-        handler = GenerationHandler(endpoint, holder, metrics)
+        handler = GenerationHandler(endpoint, holder, metrics, admitter)
         app.router.add_post(handler.path, handler)
     app.router.add_get("/v1/models", list_models)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics_endpoint)
     return app
+
+
+def _state_store(state: StateSettings) -> StateStore:
+    if state.backend == "redis":
+        return RedisStore(state.redis_url, prefix=state.key_prefix, timeout_s=state.timeout_s)
+    return MemoryStore()
+
+
+def _slot_ttl(settings: Settings) -> float:
+    """How long a concurrency slot lives if never released: the longest request, plus margin."""
+    totals = [upstream.timeouts.total for upstream in settings.config.upstreams.values()]
+    return max(totals, default=Timeouts().total) + 30.0
 
 
 async def _start_bundled_teacher(holder: SettingsHolder, log_path: Path | None) -> VllmProcess:

@@ -4,8 +4,10 @@ from aiohttp import web
 
 from guard_server.config.reload import SettingsHolder
 from guard_server.metrics import GuardMetrics
+from guard_server.state.base import StateStore
 from guard_server.upstream.pool import UpstreamPool
 
 SETTINGS = web.AppKey("settings", SettingsHolder)
 METRICS = web.AppKey("metrics", GuardMetrics)
 UPSTREAMS = web.AppKey("upstreams", UpstreamPool)
+STATE = web.AppKey("state", StateStore)

@@ -17,6 +17,7 @@ from guard_server.config.reload import SettingsHolder
 from guard_server.errors import GuardError, bad_request, upstream_error
 from guard_server.metrics import GuardMetrics
 from guard_server.openai_fields import Endpoint
+from guard_server.pipeline.admit import Admitter
 from guard_server.pipeline.auth import authenticate
 from guard_server.pipeline.context import RequestContext
 from guard_server.pipeline.policy import apply_tier_policy
@@ -30,8 +31,6 @@ log = logging.getLogger(__name__)
 
 Stage = Callable[[RequestContext], Awaitable[None]]
 
-# Stages after authentication that run before the upstream call, in order.
-REQUEST_STAGES: tuple[Stage, ...] = (validate_request, apply_tier_policy)
 
 _PATHS = {Endpoint.CHAT: "/v1/chat/completions", Endpoint.COMPLETIONS: "/v1/completions"}
 _SSE_HEADERS = {
@@ -50,8 +49,12 @@ class GenerationHandler:
         endpoint: Endpoint,
         holder: SettingsHolder,
         metrics: GuardMetrics,
+        admitter: Admitter,
     ) -> None:
         self.endpoint = endpoint
+        self.admitter = admitter
+        # The stages after authentication and body parsing, in order.
+        self.stages: tuple[Stage, ...] = (validate_request, apply_tier_policy, admitter)
         self.path = _PATHS[endpoint]
         self.holder = holder
         self.metrics = metrics
@@ -80,16 +83,17 @@ class GenerationHandler:
             return response
         finally:
             self.metrics.in_flight.dec()
+            self.admitter.settle(ctx)
             record(ctx, self.metrics)
 
     async def _serve(self, request: web.Request, ctx: RequestContext) -> web.StreamResponse:
         await authenticate(ctx)
         ctx.body = parse_json_object(await _read_body(request, ctx))
-        for stage in REQUEST_STAGES:
+        for stage in self.stages:
             await stage(ctx)
         upstream = request.app[UPSTREAMS].get(ctx.model)
         payload = rewrite_for_upstream(ctx, upstream.served_model)
-        headers = self._policy_headers(ctx)
+        headers = {**ctx.response_headers, **self._policy_headers(ctx)}
         if ctx.stream:
             return await self._relay_stream(request, ctx, upstream, payload, headers)
         return await self._relay_whole(ctx, upstream, payload, headers)

@@ -117,6 +117,20 @@ class GuardMetrics:
             ["tier", "action", "field"],
             registry=r,
         )
+        self.rate_limited = Counter(
+            "guard_rate_limited",
+            "Requests refused with 429, by tier and the limit hit.",
+            ["tier", "limit"],
+            registry=r,
+        )
+        self.state_up = Gauge(
+            "guard_state_backend_up",
+            "1 if the state backend (Redis) answered the last call, else 0.",
+            registry=r,
+        )
+        self.state_errors = Counter(
+            "guard_state_errors", "Calls to the state backend that failed.", registry=r
+        )
         self.in_flight = Gauge(
             "guard_requests_in_flight", "Requests being served right now.", registry=r
         )

@@ -11,7 +11,7 @@ import pytest
 
 from guard_server.app import TEACHER_DIR
 from guard_server.upstream.vllm_process import VllmProcess
-from tests.processes import DEMO_KEY, TRUSTED_KEY, GuardProcess, write_config
+from tests.processes import DEMO_KEY, TRUSTED_KEY, GuardProcess, RedisProcess, write_config
 
 
 @pytest.fixture(scope="session")
@@ -76,3 +76,13 @@ async def async_client(guard: GuardProcess):
     client = openai.AsyncOpenAI(base_url=guard.base_url, api_key=DEMO_KEY, max_retries=0)
     yield client
     await client.close()
+
+
+@pytest.fixture(scope="session")
+def redis_server() -> Iterator[RedisProcess]:
+    """A real redis-server on loopback for the whole session."""
+    server = RedisProcess().start()
+    try:
+        yield server
+    finally:
+        server.stop()

@@ -14,6 +14,7 @@ from pydantic import BaseModel, ValidationError
 
 from guard_server.config.schema import (
     Bound,
+    ClientEntry,
     GuardConfig,
     LogitBiasPolicy,
     LogprobPolicy,
@@ -22,6 +23,7 @@ from guard_server.config.schema import (
 )
 from guard_server.defences.logprobs import LogprobHardening
 from guard_server.openai_fields import expand_field_selectors
+from guard_server.state.base import LimitSpec
 
 MIN_SECRET_BYTES = 32
 _Model = TypeVar("_Model", bound=BaseModel)
@@ -55,6 +57,7 @@ class Client:
 
     id: str
     tier: Tier
+    limits: LimitSpec
 
 
 @dataclass(frozen=True)
@@ -166,7 +169,8 @@ def load_settings(path: str | os.PathLike[str]) -> Settings:
     digest = hashlib.sha256(raw)
     files = [config_path]
     tiers: dict[str, Tier] = {}
-    client_entries: dict[str, tuple[str, list[str], Path]] = {}
+    tier_policies: dict[str, TierPolicy] = {}
+    client_entries: dict[str, tuple[ClientEntry, Path]] = {}
     for policy_name in config.policies:
         policy_path = Path(os.path.abspath(base / policy_name))
         policy_data, policy_raw = _read_yaml(policy_path)
@@ -177,10 +181,11 @@ def load_settings(path: str | os.PathLike[str]) -> Settings:
             if tier_name in tiers:
                 raise ConfigError(f"{policy_path}: tiers.{tier_name}: tier defined twice")
             tiers[tier_name] = _resolve_tier(tier_name, tier_policy)
+            tier_policies[tier_name] = tier_policy
         for client_id, entry in policy.clients.items():
             if client_id in client_entries:
                 raise ConfigError(f"{policy_path}: clients.{client_id}: client defined twice")
-            client_entries[client_id] = (entry.tier, entry.keys, policy_path)
+            client_entries[client_id] = (entry, policy_path)
 
     model_names = list(config.upstreams) or [config.bundled_teacher.model_name]
     for tier in tiers.values():
@@ -192,14 +197,18 @@ def load_settings(path: str | os.PathLike[str]) -> Settings:
                 )
 
     clients_by_key_hash: dict[bytes, Client] = {}
-    for client_id, (tier_name, key_hashes, policy_path) in client_entries.items():
+    for client_id, (entry, policy_path) in client_entries.items():
+        tier_name = entry.tier
         if tier_name not in tiers:
             raise ConfigError(
                 f"{policy_path}: clients.{client_id}.tier: unknown tier {tier_name!r}; "
                 f"defined tiers: {', '.join(sorted(tiers)) or '(none)'}"
             )
-        client = Client(client_id, tiers[tier_name])
-        for key_hash in key_hashes:
+        tier_limits = tier_policies[tier_name].limits
+        overrides = entry.limits.model_dump(exclude_unset=True) if entry.limits else {}
+        limits = LimitSpec(**{**tier_limits.model_dump(), **overrides})
+        client = Client(client_id, tiers[tier_name], limits)
+        for key_hash in entry.keys:
             digest_bytes = bytes.fromhex(key_hash.removeprefix("sha256:"))
             if digest_bytes in clients_by_key_hash:
                 raise ConfigError(f"{policy_path}: clients.{client_id}.keys: key used twice")

@@ -68,7 +68,19 @@ class SecretSource(_Strict):
 class StateSettings(_Strict):
     """Where shared state (limits, risk scores) lives."""
 
-    backend: Literal["memory"] = "memory"
+    backend: Literal["memory", "redis"] = "memory"
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    key_prefix: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.:-]+$")] = "guard"
+    timeout_s: Annotated[float, Field(gt=0, le=5)] = 0.25
+    on_failure: Literal["open", "closed"] = "open"
+
+
+class RateLimits(_Strict):
+    """Per-client limits; unset means unlimited."""
+
+    requests_per_minute: Annotated[int, Field(ge=1)] | None = None
+    tokens_per_minute: Annotated[int, Field(ge=1)] | None = None
+    concurrent_requests: Annotated[int, Field(ge=1)] | None = None
 
 
 class MetricsSettings(_Strict):
@@ -157,6 +169,7 @@ class TierPolicy(_Strict):
     logprobs: LogprobPolicy = LogprobPolicy()
     logit_bias: LogitBiasPolicy = LogitBiasPolicy()
     seed: Literal["allow", "strip", "rekey"] = "allow"
+    limits: RateLimits = RateLimits()
 
     @field_validator("allow_fields")
     @classmethod
@@ -183,6 +196,7 @@ class ClientEntry(_Strict):
 
     tier: str
     keys: Annotated[list[str], Field(min_length=1)]
+    limits: RateLimits | None = None  # fields set here override the tier's
 
     @field_validator("keys")
     @classmethod
@@ -196,8 +210,11 @@ class ClientEntry(_Strict):
         return keys
 
 
+ClientId = Annotated[str, Field(pattern=r"^[A-Za-z0-9_.:@-]{1,128}$")]
+
+
 class PolicyFile(_Strict):
     """A policy file: tiers and/or clients."""
 
     tiers: dict[str, TierPolicy] = {}
-    clients: dict[str, ClientEntry] = {}
+    clients: dict[ClientId, ClientEntry] = {}

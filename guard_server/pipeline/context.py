@@ -9,6 +9,7 @@ from multidict import CIMultiDictProxy
 
 from guard_server.config.loader import Client, Settings
 from guard_server.openai_fields import Endpoint
+from guard_server.state.base import Admission
 
 
 @dataclass(slots=True)
@@ -24,6 +25,8 @@ class RequestContext:
     model: str = ""
     stream: bool = False
     client_wants_usage: bool = False
+    response_headers: dict[str, str] = field(default_factory=dict)
+    admission: Admission | None = None
     policy_actions: list[tuple[str, str]] = field(default_factory=list)  # (action, field)
     status: int = 0
     upstream_seconds: float = 0.0

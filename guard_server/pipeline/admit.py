@@ -1,0 +1,143 @@
+"""Admit: the client's rate limits (requests/min, tokens/min, concurrency), shared by replicas.
+
+Tokens are reserved at admission from an estimate and settled against the real usage at
+completion, streams included. Settlement runs as its own task, so a cancelled request
+(client disconnect) still releases its concurrency slot; a slot also expires by itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import uuid
+
+from guard_server.errors import GuardError
+from guard_server.metrics import GuardMetrics
+from guard_server.openai_fields import Endpoint
+from guard_server.pipeline.context import RequestContext
+from guard_server.state.base import Admission, LimitSpec, StateStore, StateUnavailable
+
+log = logging.getLogger(__name__)
+
+_CHARS_PER_TOKEN = 4
+_DEFAULT_COMPLETION = {Endpoint.CHAT: 256, Endpoint.COMPLETIONS: 16}
+
+
+def estimate_tokens(ctx: RequestContext) -> int:
+    """A cheap upper-ish estimate of a request's tokens (prompt by characters, plus n × max)."""
+    body = ctx.body
+    if ctx.endpoint is Endpoint.CHAT:
+        chars = sum(len(str(message.get("content") or "")) for message in body["messages"])
+    else:
+        prompt = body["prompt"]
+        chars = len(prompt) if isinstance(prompt, str) else len(str(prompt))
+    completion = (
+        body.get("max_tokens") or body.get("max_completion_tokens")
+    ) or _DEFAULT_COMPLETION[ctx.endpoint]
+    return chars // _CHARS_PER_TOKEN + 1 + completion * (body.get("n") or 1)
+
+
+def _duration(seconds: float) -> str:
+    """OpenAI's reset format: ``1m30s``, ``2.5s``, ``120ms``."""
+    if seconds < 1:
+        return f"{max(0, round(seconds * 1000))}ms"
+    minutes, rest = divmod(seconds, 60)
+    return f"{int(minutes)}m{rest:.0f}s" if minutes else f"{rest:.3g}s"
+
+
+def ratelimit_headers(limits: LimitSpec, admission: Admission) -> dict[str, str]:
+    """``x-ratelimit-*`` headers like OpenAI's."""
+    headers: dict[str, str] = {}
+    for kind, limit, remaining in (
+        ("requests", limits.requests_per_minute, admission.remaining_requests),
+        ("tokens", limits.tokens_per_minute, admission.remaining_tokens),
+    ):
+        if limit is None or remaining is None:
+            continue
+        headers[f"x-ratelimit-limit-{kind}"] = str(limit)
+        headers[f"x-ratelimit-remaining-{kind}"] = str(max(0, math.floor(remaining)))
+        headers[f"x-ratelimit-reset-{kind}"] = _duration((limit - remaining) * 60 / limit)
+    return headers
+
+
+class Admitter:
+    """The admission stage, holding the state store."""
+
+    def __init__(
+        self, store: StateStore, metrics: GuardMetrics, fail_open: bool, slot_ttl_s: float
+    ) -> None:
+        self.store = store
+        self.metrics = metrics
+        self.fail_open = fail_open
+        self.slot_ttl_s = slot_ttl_s
+        self._settling: set[asyncio.Task[None]] = set()
+
+    async def __call__(self, ctx: RequestContext) -> None:
+        assert ctx.client is not None
+        limits = ctx.client.limits
+        if limits.unlimited:
+            return
+        estimate = estimate_tokens(ctx)
+        try:
+            admission = await self.store.admit(
+                f"c:{ctx.client.id}", limits, estimate, uuid.uuid4().hex, self.slot_ttl_s
+            )
+        except StateUnavailable as exc:
+            self._state_failed(exc)
+            if self.fail_open:
+                return
+            raise GuardError(
+                503,
+                "Rate limiting is unavailable right now; try again shortly.",
+                type="server_error",
+                code="state_unavailable",
+            ) from None
+        self.metrics.state_up.set(1)
+        ctx.admission = admission
+        headers = ratelimit_headers(limits, admission)
+        ctx.response_headers.update(headers)
+        if admission.allowed:
+            return
+        self.metrics.rate_limited.labels(ctx.client.tier.name, admission.exceeded).inc()
+        retry = max(1, math.ceil(admission.retry_after_s))
+        raise GuardError(
+            429,
+            f"Rate limit reached for {admission.exceeded} "
+            f"(client `{ctx.client.id}`). Please try again in {retry}s.",
+            type=admission.exceeded or "requests",
+            code="rate_limit_exceeded",
+            headers={**headers, "Retry-After": str(retry)},
+        )
+
+    def settle(self, ctx: RequestContext) -> None:
+        """Release the slot and settle tokens, in a task of its own (survives cancellation)."""
+        admission = ctx.admission
+        if ctx.client is None or admission is None or not admission.allowed:
+            return
+        if ctx.prompt_tokens or ctx.completion_tokens:
+            refund = admission.reserved_tokens - ctx.prompt_tokens - ctx.completion_tokens
+        elif ctx.status != 200:
+            refund = admission.reserved_tokens  # nothing was generated
+        else:
+            refund = 0  # usage unknown (stream cut short): keep the reservation
+        task = asyncio.get_running_loop().create_task(
+            self._settle(f"c:{ctx.client.id}", ctx.client.limits, admission.slot, refund)
+        )
+        self._settling.add(task)
+        task.add_done_callback(self._settling.discard)
+
+    async def _settle(self, scope: str, limits: LimitSpec, slot: str, refund: int) -> None:
+        try:
+            await self.store.settle(scope, limits, slot, refund)
+        except StateUnavailable as exc:
+            self._state_failed(exc)  # the slot expires by itself
+
+    def _state_failed(self, exc: Exception) -> None:
+        self.metrics.state_up.set(0)
+        self.metrics.state_errors.inc()
+        log.warning(
+            "state backend unavailable (failing %s): %s",
+            "open" if self.fail_open else "closed",
+            exc,
+        )

@@ -1,0 +1,1 @@
+"""Shared state (rate limits, later risk scores): in process, or in Redis across replicas."""

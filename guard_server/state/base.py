@@ -1,0 +1,62 @@
+"""The state-store interface: one atomic admission and one settlement per request."""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True, slots=True)
+class LimitSpec:
+    """The limits of one scope (a client); None means unlimited."""
+
+    requests_per_minute: int | None = None
+    tokens_per_minute: int | None = None
+    concurrent_requests: int | None = None
+
+    @property
+    def unlimited(self) -> bool:
+        """Whether no limit is set at all."""
+        return (
+            self.requests_per_minute is None
+            and self.tokens_per_minute is None
+            and self.concurrent_requests is None
+        )
+
+
+@dataclass(slots=True)
+class Admission:
+    """The verdict for one request, with what the response headers report."""
+
+    allowed: bool
+    exceeded: str | None = None  # "requests", "tokens" or "concurrency"
+    retry_after_s: float = 0.0
+    remaining_requests: float | None = None
+    remaining_tokens: float | None = None
+    in_flight: int = 0
+    slot: str = ""
+    reserved_tokens: int = 0
+    headers: dict[str, str] = field(default_factory=dict)
+
+
+class StateUnavailable(Exception):
+    """The state backend cannot be reached."""
+
+
+class StateStore(abc.ABC):
+    """Where limits are counted. Implementations must be atomic per scope."""
+
+    @abc.abstractmethod
+    async def admit(
+        self, scope: str, spec: LimitSpec, tokens: int, slot: str, slot_ttl_s: float
+    ) -> Admission:
+        """Check every limit of ``scope`` and, only if all pass, consume one request,
+        reserve ``tokens`` and take concurrency slot ``slot`` (which expires after
+        ``slot_ttl_s`` even if never released)."""
+
+    @abc.abstractmethod
+    async def settle(self, scope: str, spec: LimitSpec, slot: str, refund_tokens: int) -> None:
+        """Release ``slot`` and give back ``refund_tokens`` (negative: charge more)."""
+
+    async def close(self) -> None:  # noqa: B027 - a no-op by default, on purpose
+        """Release connections."""

@@ -1,0 +1,95 @@
+"""Both state stores keep the same limits: requests/min, tokens/min, concurrency, expiry."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator
+
+import pytest
+import redis.asyncio as aioredis
+
+from guard_server.state.base import LimitSpec, StateStore
+from guard_server.state.memory import MemoryStore
+from guard_server.state.redis import RedisStore
+from tests.processes import RedisProcess
+
+
+@pytest.fixture(params=["memory", "redis"])
+async def store(request: pytest.FixtureRequest) -> AsyncIterator[StateStore]:
+    if request.param == "memory":
+        yield MemoryStore()
+        return
+    server: RedisProcess = request.getfixturevalue("redis_server")
+    redis_store = RedisStore(server.url, prefix=f"t{uuid.uuid4().hex[:8]}")
+    yield redis_store
+    await redis_store.close()
+
+
+def _scope() -> str:
+    return f"c:{uuid.uuid4().hex[:8]}"
+
+
+async def test_requests_per_minute(store: StateStore) -> None:
+    spec, scope = LimitSpec(requests_per_minute=5), _scope()
+    verdicts = [await store.admit(scope, spec, 1, f"s{i}", 60) for i in range(7)]
+    assert [v.allowed for v in verdicts] == [True] * 5 + [False] * 2
+    assert verdicts[-1].exceeded == "requests"
+    assert 11 <= verdicts[-1].retry_after_s <= 12.5  # one request refills in 12 s
+    assert verdicts[4].remaining_requests is not None and verdicts[4].remaining_requests < 1
+
+
+async def test_tokens_per_minute_reserve_and_refund(store: StateStore) -> None:
+    spec, scope = LimitSpec(tokens_per_minute=1000), _scope()
+    first = await store.admit(scope, spec, 600, "a", 60)
+    assert first.allowed
+    assert not (await store.admit(scope, spec, 600, "b", 60)).allowed
+    await store.settle(scope, spec, first.slot, refund_tokens=500)  # it used only 100
+    assert (await store.admit(scope, spec, 600, "c", 60)).allowed
+
+
+async def test_concurrency_slots_release_and_expire(store: StateStore) -> None:
+    spec, scope = LimitSpec(concurrent_requests=2), _scope()
+    a = await store.admit(scope, spec, 1, "a", 60)
+    await store.admit(scope, spec, 1, "b", 0.3)
+    refused = await store.admit(scope, spec, 1, "c", 60)
+    assert not refused.allowed and refused.exceeded == "concurrency"
+    await store.settle(scope, spec, a.slot, 0)
+    assert (await store.admit(scope, spec, 1, "d", 60)).allowed
+    assert not (await store.admit(scope, spec, 1, "e", 60)).allowed
+    await asyncio.sleep(0.4)  # slot b expires without ever being released
+    assert (await store.admit(scope, spec, 1, "f", 60)).allowed
+
+
+async def test_a_refusal_consumes_nothing(store: StateStore) -> None:
+    spec, scope = LimitSpec(requests_per_minute=100, concurrent_requests=1), _scope()
+    held = await store.admit(scope, spec, 1, "a", 60)
+    for i in range(10):
+        assert not (await store.admit(scope, spec, 1, f"x{i}", 60)).allowed
+    await store.settle(scope, spec, held.slot, 0)
+    after = await store.admit(scope, spec, 1, "b", 60)
+    assert after.allowed and after.remaining_requests is not None
+    assert after.remaining_requests >= 97.9
+
+
+async def test_redis_keys_share_a_hash_tag_and_expire(redis_server: RedisProcess) -> None:
+    prefix = f"t{uuid.uuid4().hex[:8]}"
+    store = RedisStore(redis_server.url, prefix=prefix)
+    await store.admit("c:acme", LimitSpec(requests_per_minute=10, concurrent_requests=3), 1, "s", 5)
+    client = aioredis.Redis.from_url(redis_server.url)
+    keys = sorted(k.decode() for k in await client.keys(f"{prefix}:*"))
+    assert keys == [f"{prefix}:{{c:acme}}:bucket", f"{prefix}:{{c:acme}}:slots"]
+    assert 0 < await client.pttl(keys[0]) <= 60_000
+    assert 0 < await client.pttl(keys[1]) <= 5_000
+    await client.aclose()
+    await store.close()
+
+
+async def test_redis_down_raises_state_unavailable() -> None:
+    from guard_server.state.base import StateUnavailable
+    from guard_server.upstream.vllm_process import free_port
+
+    store = RedisStore(f"redis://127.0.0.1:{free_port()}/0")
+    with pytest.raises(StateUnavailable):
+        await store.admit("c:x", LimitSpec(requests_per_minute=1), 1, "s", 1)
+    await store.close()

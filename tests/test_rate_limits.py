@@ -1,0 +1,168 @@
+"""Rate limits end to end: 429s like OpenAI's, global across replicas, Redis failures."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+import yaml
+
+from guard_server.pipeline.auth import hash_key
+from tests.fake_upstream import FaultyUpstream
+from tests.processes import POLICIES, GuardProcess, RedisProcess, metric_value, write_config
+
+KEY = "sk-test-limited"
+
+
+def _limited_guard(
+    tmp_path: Path, upstream: str, limits: dict, state: dict | None = None, name: str = "g"
+) -> GuardProcess:
+    clients = tmp_path / "limited-clients.yaml"
+    clients.write_text(
+        yaml.safe_dump(
+            {"clients": {"limited": {"tier": "default", "keys": [hash_key(KEY)], "limits": limits}}}
+        )
+    )
+    overrides: dict = {"policies": [str(POLICIES / "default.yaml"), str(clients)]}
+    if state:
+        overrides["state"] = state
+    directory = tmp_path / name
+    directory.mkdir(exist_ok=True)
+    config = write_config(directory, [upstream], **overrides)
+    return GuardProcess(config, directory / "guard.log").start()
+
+
+def _sdk(guard: GuardProcess) -> openai.OpenAI:
+    return openai.OpenAI(base_url=guard.base_url, api_key=KEY, max_retries=0, timeout=30)
+
+
+def _complete(guard: GuardProcess) -> None:
+    _sdk(guard).completions.create(model="teacher", prompt="hi", max_tokens=2)
+
+
+def test_429_has_retry_after_and_openai_ratelimit_headers(tmp_path: Path, vllm_url: str) -> None:
+    guard = _limited_guard(
+        tmp_path, vllm_url, {"requests_per_minute": 3, "tokens_per_minute": 10_000}
+    )
+    try:
+        raw = _sdk(guard).completions.with_raw_response.create(
+            model="teacher", prompt="hi", max_tokens=2
+        )
+        assert raw.headers["x-ratelimit-limit-requests"] == "3"
+        assert raw.headers["x-ratelimit-remaining-requests"] == "2"
+        assert raw.headers["x-ratelimit-limit-tokens"] == "10000"
+        _complete(guard)
+        _complete(guard)
+        with pytest.raises(openai.RateLimitError) as caught:
+            _complete(guard)
+        response = caught.value.response
+        assert 1 <= int(response.headers["retry-after"]) <= 20
+        assert response.headers["x-ratelimit-remaining-requests"] == "0"
+        error = response.json()["error"]
+        assert error["code"] == "rate_limit_exceeded" and error["type"] == "requests"
+        assert metric_value(guard.metrics(), "guard_rate_limited_total", limit="requests") == 1
+    finally:
+        guard.stop()
+
+
+def test_limit_holds_globally_across_three_replicas(
+    tmp_path: Path, vllm_url: str, redis_server: RedisProcess
+) -> None:
+    limit = 30
+    state = {"backend": "redis", "redis_url": redis_server.url, "key_prefix": f"g{time.time_ns()}"}
+    guards = [
+        _limited_guard(tmp_path, vllm_url, {"requests_per_minute": limit}, state, name=f"r{i}")
+        for i in range(3)
+    ]
+
+    async def fire() -> tuple[list[int], float]:
+        limits = httpx.Limits(max_connections=60)
+        async with httpx.AsyncClient(limits=limits, timeout=60) as client:
+            started = time.monotonic()
+
+            async def one(i: int) -> int:
+                response = await client.post(
+                    guards[i % 3].base_url + "/completions",
+                    json={"model": "teacher", "prompt": "hi", "max_tokens": 2},
+                    headers={"Authorization": f"Bearer {KEY}"},
+                )
+                return response.status_code
+
+            statuses = await asyncio.gather(*(one(i) for i in range(150)))
+            return list(statuses), time.monotonic() - started
+
+    try:
+        statuses, elapsed = asyncio.run(fire())
+    finally:
+        for guard in guards:
+            guard.stop()
+    refill = limit / 60 * elapsed
+    assert set(statuses) <= {200, 429}
+    assert limit <= statuses.count(200) <= limit + int(refill) + 1, (statuses.count(200), elapsed)
+
+
+@pytest.mark.parametrize("on_failure", ["open", "closed"])
+def test_redis_stopped_mid_run(tmp_path: Path, vllm_url: str, on_failure: str) -> None:
+    redis = RedisProcess().start()
+    state = {"backend": "redis", "redis_url": redis.url, "on_failure": on_failure}
+    guard = _limited_guard(tmp_path, vllm_url, {"requests_per_minute": 1000}, state)
+    try:
+        _complete(guard)
+        assert metric_value(guard.metrics(), "guard_state_backend_up") == 1
+        redis.stop()
+        if on_failure == "open":
+            for _ in range(3):
+                _complete(guard)
+        else:
+            for _ in range(3):
+                with pytest.raises(openai.InternalServerError) as caught:
+                    _complete(guard)
+                assert caught.value.status_code == 503
+        text = guard.metrics()
+        assert metric_value(text, "guard_state_backend_up") == 0
+        assert metric_value(text, "guard_state_errors_total") >= 3
+        assert guard.process is not None and guard.process.poll() is None
+        # Redis back on the same port: the guard recovers by itself.
+        restarted = RedisProcess()
+        restarted.port = redis.port
+        restarted.start()
+        try:
+            _complete(guard)
+            assert metric_value(guard.metrics(), "guard_state_backend_up") == 1
+        finally:
+            restarted.stop()
+    finally:
+        guard.stop()
+        redis.stop()
+
+
+def test_concurrency_slot_is_released_when_a_stream_client_disconnects(tmp_path: Path) -> None:
+    with FaultyUpstream("slow_stream") as upstream:
+        guard = _limited_guard(tmp_path, upstream.url, {"concurrent_requests": 1})
+        try:
+            sdk = _sdk(guard)
+            stream = sdk.completions.create(model="teacher", prompt="hi", max_tokens=5, stream=True)
+            next(iter(stream))
+            with pytest.raises(openai.RateLimitError) as caught:
+                _complete(guard)
+            assert caught.value.response.json()["error"]["type"] == "concurrency"
+            stream.close()
+            assert upstream.cancelled.wait(5)
+            deadline = time.monotonic() + 5
+            while True:
+                try:
+                    again = sdk.completions.create(
+                        model="teacher", prompt="hi", max_tokens=5, stream=True
+                    )
+                    break
+                except openai.RateLimitError:
+                    assert time.monotonic() < deadline, "the slot was never released"
+                    time.sleep(0.05)
+            next(iter(again))
+            again.close()
+        finally:
+            guard.stop()
