@@ -12,6 +12,7 @@ from pathlib import Path
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from guard_server.admin import client_report
 from guard_server.appkeys import METRICS, SETTINGS, STATE, UPSTREAMS
 from guard_server.config.loader import Settings
 from guard_server.config.reload import SettingsHolder
@@ -21,8 +22,11 @@ from guard_server.generation import GenerationHandler
 from guard_server.metrics import GuardMetrics
 from guard_server.openai_fields import Endpoint
 from guard_server.pipeline.admit import Admitter
+from guard_server.pipeline.audit import AuditLog
 from guard_server.pipeline.auth import authenticate
 from guard_server.pipeline.context import RequestContext
+from guard_server.pipeline.plan import Planner
+from guard_server.pipeline.score import RiskScorer
 from guard_server.state.base import StateStore
 from guard_server.state.memory import MemoryStore
 from guard_server.state.redis import RedisStore
@@ -170,14 +174,23 @@ def build_app(
         fail_open=settings.config.state.on_failure == "open",
         slot_ttl_s=_slot_ttl(settings),
     )
+    scorer = RiskScorer(store, metrics)
+    planner = Planner(metrics)
+    audit = AuditLog(settings.config.audit)
+    app.on_cleanup.append(lambda _: _close_audit(audit))
     for endpoint in Endpoint:
-        handler = GenerationHandler(endpoint, holder, metrics, admitter)
+        handler = GenerationHandler(endpoint, holder, metrics, admitter, scorer, planner, audit)
         app.router.add_post(handler.path, handler)
     app.router.add_get("/v1/models", list_models)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics_endpoint)
+    app.router.add_get("/admin/clients/{client_id}", client_report)
     return app
+
+
+async def _close_audit(audit: AuditLog) -> None:
+    audit.close()
 
 
 def _state_store(state: StateSettings) -> StateStore:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -18,11 +19,14 @@ from guard_server.errors import GuardError, bad_request, upstream_error
 from guard_server.metrics import GuardMetrics
 from guard_server.openai_fields import Endpoint
 from guard_server.pipeline.admit import Admitter
+from guard_server.pipeline.audit import AuditLog
 from guard_server.pipeline.auth import authenticate
 from guard_server.pipeline.context import RequestContext
+from guard_server.pipeline.plan import Planner
 from guard_server.pipeline.policy import apply_tier_policy
 from guard_server.pipeline.record import record
 from guard_server.pipeline.rewrite import rewrite_for_upstream
+from guard_server.pipeline.score import RiskScorer
 from guard_server.pipeline.transform import carries_token, transform_chunk, transform_response
 from guard_server.pipeline.validate import parse_json_object, validate_request
 from guard_server.upstream.pool import ModelUpstream
@@ -50,11 +54,21 @@ class GenerationHandler:
         holder: SettingsHolder,
         metrics: GuardMetrics,
         admitter: Admitter,
+        scorer: RiskScorer,
+        planner: Planner,
+        audit: AuditLog,
     ) -> None:
+        self.audit = audit
         self.endpoint = endpoint
         self.admitter = admitter
         # The stages after authentication and body parsing, in order.
-        self.stages: tuple[Stage, ...] = (validate_request, apply_tier_policy, admitter)
+        self.stages: tuple[Stage, ...] = (
+            validate_request,
+            scorer,
+            apply_tier_policy,
+            admitter,
+            planner,
+        )
         self.path = _PATHS[endpoint]
         self.holder = holder
         self.metrics = metrics
@@ -85,13 +99,16 @@ class GenerationHandler:
             self.metrics.in_flight.dec()
             self.admitter.settle(ctx)
             record(ctx, self.metrics)
+            self.audit.write(ctx)
 
     async def _serve(self, request: web.Request, ctx: RequestContext) -> web.StreamResponse:
         await authenticate(ctx)
-        ctx.body = parse_json_object(await _read_body(request, ctx))
+        raw = await _read_body(request, ctx)
+        ctx.body_hash = hashlib.blake2b(raw, digest_size=16).hexdigest()
+        ctx.body = parse_json_object(raw)
         for stage in self.stages:
             await stage(ctx)
-        upstream = request.app[UPSTREAMS].get(ctx.model)
+        upstream = request.app[UPSTREAMS].get(ctx.upstream_model or ctx.model)
         payload = rewrite_for_upstream(ctx, upstream.served_model)
         headers = {**ctx.response_headers, **self._policy_headers(ctx)}
         if ctx.stream:

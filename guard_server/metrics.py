@@ -131,6 +131,34 @@ class GuardMetrics:
         self.state_errors = Counter(
             "guard_state_errors", "Calls to the state backend that failed.", registry=r
         )
+        self.actions = Counter(
+            "guard_actions",
+            "Actions the plan stage chose, by tier and action (pass, tighten, perturb, decoy, "
+            "block).",
+            ["tier", "action"],
+            registry=r,
+        )
+        self.risk_score = Histogram(
+            "guard_risk_score",
+            "Extraction-risk score (0..1) of the client at each request, by tier.",
+            ["tier"],
+            buckets=(0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0),
+            registry=r,
+        )
+        self.flagged_clients = Gauge(
+            "guard_flagged_clients",
+            "Clients whose current action is above pass, by action.",
+            ["action"],
+            registry=r,
+        )
+        self.campaigns = Counter(
+            "guard_campaigns_detected",
+            "Multi-key extraction campaigns detected (clusters of keys flagged together).",
+            registry=r,
+        )
+        self.decoys = Counter(
+            "guard_decoys_served", "Decoy answers served, by decoy source.", ["source"], registry=r
+        )
         self.in_flight = Gauge(
             "guard_requests_in_flight", "Requests being served right now.", registry=r
         )

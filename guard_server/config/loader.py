@@ -15,6 +15,7 @@ from pydantic import BaseModel, ValidationError
 from guard_server.config.schema import (
     Bound,
     ClientEntry,
+    DetectionPolicy,
     GuardConfig,
     LogitBiasPolicy,
     LogprobPolicy,
@@ -45,6 +46,7 @@ class Tier:
     hardening: LogprobHardening
     logit_bias: LogitBiasPolicy
     seed: str
+    detection: DetectionPolicy
 
     def may_use(self, model: str) -> bool:
         """Whether this tier may call ``model``."""
@@ -72,6 +74,11 @@ class Settings:
     secret_is_ephemeral: bool
     files: tuple[Path, ...]
     digest: str = field(compare=False)
+
+    @property
+    def clients_by_id(self) -> dict[str, Client]:
+        """Configured clients by id."""
+        return {client.id: client for client in self.clients_by_key_hash.values()}
 
     @property
     def model_names(self) -> list[str]:
@@ -136,6 +143,7 @@ def _resolve_tier(name: str, policy: TierPolicy) -> Tier:
         hardening=hardening,
         logit_bias=policy.logit_bias,
         seed=policy.seed,
+        detection=policy.detection,
     )
 
 
@@ -189,6 +197,12 @@ def load_settings(path: str | os.PathLike[str]) -> Settings:
 
     model_names = list(config.upstreams) or [config.bundled_teacher.model_name]
     for tier in tiers.values():
+        decoy_model = tier.detection.decoy.model
+        if decoy_model is not None and decoy_model not in model_names:
+            raise ConfigError(
+                f"tiers.{tier.name}.detection.decoy.model: unknown model {decoy_model!r}; "
+                f"configured models: {', '.join(model_names)}"
+            )
         for model in sorted(tier.models or ()):
             if model not in model_names:
                 raise ConfigError(

@@ -98,6 +98,29 @@ class BundledTeacherSettings(_Strict):
     max_logprobs: Annotated[int, Field(ge=0)] = 20
 
 
+class AdminSettings(_Strict):
+    """The admin API (``/admin/...``), protected by its own key."""
+
+    key_hash: str | None = None
+
+    @field_validator("key_hash")
+    @classmethod
+    def _hash_only(cls, value: str | None) -> str | None:
+        if value is not None and not _KEY_HASH.match(value):
+            raise ValueError("store the admin key as 'sha256:<64 lowercase hex>'")
+        return value
+
+
+class AuditSettings(_Strict):
+    """The JSON-lines audit log of decisions."""
+
+    path: str | None = None
+    max_bytes: Annotated[int, Field(ge=4096)] = 50_000_000
+    backups: Annotated[int, Field(ge=0)] = 5
+    include_prompts: bool = False
+    only_flagged: bool = False
+
+
 class GuardConfig(_Strict):
     """The top-level guard configuration file."""
 
@@ -107,6 +130,8 @@ class GuardConfig(_Strict):
     state: StateSettings = StateSettings()
     metrics: MetricsSettings = MetricsSettings()
     bundled_teacher: BundledTeacherSettings = BundledTeacherSettings()
+    admin: AdminSettings = AdminSettings()
+    audit: AuditSettings = AuditSettings()
     policies: list[str] = []
 
 
@@ -160,6 +185,51 @@ class LogitBiasPolicy(_Strict):
     with_logprobs: Literal["allow", "reject"] = "allow"
 
 
+class ActionThresholds(_Strict):
+    """Risk scores (0..1) from which each action applies."""
+
+    tighten: Annotated[float, Field(ge=0, le=1)] = 0.3
+    perturb: Annotated[float, Field(ge=0, le=1)] = 0.5
+    decoy: Annotated[float, Field(ge=0, le=1)] = 0.7
+    block: Annotated[float, Field(ge=0, le=1.01)] = 0.95
+
+    @model_validator(mode="after")
+    def _ascending(self) -> ActionThresholds:
+        if not self.tighten <= self.perturb <= self.decoy <= self.block:
+            raise ValueError("thresholds must satisfy tighten <= perturb <= decoy <= block")
+        return self
+
+
+class PerturbAction(_Strict):
+    """The stronger logprob hardening for clients at the perturb level and above."""
+
+    max_top: Annotated[int, Field(ge=0)] = 1
+    noise_scale: Annotated[float, Field(ge=0, le=50)] = 3.0
+
+
+class DecoyAction(_Strict):
+    """Where decoy answers come from."""
+
+    source: Literal["misinformation", "model"] = "misinformation"
+    model: str | None = None
+
+    @model_validator(mode="after")
+    def _model_for_model_source(self) -> DecoyAction:
+        if self.source == "model" and not self.model:
+            raise ValueError("source `model` needs `model`: the upstream model that answers")
+        return self
+
+
+class DetectionPolicy(_Strict):
+    """Extraction-risk scoring and the actions it drives."""
+
+    enabled: bool = True
+    thresholds: ActionThresholds = ActionThresholds()
+    tighten_factor: Annotated[float, Field(gt=0, le=1)] = 0.25
+    perturb: PerturbAction = PerturbAction()
+    decoy: DecoyAction = DecoyAction()
+
+
 class TierPolicy(_Strict):
     """What one tier's clients may ask for."""
 
@@ -170,6 +240,7 @@ class TierPolicy(_Strict):
     logit_bias: LogitBiasPolicy = LogitBiasPolicy()
     seed: Literal["allow", "strip", "rekey"] = "allow"
     limits: RateLimits = RateLimits()
+    detection: DetectionPolicy = DetectionPolicy()
 
     @field_validator("allow_fields")
     @classmethod

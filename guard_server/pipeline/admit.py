@@ -61,6 +61,24 @@ def ratelimit_headers(limits: LimitSpec, admission: Admission) -> dict[str, str]
     return headers
 
 
+def effective_limits(ctx: RequestContext) -> LimitSpec:
+    """The client's limits, scaled down by the tier's tighten factor once its risk is high."""
+    assert ctx.client is not None
+    limits = ctx.client.limits
+    if ctx.assessment is None or ctx.assessment.action == "pass":
+        return limits
+    factor = ctx.client.tier.detection.tighten_factor
+
+    def scaled(value: int | None) -> int | None:
+        return None if value is None else max(1, int(value * factor))
+
+    return LimitSpec(
+        scaled(limits.requests_per_minute),
+        scaled(limits.tokens_per_minute),
+        scaled(limits.concurrent_requests),
+    )
+
+
 class Admitter:
     """The admission stage, holding the state store."""
 
@@ -75,7 +93,7 @@ class Admitter:
 
     async def __call__(self, ctx: RequestContext) -> None:
         assert ctx.client is not None
-        limits = ctx.client.limits
+        limits = effective_limits(ctx)
         if limits.unlimited:
             return
         estimate = estimate_tokens(ctx)
@@ -115,6 +133,7 @@ class Admitter:
         admission = ctx.admission
         if ctx.client is None or admission is None or not admission.allowed:
             return
+        limits = effective_limits(ctx)
         if ctx.prompt_tokens or ctx.completion_tokens:
             refund = admission.reserved_tokens - ctx.prompt_tokens - ctx.completion_tokens
         elif ctx.status != 200:
@@ -122,7 +141,7 @@ class Admitter:
         else:
             refund = 0  # usage unknown (stream cut short): keep the reservation
         task = asyncio.get_running_loop().create_task(
-            self._settle(f"c:{ctx.client.id}", ctx.client.limits, admission.slot, refund)
+            self._settle(f"c:{ctx.client.id}", limits, admission.slot, refund)
         )
         self._settling.add(task)
         task.add_done_callback(self._settling.discard)

@@ -8,6 +8,8 @@ from typing import Any
 from multidict import CIMultiDictProxy
 
 from guard_server.config.loader import Client, Settings
+from guard_server.defences.logprobs import LogprobHardening
+from guard_server.detection.scoring import Assessment
 from guard_server.openai_fields import Endpoint
 from guard_server.state.base import Admission
 
@@ -31,6 +33,14 @@ class RequestContext:
     status: int = 0
     upstream_seconds: float = 0.0
     first_token_at: float | None = None
+    assessment: Assessment | None = None
+    fingerprint: str = ""
+    body_hash: str = ""
+    action: str = "pass"
+    hardening: LogprobHardening | None = None  # overrides the tier's (perturb action)
+    decoy_source: str | None = None
+    digit_map: dict[int, str] | None = None
+    upstream_model: str | None = None  # a decoy model answers instead
     logprob_key: bytes | None = None
     logprob_positions: dict[int, int] = field(default_factory=dict)  # per choice, streams
     prompt_tokens: int = 0

@@ -14,6 +14,8 @@ def record(ctx: RequestContext, metrics: GuardMetrics) -> None:
     tier = ctx.tier_name
     endpoint = ctx.endpoint.value
     metrics.requests.labels(tier, endpoint, str(ctx.status)).inc()
+    if ctx.client is not None:
+        metrics.actions.labels(tier, ctx.action).inc()
     for action, field in ctx.policy_actions:
         metrics.policy_actions.labels(tier, action, field).inc()
     if ctx.client is not None and ctx.settings.config.metrics.client_label:

@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from guard_server.defences.keys import client_key, request_key
+from guard_server.defences.logprobs import LogprobHardening
 from guard_server.openai_fields import Endpoint
 from guard_server.pipeline.context import RequestContext
 
@@ -22,6 +23,8 @@ def transform_response(ctx: RequestContext, body: dict[str, Any]) -> None:
     body["model"] = ctx.model
     _take_usage(ctx, body)
     _harden_choices(ctx, body.get("choices"), streaming=False)
+    if ctx.digit_map is not None:
+        _mislead(ctx.digit_map, body.get("choices"))
 
 
 def transform_chunk(ctx: RequestContext, chunk: dict[str, Any]) -> bool:
@@ -32,6 +35,8 @@ def transform_chunk(ctx: RequestContext, chunk: dict[str, Any]) -> bool:
             return False
     chunk["model"] = ctx.model
     _harden_choices(ctx, chunk.get("choices"), streaming=True)
+    if ctx.digit_map is not None:
+        _mislead(ctx.digit_map, chunk.get("choices"))
     return True
 
 
@@ -44,8 +49,7 @@ def carries_token(chunk: dict[str, Any]) -> bool:
 
 
 def _harden_choices(ctx: RequestContext, choices: Any, *, streaming: bool) -> None:
-    assert ctx.client is not None
-    if not choices or not ctx.client.tier.hardening.active:
+    if not choices or not _hardening(ctx).active:
         return
     for choice in choices:
         logprobs = choice.get("logprobs")
@@ -60,6 +64,11 @@ def _harden_choices(ctx: RequestContext, choices: Any, *, streaming: bool) -> No
         ctx.logprob_positions[index] = start + count
 
 
+def _hardening(ctx: RequestContext) -> LogprobHardening:
+    assert ctx.client is not None
+    return ctx.hardening or ctx.client.tier.hardening
+
+
 def _key(ctx: RequestContext) -> bytes:
     if ctx.logprob_key is None:
         assert ctx.client is not None
@@ -72,9 +81,8 @@ def _key(ctx: RequestContext) -> bytes:
 def _harden_position(
     ctx: RequestContext, position: int, values: dict[str, float]
 ) -> dict[str, float]:
-    assert ctx.client is not None
     tokens = list(values)
-    hardened = ctx.client.tier.hardening.apply(_key(ctx), position, tokens, list(values.values()))
+    hardened = _hardening(ctx).apply(_key(ctx), position, tokens, list(values.values()))
     return dict(zip(tokens, hardened, strict=True))
 
 
@@ -111,3 +119,29 @@ def _harden_completion(ctx: RequestContext, logprobs: dict[str, Any], start: int
         if top:
             tops[offset] = {t: hardened[t] for t in top}
     return len(tokens)
+
+
+def _mislead(table: dict[int, str], choices: Any) -> None:
+    """The misinformation decoy: remap digits in generated text and logprob tokens."""
+    for choice in choices or ():
+        if isinstance(choice.get("text"), str):
+            choice["text"] = choice["text"].translate(table)
+        for part in (choice.get("message"), choice.get("delta")):
+            if part and isinstance(part.get("content"), str):
+                part["content"] = part["content"].translate(table)
+        logprobs = choice.get("logprobs")
+        if not logprobs:
+            continue
+        if "content" in logprobs:
+            for item in logprobs.get("content") or ():
+                for entry in (item, *(item.get("top_logprobs") or ())):
+                    entry["token"] = entry["token"].translate(table)
+                    if entry.get("bytes") is not None:
+                        entry["bytes"] = list(entry["token"].encode())
+        else:
+            tokens = logprobs.get("tokens") or []
+            logprobs["tokens"] = [token.translate(table) for token in tokens]
+            logprobs["top_logprobs"] = [
+                {t.translate(table): v for t, v in top.items()} if top else top
+                for top in logprobs.get("top_logprobs") or []
+            ]

@@ -5,6 +5,9 @@ from __future__ import annotations
 import abc
 from dataclasses import dataclass, field
 
+from guard_server.detection.features import RequestFeatures
+from guard_server.detection.profile import CampaignProfile, ClientProfile
+
 
 @dataclass(frozen=True, slots=True)
 class LimitSpec:
@@ -57,6 +60,16 @@ class StateStore(abc.ABC):
     @abc.abstractmethod
     async def settle(self, scope: str, spec: LimitSpec, slot: str, refund_tokens: int) -> None:
         """Release ``slot`` and give back ``refund_tokens`` (negative: charge more)."""
+
+    @abc.abstractmethod
+    async def observe(
+        self, client: str, features: RequestFeatures
+    ) -> tuple[ClientProfile, CampaignProfile]:
+        """Fold one request into the client's profile and its fingerprint's; return both."""
+
+    @abc.abstractmethod
+    async def peek(self, client: str) -> tuple[ClientProfile | None, CampaignProfile | None]:
+        """The client's profile and its last fingerprint's, without changing them."""
 
     async def close(self) -> None:  # noqa: B027 - a no-op by default, on purpose
         """Release connections."""

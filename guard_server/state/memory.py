@@ -2,10 +2,24 @@
 
 from __future__ import annotations
 
+import hashlib
 import time
+from collections import OrderedDict
 from dataclasses import dataclass, field
+from typing import TypeVar
 
+from guard_server.detection.features import RequestFeatures
+from guard_server.detection.profile import (
+    GAP_ALPHA,
+    HALF_LIFE_S,
+    SHARE_ALPHA,
+    CampaignProfile,
+    ClientProfile,
+)
+from guard_server.detection.sketches import DistinctCounter
 from guard_server.state.base import Admission, LimitSpec, StateStore
+
+_T = TypeVar("_T")
 
 
 @dataclass(slots=True)
@@ -16,13 +30,57 @@ class _Scope:
     slots: dict[str, float] = field(default_factory=dict)  # slot -> expiry
 
 
-class MemoryStore(StateStore):
-    """Token buckets per scope; correct for one process only (asyncio makes each call atomic)."""
+@dataclass(slots=True)
+class _Risk:
+    requests: float = 0.0
+    updated: float | None = None
+    total: int = 0
+    prompts: DistinctCounter = field(default_factory=DistinctCounter)
+    logprob: float = 0.0
+    max_top: float = 0.0
+    logit_bias: float = 0.0
+    gap_mean: float = 0.0
+    gap_sq: float = 0.0
+    fingerprint: str = ""
 
-    def __init__(self, clock=time.monotonic) -> None:  # type: ignore[no-untyped-def]
+    def snapshot(self) -> ClientProfile:
+        return ClientProfile(
+            requests=self.requests,
+            total=self.total,
+            distinct_prompts=self.prompts.count(),
+            logprob_share=self.logprob,
+            max_top_share=self.max_top,
+            logit_bias_share=self.logit_bias,
+            gap_mean_s=self.gap_mean,
+            gap_var_s2=self.gap_sq - self.gap_mean**2,
+            fingerprint=self.fingerprint,
+        )
+
+
+@dataclass(slots=True)
+class _Campaign:
+    members: DistinctCounter = field(default_factory=DistinctCounter)
+    prompts: DistinctCounter = field(default_factory=DistinctCounter)
+    max_top: float = 0.0
+
+    def snapshot(self) -> CampaignProfile:
+        return CampaignProfile(self.members.count(), self.prompts.count(), self.max_top)
+
+
+class MemoryStore(StateStore):
+    """Token buckets and risk profiles in this process only (one replica).
+
+    asyncio makes each call atomic. At most ``max_profiles`` client and fingerprint
+    profiles are kept; the least recently seen are forgotten first.
+    """
+
+    def __init__(self, clock=time.monotonic, max_profiles: int = 1_000_000) -> None:  # type: ignore[no-untyped-def]
         self._clock = clock
         self._scopes: dict[str, _Scope] = {}
         self._next_sweep = 0.0
+        self._max_profiles = max_profiles
+        self._risk: OrderedDict[str, _Risk] = OrderedDict()
+        self._campaigns: OrderedDict[str, _Campaign] = OrderedDict()
 
     def __len__(self) -> int:
         return len(self._scopes)
@@ -89,6 +147,40 @@ class MemoryStore(StateStore):
         if spec.tokens_per_minute and refund_tokens:
             state.tokens = min(spec.tokens_per_minute, state.tokens + refund_tokens)
 
+    async def observe(
+        self, client: str, features: RequestFeatures
+    ) -> tuple[ClientProfile, CampaignProfile]:
+        now = self._clock()
+        risk = _touch(self._risk, client, _Risk, self._max_profiles)
+        if risk.updated is not None:
+            gap = max(0.0, now - risk.updated)
+            risk.requests *= 2 ** (-gap / HALF_LIFE_S)
+            if risk.total == 1:
+                risk.gap_mean, risk.gap_sq = gap, gap * gap
+            else:
+                risk.gap_mean += GAP_ALPHA * (gap - risk.gap_mean)
+                risk.gap_sq += GAP_ALPHA * (gap * gap - risk.gap_sq)
+        risk.updated = now
+        risk.requests += 1
+        risk.total += 1
+        risk.logprob += SHARE_ALPHA * (features.wants_logprobs - risk.logprob)
+        risk.max_top += SHARE_ALPHA * (features.max_top - risk.max_top)
+        risk.logit_bias += SHARE_ALPHA * (features.logit_bias - risk.logit_bias)
+        risk.prompts.add(features.prompt_hash)
+        risk.fingerprint = features.fingerprint
+        campaign = _touch(self._campaigns, features.fingerprint, _Campaign, self._max_profiles)
+        campaign.members.add(client_hash(client))
+        campaign.prompts.add(features.prompt_hash)
+        campaign.max_top += SHARE_ALPHA * (features.max_top - campaign.max_top)
+        return risk.snapshot(), campaign.snapshot()
+
+    async def peek(self, client: str) -> tuple[ClientProfile | None, CampaignProfile | None]:
+        risk = self._risk.get(client)
+        if risk is None:
+            return None, None
+        campaign = self._campaigns.get(risk.fingerprint)
+        return risk.snapshot(), campaign.snapshot() if campaign else None
+
     def _forget_idle(self, now: float) -> None:
         """Every 30 s, drop scopes idle for a minute with no slot: their buckets are full
         again, so forgetting them changes nothing and memory stays bounded."""
@@ -98,3 +190,19 @@ class MemoryStore(StateStore):
         for scope, state in list(self._scopes.items()):
             if not state.slots and now - state.updated > 60:
                 del self._scopes[scope]
+
+
+def client_hash(client: str) -> str:
+    """A 64-bit hex hash of a client id, for distinct counting."""
+    return hashlib.blake2b(client.encode(), digest_size=8).hexdigest()
+
+
+def _touch(table: OrderedDict[str, _T], key: str, factory: type[_T], limit: int) -> _T:
+    value = table.get(key)
+    if value is None:
+        value = table[key] = factory()
+        if len(table) > limit:
+            table.popitem(last=False)
+    else:
+        table.move_to_end(key)
+    return value

@@ -8,6 +8,15 @@ from importlib import resources
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
+from guard_server.detection.features import RequestFeatures
+from guard_server.detection.profile import (
+    GAP_ALPHA,
+    HALF_LIFE_S,
+    IDLE_TTL_S,
+    SHARE_ALPHA,
+    CampaignProfile,
+    ClientProfile,
+)
 from guard_server.state.base import Admission, LimitSpec, StateStore, StateUnavailable
 
 
@@ -29,6 +38,8 @@ class RedisStore(StateStore):
         self._prefix = prefix
         self._admit = self._redis.register_script(_script("admit.lua"))
         self._settle = self._redis.register_script(_script("settle.lua"))
+        self._observe_client = self._redis.register_script(_script("observe_client.lua"))
+        self._observe_campaign = self._redis.register_script(_script("observe_campaign.lua"))
 
     def _keys(self, scope: str) -> list[str]:
         tag = f"{self._prefix}:{{{scope}}}"
@@ -72,6 +83,83 @@ class RedisStore(StateStore):
             )
         except (RedisError, OSError) as exc:
             raise StateUnavailable(str(exc)) from exc
+
+    def _risk_keys(self, client: str) -> list[str]:
+        tag = f"{self._prefix}:{{c:{client}}}"
+        return [f"{tag}:risk", f"{tag}:prompts"]
+
+    def _campaign_keys(self, fingerprint: str) -> list[str]:
+        tag = f"{self._prefix}:{{f:{fingerprint}}}"
+        return [f"{tag}:campaign", f"{tag}:members", f"{tag}:prompts"]
+
+    async def observe(
+        self, client: str, features: RequestFeatures
+    ) -> tuple[ClientProfile, CampaignProfile]:
+        ttl_ms = int(IDLE_TTL_S * 1000)
+        try:
+            # Two scripts (their keys live on different cluster slots), one round trip.
+            async with self._redis.pipeline(transaction=False) as pipe:
+                await self._observe_client(
+                    keys=self._risk_keys(client),
+                    args=[
+                        features.prompt_hash, features.fingerprint,
+                        int(features.wants_logprobs), int(features.max_top),
+                        int(features.logit_bias), SHARE_ALPHA, GAP_ALPHA, HALF_LIFE_S, ttl_ms,
+                    ],
+                    client=pipe,
+                )  # fmt: skip
+                await self._observe_campaign(
+                    keys=self._campaign_keys(features.fingerprint),
+                    args=[client, features.prompt_hash, int(features.max_top), SHARE_ALPHA, ttl_ms],
+                    client=pipe,
+                )
+                mine, shared = await pipe.execute()
+        except (RedisError, OSError) as exc:
+            raise StateUnavailable(str(exc)) from exc
+        requests, total, distinct, lp, mt, lb, gm, gs = mine
+        profile = ClientProfile(
+            requests=float(requests),
+            total=int(total),
+            distinct_prompts=int(distinct),
+            logprob_share=float(lp),
+            max_top_share=float(mt),
+            logit_bias_share=float(lb),
+            gap_mean_s=float(gm),
+            gap_var_s2=float(gs) - float(gm) ** 2,
+            fingerprint=features.fingerprint,
+        )
+        members, campaign_distinct, campaign_mt = shared
+        return profile, CampaignProfile(int(members), int(campaign_distinct), float(campaign_mt))
+
+    async def peek(self, client: str) -> tuple[ClientProfile | None, CampaignProfile | None]:
+        risk_key, prompts_key = self._risk_keys(client)
+        try:
+            saved = {
+                k.decode(): v.decode() for k, v in (await self._redis.hgetall(risk_key)).items()
+            }
+            if not saved:
+                return None, None
+            distinct = await self._redis.pfcount(prompts_key)
+            campaign_key, members_key, campaign_prompts = self._campaign_keys(saved["fp"])
+            members = await self._redis.pfcount(members_key)
+            campaign_distinct = await self._redis.pfcount(campaign_prompts)
+            campaign_mt = await self._redis.hget(campaign_key, "mt")
+        except (RedisError, OSError) as exc:
+            raise StateUnavailable(str(exc)) from exc
+        gap_mean = float(saved.get("gm", 0))
+        profile = ClientProfile(
+            requests=float(saved["n"]),
+            total=int(saved["total"]),
+            distinct_prompts=int(distinct),
+            logprob_share=float(saved["lp"]),
+            max_top_share=float(saved["mt"]),
+            logit_bias_share=float(saved["lb"]),
+            gap_mean_s=gap_mean,
+            gap_var_s2=float(saved.get("gs", 0)) - gap_mean**2,
+            fingerprint=saved["fp"],
+        )
+        campaign = CampaignProfile(int(members), int(campaign_distinct), float(campaign_mt or 0))
+        return profile, campaign
 
     async def ping(self) -> bool:
         """Whether Redis answers."""

@@ -1,0 +1,1 @@
+"""Extraction detection: request features, bounded per-client profiles, explainable scores."""

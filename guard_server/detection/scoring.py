@@ -1,0 +1,72 @@
+"""The risk score: a sum of named, bounded contributions, so every score explains itself.
+
+| signal | weight | full at |
+|---|---|---|
+| distinct_prompts: how much distinct data the client has collected | 0.30 | 300 → 3,000 |
+| max_top_logprobs: share of requests asking for the tier's maximal top-k | 0.20 | share 1.0 |
+| logprobs: share of requests asking for logprobs at all | 0.05 | share 1.0 |
+| regular_timing: clockwork request timing (1 − CV of gaps, ≥ 20 requests) | 0.15 | 1.0 |
+| novelty: share of requests that are new, once past 100 requests | 0.10 | 0.7 → 0.98 |
+| logit_bias: share of requests using logit_bias | 0.10 | share 1.0 |
+| campaign: many keys share the client's fingerprint and together collect much distinct
+  data (× 0.5–1 by their max-top-k share) | 0.40 | members 5 → 20, distinct 500 → 3,000 |
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from guard_server.detection.profile import CampaignProfile, ClientProfile
+
+ACTIONS = ("pass", "tighten", "perturb", "decoy", "block")
+
+
+def _ramp(value: float, low: float, high: float) -> float:
+    if value <= low:
+        return 0.0
+    if value >= high:
+        return 1.0
+    return (value - low) / (high - low)
+
+
+@dataclass(frozen=True, slots=True)
+class Assessment:
+    """A client's score, what it is made of, and the action it maps to."""
+
+    score: float
+    contributions: dict[str, float]
+    action: str
+
+
+def contributions(profile: ClientProfile, campaign: CampaignProfile | None) -> dict[str, float]:
+    """Each signal's share of the score (see the module table)."""
+    parts = {
+        "distinct_prompts": 0.30 * _ramp(profile.distinct_prompts, 300, 3000),
+        "max_top_logprobs": 0.20 * profile.max_top_share,
+        "logprobs": 0.05 * profile.logprob_share,
+        "regular_timing": 0.15 * profile.regularity,
+        "novelty": 0.10 * _ramp(profile.novelty, 0.7, 0.98) if profile.total >= 100 else 0.0,
+        "logit_bias": 0.10 * profile.logit_bias_share,
+        "campaign": 0.0,
+    }
+    if campaign is not None:
+        parts["campaign"] = (
+            0.40
+            * _ramp(campaign.members, 5, 20)
+            * _ramp(campaign.distinct_prompts, 500, 3000)
+            * (0.5 + 0.5 * campaign.max_top_share)
+        )
+    return parts
+
+
+def assess(
+    profile: ClientProfile, campaign: CampaignProfile | None, thresholds: dict[str, float]
+) -> Assessment:
+    """Score a client and map the score to the highest action whose threshold it reaches."""
+    parts = contributions(profile, campaign)
+    score = min(1.0, sum(parts.values()))
+    action = "pass"
+    for name in ACTIONS[1:]:
+        if score >= thresholds[name]:
+            action = name
+    return Assessment(round(score, 4), {k: round(v, 4) for k, v in parts.items() if v}, action)

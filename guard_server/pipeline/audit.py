@@ -1,0 +1,63 @@
+"""Audit: one JSON line per decision, in a rotating file. Prompt text only if enabled."""
+
+from __future__ import annotations
+
+import logging
+import logging.handlers
+import time
+
+import orjson
+
+from guard_server.config.schema import AuditSettings
+from guard_server.openai_fields import Endpoint
+from guard_server.pipeline.context import RequestContext
+
+
+class AuditLog:
+    """Writes decisions to ``audit.path`` (rotating by size); does nothing without a path."""
+
+    def __init__(self, settings: AuditSettings) -> None:
+        self.settings = settings
+        self._logger: logging.Logger | None = None
+        if settings.path:
+            handler = logging.handlers.RotatingFileHandler(
+                settings.path, maxBytes=settings.max_bytes, backupCount=settings.backups
+            )
+            handler.setFormatter(logging.Formatter("%(message)s"))
+            logger = logging.getLogger(f"guard_server.audit.{id(self)}")
+            logger.propagate = False
+            logger.setLevel(logging.INFO)
+            logger.addHandler(handler)
+            self._logger = logger
+
+    def write(self, ctx: RequestContext) -> None:
+        """Record the decision taken for one authenticated request."""
+        if self._logger is None or ctx.client is None:
+            return
+        if self.settings.only_flagged and ctx.action == "pass":
+            return
+        assessment = ctx.assessment
+        record = {
+            "ts": round(time.time(), 3),
+            "client": ctx.client.id,
+            "tier": ctx.client.tier.name,
+            "endpoint": ctx.endpoint.value,
+            "model": ctx.model,
+            "status": ctx.status,
+            "action": ctx.action,
+            "risk": assessment.score if assessment else None,
+            "signals": assessment.contributions if assessment else {},
+            "policy": [f"{action}={field}" for action, field in ctx.policy_actions],
+            "request_hash": ctx.body_hash,
+        }
+        if self.settings.include_prompts and ctx.body:
+            key = "messages" if ctx.endpoint is Endpoint.CHAT else "prompt"
+            record["prompt"] = ctx.body.get(key)
+        self._logger.info(orjson.dumps(record).decode())
+
+    def close(self) -> None:
+        """Flush and close the file."""
+        if self._logger is not None:
+            for handler in list(self._logger.handlers):
+                handler.close()
+                self._logger.removeHandler(handler)
