@@ -13,7 +13,7 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from guard_server.admin import client_report
-from guard_server.appkeys import METRICS, SETTINGS, STATE, UPSTREAMS
+from guard_server.appkeys import DRAINING, METRICS, SETTINGS, STATE, UPSTREAMS
 from guard_server.config.loader import Settings
 from guard_server.config.reload import SettingsHolder
 from guard_server.config.schema import StateSettings, Timeouts, UpstreamSettings
@@ -92,7 +92,9 @@ async def healthz(request: web.Request) -> web.Response:
 
 
 async def readyz(request: web.Request) -> web.Response:
-    """``GET /readyz``: config loaded and every model has a healthy upstream."""
+    """``GET /readyz``: not draining, and every model has a healthy upstream."""
+    if request.app[DRAINING].is_set():
+        return web.json_response({"status": "draining"}, status=503)
     upstreams = request.app[UPSTREAMS]
     if upstreams.ready:
         return web.json_response({"status": "ready"})
@@ -127,6 +129,7 @@ def build_app(
     app[METRICS] = metrics
     store = _state_store(settings.config.state)
     app[STATE] = store
+    app[DRAINING] = asyncio.Event()
     metrics.state_up.set(1)
 
     async def upstreams_ctx(app: web.Application) -> AsyncIterator[None]:

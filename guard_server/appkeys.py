@@ -1,5 +1,7 @@
 """Typed keys for what the aiohttp application holds."""
 
+import asyncio
+
 from aiohttp import web
 
 from guard_server.config.reload import SettingsHolder
@@ -11,3 +13,4 @@ SETTINGS = web.AppKey("settings", SettingsHolder)
 METRICS = web.AppKey("metrics", GuardMetrics)
 UPSTREAMS = web.AppKey("upstreams", UpstreamPool)
 STATE = web.AppKey("state", StateStore)
+DRAINING = web.AppKey("draining", asyncio.Event)

@@ -93,6 +93,7 @@ def _hash_key(from_stdin: bool) -> int:
 
 async def _serve(settings: Settings, host: str | None, port: int | None) -> None:
     from guard_server.app import build_app
+    from guard_server.appkeys import DRAINING
 
     metrics = GuardMetrics()
     holder = SettingsHolder(
@@ -102,7 +103,12 @@ async def _serve(settings: Settings, host: str | None, port: int | None) -> None
     if settings.secret_is_ephemeral:
         log.warning("no server secret configured: using a random one for this process only")
     app = build_app(holder, metrics)
-    runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
+    runner = web.AppRunner(
+        app,
+        handler_cancellation=True,
+        access_log=None,
+        shutdown_timeout=settings.config.server.drain_timeout_s,
+    )
     await runner.setup()
     server = settings.config.server
     site = web.TCPSite(runner, host or server.host, server.port if port is None else port)
@@ -116,7 +122,10 @@ async def _serve(settings: Settings, host: str | None, port: int | None) -> None
     try:
         await stop.wait()
     finally:
-        log.info("shutting down")
+        # Drain: readiness turns false, the listener closes (new connections are refused),
+        # in-flight requests and streams get up to drain_timeout_s to finish.
+        app[DRAINING].set()
+        log.info("draining (up to %.0f s), then exiting", settings.config.server.drain_timeout_s)
         await runner.cleanup()
 
 

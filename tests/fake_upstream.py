@@ -22,8 +22,9 @@ def _chunk(text: str) -> bytes:
 class FaultyUpstream:
     """An OpenAI-like server whose behaviour the test picks with ``mode``.
 
-    Modes: ``error500``, ``hang``, ``slow_stream`` (a chunk every 50 ms, for 10 s) and
-    ``break_stream`` (two chunks, then the connection drops).
+    Modes: ``error500``, ``hang``, ``slow_stream`` (a chunk every 50 ms, for 10 s),
+    ``short_stream`` (20 chunks, 100 ms apart, then [DONE]) and ``break_stream`` (two
+    chunks, then the connection drops).
     """
 
     def __init__(self, mode: str) -> None:
@@ -90,8 +91,13 @@ class FaultyUpstream:
                 assert request.transport is not None
                 request.transport.close()
                 return response
+            if self.mode == "short_stream":
+                for _ in range(20):
+                    await response.write(_chunk("x"))
+                    self.chunks_sent += 1
+                    await asyncio.sleep(0.1)
             deadline = time.monotonic() + 10
-            while time.monotonic() < deadline:
+            while self.mode == "slow_stream" and time.monotonic() < deadline:
                 await response.write(_chunk("x"))
                 self.chunks_sent += 1
                 await asyncio.sleep(0.05)

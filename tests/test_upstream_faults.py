@@ -114,3 +114,33 @@ def test_load_is_spread_and_a_dead_endpoint_is_skipped(guard_for) -> None:  # ty
         assert first.requests + second.requests == 6
         text = guard.metrics()
         assert metric_value(text, "guard_upstream_healthy", endpoint=dead) == 0
+
+
+def test_sigterm_drains_a_stream_and_refuses_new_requests(guard_for) -> None:  # type: ignore[no-untyped-def]
+    import signal
+    import threading
+
+    with FaultyUpstream("short_stream") as upstream:
+        guard = guard_for([upstream.url])
+        received: list[str] = []
+        stream = _sdk(guard).completions.create(
+            model="teacher", prompt="hi", max_tokens=5, stream=True
+        )
+        iterator = iter(stream)
+        received.append(next(iterator).choices[0].text)
+        finished = threading.Event()
+
+        def read_rest() -> None:
+            received.extend(chunk.choices[0].text for chunk in iterator if chunk.choices)
+            finished.set()
+
+        reader = threading.Thread(target=read_rest)
+        reader.start()
+        guard.send_signal(signal.SIGTERM)
+        time.sleep(0.3)
+        with pytest.raises(httpx.HTTPError):
+            httpx.get(guard.url + "/healthz", timeout=1)
+        assert finished.wait(10), "the stream did not finish during the drain"
+        reader.join()
+        assert len(received) == 20
+        assert guard.process is not None and guard.process.wait(10) == 0

@@ -24,6 +24,7 @@ class ServerSettings(_Strict):
     max_body_bytes: Annotated[int, Field(ge=1024)] = 1_048_576
     policy_header: bool = True
     reload_interval_s: Annotated[float, Field(gt=0)] = 2.0
+    drain_timeout_s: Annotated[float, Field(ge=0)] = 60.0
 
 
 class Timeouts(_Strict):
