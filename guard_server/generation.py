@@ -109,7 +109,7 @@ class GenerationHandler:
         for stage in self.stages:
             await stage(ctx)
         upstream = request.app[UPSTREAMS].get(ctx.upstream_model or ctx.model)
-        payload = rewrite_for_upstream(ctx, upstream.served_model)
+        payload = rewrite_for_upstream(ctx, upstream.served_model, upstream.settings.guard_plugin)
         headers = {**ctx.response_headers, **self._policy_headers(ctx)}
         if ctx.stream:
             return await self._relay_stream(request, ctx, upstream, payload, headers)

@@ -20,6 +20,7 @@ from guard_server.config.schema import (
     LogitBiasPolicy,
     LogprobPolicy,
     PolicyFile,
+    SamplingPolicy,
     TierPolicy,
 )
 from guard_server.defences.logprobs import LogprobHardening
@@ -47,6 +48,7 @@ class Tier:
     logit_bias: LogitBiasPolicy
     seed: str
     detection: DetectionPolicy
+    sampling: SamplingPolicy
 
     def may_use(self, model: str) -> bool:
         """Whether this tier may call ``model``."""
@@ -144,6 +146,7 @@ def _resolve_tier(name: str, policy: TierPolicy) -> Tier:
         logit_bias=policy.logit_bias,
         seed=policy.seed,
         detection=policy.detection,
+        sampling=policy.sampling,
     )
 
 

@@ -40,6 +40,8 @@ class UpstreamSettings(_Strict):
 
     urls: Annotated[list[str], Field(min_length=1)]
     served_model: str | None = None
+    # Whether these servers run guard_server.vllm_plugin (then `vllm_xargs` is sent).
+    guard_plugin: bool = False
     timeouts: Timeouts = Timeouts()
     max_connections: Annotated[int, Field(ge=1)] = 256
     health_interval_s: Annotated[float, Field(gt=0)] = 5.0
@@ -186,6 +188,37 @@ class LogitBiasPolicy(_Strict):
     with_logprobs: Literal["allow", "reject"] = "allow"
 
 
+class SamplingNoise(_Strict):
+    """Keyed noise added to the logits inside vLLM (needs the guard's plugin upstream)."""
+
+    sigma: Annotated[float, Field(ge=0, le=20)] = 0.0
+    kind: Literal["gumbel", "gaussian"] = "gumbel"
+
+
+class SamplingBounds(_Strict):
+    """Sampling bounds forced inside vLLM, whatever the client asks."""
+
+    top_k: Annotated[int, Field(ge=1)] | None = None
+    top_p: Annotated[float, Field(gt=0, le=1)] | None = None
+    min_p: Annotated[float, Field(ge=0, lt=1)] | None = None
+
+
+class Watermark(_Strict):
+    """A green-list watermark keyed to each client (Kirchenbauer et al. 2023)."""
+
+    enabled: bool = False
+    gamma: Annotated[float, Field(gt=0, lt=1)] = 0.25
+    delta: Annotated[float, Field(ge=0, le=20)] = 2.0
+
+
+class SamplingPolicy(_Strict):
+    """What the guard's vLLM plugin does to this tier's sampling."""
+
+    noise: SamplingNoise = SamplingNoise()
+    bounds: SamplingBounds = SamplingBounds()
+    watermark: Watermark = Watermark()
+
+
 class ActionThresholds(_Strict):
     """Risk scores (0..1) from which each action applies."""
 
@@ -202,16 +235,18 @@ class ActionThresholds(_Strict):
 
 
 class PerturbAction(_Strict):
-    """The stronger logprob hardening for clients at the perturb level and above."""
+    """Stronger perturbation for clients at the perturb level and above."""
 
     max_top: Annotated[int, Field(ge=0)] = 1
     noise_scale: Annotated[float, Field(ge=0, le=50)] = 3.0
+    sampling_sigma: Annotated[float, Field(ge=0, le=20)] = 1.0
 
 
 class DecoyAction(_Strict):
     """Where decoy answers come from."""
 
-    source: Literal["misinformation", "model"] = "misinformation"
+    source: Literal["misinformation", "model", "perturbed"] = "misinformation"
+    perturbed_sigma: Annotated[float, Field(gt=0, le=20)] = 4.0
     model: str | None = None
 
     @model_validator(mode="after")
@@ -242,6 +277,7 @@ class TierPolicy(_Strict):
     seed: Literal["allow", "strip", "rekey"] = "allow"
     limits: RateLimits = RateLimits()
     detection: DetectionPolicy = DetectionPolicy()
+    sampling: SamplingPolicy = SamplingPolicy()
 
     @field_validator("allow_fields")
     @classmethod

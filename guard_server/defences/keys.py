@@ -31,3 +31,22 @@ def rekeyed_seed(secret: bytes, client_id: str, body: dict[str, object], seed: i
     rest = {name: value for name, value in body.items() if name != "seed"}
     digest = request_key(client_key(secret, "seed", client_id), [rest, seed])
     return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+def _int31(digest: bytes) -> int:
+    return int.from_bytes(digest[:4], "little") & 0x7FFFFFFF
+
+
+def watermark_key(secret: bytes, client_id: str) -> int:
+    """The client's 31-bit watermark key; ``guard-server trace`` recomputes it to attribute text."""
+    return _int31(client_key(secret, "watermark", client_id))
+
+
+def sampling_noise_seed(secret: bytes, client_id: str, body: dict[str, object]) -> int:
+    """The 31-bit seed of the plugin's logit noise for one request.
+
+    Keyed by client and request content: the same request meets the same noise again, so
+    resampling it cannot average the noise away, and clients cannot predict it.
+    """
+    material = {name: value for name, value in body.items() if name not in ("stream", "seed")}
+    return _int31(request_key(client_key(secret, "sampling-noise", client_id), material))

@@ -53,7 +53,7 @@ class Planner:
             ctx.decoy_source = detection.decoy.source
             if detection.decoy.source == "model":
                 ctx.upstream_model = detection.decoy.model
-            else:
+            elif detection.decoy.source == "misinformation":
                 ctx.digit_map = digit_map(ctx.settings.secret, ctx.client.id)
             self.metrics.decoys.labels(detection.decoy.source).inc()
 

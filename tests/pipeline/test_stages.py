@@ -90,7 +90,7 @@ async def test_booleans_are_not_integers() -> None:
 
 async def test_rewrite_forces_usage_and_transform_hides_it_again() -> None:
     ctx = await _run(_ctx(_chat(stream=True)))
-    sent = orjson.loads(rewrite_for_upstream(ctx, "served-name"))
+    sent = orjson.loads(rewrite_for_upstream(ctx, "served-name", guard_plugin=False))
     assert sent["model"] == "served-name"
     assert sent["stream_options"] == {"include_usage": True}
     usage_chunk = {
@@ -103,3 +103,27 @@ async def test_rewrite_forces_usage_and_transform_hides_it_again() -> None:
     text_chunk = {"model": "served-name", "choices": [{"index": 0, "delta": {"content": "a"}}]}
     assert transform_chunk(ctx, text_chunk) is True
     assert text_chunk["model"] == "teacher"
+
+
+async def test_plugin_args_follow_the_tier_and_the_action() -> None:
+    import dataclasses
+
+    from guard_server.config.schema import SamplingPolicy
+    from guard_server.pipeline.plugin_args import plugin_args
+
+    ctx = await _run(_ctx(_chat(temperature=1.0)))
+    assert plugin_args(ctx) == {}
+    sampling = SamplingPolicy.model_validate(
+        {"noise": {"sigma": 0.5}, "bounds": {"top_k": 20}, "watermark": {"enabled": True}}
+    )
+    assert ctx.client is not None
+    tier = dataclasses.replace(ctx.client.tier, sampling=sampling)
+    ctx.client = dataclasses.replace(ctx.client, tier=tier)
+    args = plugin_args(ctx)
+    assert args["guard_noise_sigma"] == 0.5 and args["guard_top_k"] == 20
+    assert args["guard_wm_gamma"] == 0.25 and 0 <= args["guard_wm_key"] < 2**31
+    assert plugin_args(ctx) == args  # the same request gets the same keys
+    ctx.action = "perturb"
+    assert plugin_args(ctx)["guard_noise_sigma"] == 1.0
+    sent = orjson.loads(rewrite_for_upstream(ctx, "m", guard_plugin=True))
+    assert sent["vllm_xargs"]["guard_noise_seed"] == args["guard_noise_seed"]
