@@ -18,8 +18,8 @@ from pathlib import Path
 
 import aiohttp
 
-from guard_server.app import TEACHER_DIR
 from guard_server.teacher.task import completion_prompt, make_problems
+from guard_server.upstream.bundled_teacher import TEACHER_DIR
 from guard_server.upstream.vllm_process import VllmProcess
 from tests.processes import DEMO_KEY, GuardProcess, write_config
 

@@ -7,7 +7,6 @@ import logging
 import signal
 import time
 from collections.abc import AsyncIterator
-from pathlib import Path
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -31,11 +30,8 @@ from guard_server.state.base import StateStore
 from guard_server.state.memory import MemoryStore
 from guard_server.state.redis import RedisStore
 from guard_server.upstream.pool import UpstreamPool
-from guard_server.upstream.vllm_process import VllmProcess
 
 log = logging.getLogger(__name__)
-
-TEACHER_DIR = Path(__file__).parent / "teacher" / "model"
 
 _HTTP_ERROR_TYPES = {404: "not_found_error", 405: "invalid_request_error"}
 
@@ -104,23 +100,17 @@ async def readyz(request: web.Request) -> web.Response:
 
 async def metrics_endpoint(request: web.Request) -> web.Response:
     """``GET /metrics``: Prometheus text format."""
-    body = generate_latest(request.app[METRICS].registry)
+    body = generate_latest(request.app[METRICS].exposition_registry())
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 
 def build_app(
     holder: SettingsHolder,
-    metrics: GuardMetrics | None = None,
-    *,
-    teacher_log: Path | None = None,
+    metrics: GuardMetrics,
+    upstreams: dict[str, UpstreamSettings],
 ) -> web.Application:
-    """The guard as an aiohttp application.
-
-    With no upstreams configured, the app runs the bundled teacher on real vLLM as a
-    managed child process for as long as the app runs.
-    """
+    """The guard as an aiohttp application, in front of ``upstreams`` (model → servers)."""
     settings = holder.current
-    metrics = metrics or GuardMetrics()
     app = web.Application(
         middlewares=[openai_errors],
         client_max_size=settings.config.server.max_body_bytes,
@@ -133,22 +123,13 @@ def build_app(
     metrics.state_up.set(1)
 
     async def upstreams_ctx(app: web.Application) -> AsyncIterator[None]:
-        upstream_settings = dict(settings.config.upstreams)
-        teacher = None
-        if not upstream_settings:
-            teacher = await _start_bundled_teacher(holder, teacher_log)
-            upstream_settings = {
-                settings.config.bundled_teacher.model_name: UpstreamSettings(urls=[teacher.url])
-            }
-        pool = UpstreamPool(upstream_settings, metrics)
+        pool = UpstreamPool(upstreams, metrics)
         await pool.start()
         app[UPSTREAMS] = pool
         try:
             yield
         finally:
             await pool.close()
-            if teacher is not None:
-                await asyncio.to_thread(teacher.stop)
 
     async def reload_ctx(app: web.Application) -> AsyncIterator[None]:
         loop = asyncio.get_running_loop()
@@ -206,22 +187,3 @@ def _slot_ttl(settings: Settings) -> float:
     """How long a concurrency slot lives if never released: the longest request, plus margin."""
     totals = [upstream.timeouts.total for upstream in settings.config.upstreams.values()]
     return max(totals, default=Timeouts().total) + 30.0
-
-
-async def _start_bundled_teacher(holder: SettingsHolder, log_path: Path | None) -> VllmProcess:
-    teacher_settings = holder.current.config.bundled_teacher
-    process = VllmProcess(
-        TEACHER_DIR,
-        teacher_settings.model_name,
-        port=teacher_settings.port,
-        max_logprobs=teacher_settings.max_logprobs,
-        log_path=log_path,
-    )
-    process.start()
-    try:
-        seconds = await asyncio.to_thread(process.wait_healthy, teacher_settings.startup_timeout_s)
-    except BaseException:
-        process.stop()
-        raise
-    log.info("bundled teacher healthy on %s after %.1f s", process.url, seconds)
-    return process

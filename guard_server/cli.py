@@ -3,19 +3,16 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
+import dataclasses
 import contextlib
 import logging
+import os
 import secrets
-import signal
 import sys
+import tempfile
 from pathlib import Path
 
-from aiohttp import web
-
 from guard_server.config.loader import ConfigError, Settings, load_settings
-from guard_server.config.reload import SettingsHolder
-from guard_server.metrics import GuardMetrics
 from guard_server.pipeline.auth import hash_key
 
 DEFAULT_CONFIG = Path("policies/guard.yaml")
@@ -31,6 +28,7 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--config", type=Path, default=DEFAULT_CONFIG)
     serve.add_argument("--host", help="listen address (overrides server.host)")
     serve.add_argument("--port", type=int, help="listen port (overrides server.port)")
+    serve.add_argument("--workers", type=int, help="worker processes (overrides server.workers)")
     serve.add_argument("--log-level", default="INFO")
     check = commands.add_parser("check-config", help="validate a config and its policy files")
     check.add_argument("file", type=Path)
@@ -54,12 +52,31 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    if args.workers is not None:
+        server = settings.config.server.model_copy(update={"workers": args.workers})
+        config = settings.config.model_copy(update={"server": server})
+        settings = dataclasses.replace(settings, config=config)
+    if settings.config.server.workers > 1 and "PROMETHEUS_MULTIPROC_DIR" not in os.environ:
+        # Must be set before prometheus-client is first imported (by the runner).
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="guard-metrics-")
     with contextlib.suppress(ImportError):
         import uvloop
 
         uvloop.install()
-    with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(_serve(settings, args.host, args.port))
+    from guard_server.runner import serve
+
+    server = settings.config.server
+    try:
+        with contextlib.suppress(KeyboardInterrupt):
+            serve(
+                settings,
+                args.host or server.host,
+                server.port if args.port is None else args.port,
+                lambda base_url: _print_banner(base_url, settings),
+            )
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     return 0
 
 
@@ -89,44 +106,6 @@ def _hash_key(from_stdin: bool) -> int:
     print(f"key:  {key}\nhash: {hash_key(key)}")
     print("Give the key to the client; put only the hash in a policy file.", file=sys.stderr)
     return 0
-
-
-async def _serve(settings: Settings, host: str | None, port: int | None) -> None:
-    from guard_server.app import build_app
-    from guard_server.appkeys import DRAINING
-
-    metrics = GuardMetrics()
-    holder = SettingsHolder(
-        settings,
-        on_reload=lambda ok: metrics.config_reloads.labels("success" if ok else "failure").inc(),
-    )
-    if settings.secret_is_ephemeral:
-        log.warning("no server secret configured: using a random one for this process only")
-    app = build_app(holder, metrics)
-    runner = web.AppRunner(
-        app,
-        handler_cancellation=True,
-        access_log=None,
-        shutdown_timeout=settings.config.server.drain_timeout_s,
-    )
-    await runner.setup()
-    server = settings.config.server
-    site = web.TCPSite(runner, host or server.host, server.port if port is None else port)
-    await site.start()
-    bound = runner.addresses[0]
-    _print_banner(f"http://{bound[0]}:{bound[1]}/v1", settings)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(signum, stop.set)
-    try:
-        await stop.wait()
-    finally:
-        # Drain: readiness turns false, the listener closes (new connections are refused),
-        # in-flight requests and streams get up to drain_timeout_s to finish.
-        app[DRAINING].set()
-        log.info("draining (up to %.0f s), then exiting", settings.config.server.drain_timeout_s)
-        await runner.cleanup()
 
 
 def _print_banner(base_url: str, settings: Settings) -> None:

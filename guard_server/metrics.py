@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+import os
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, multiprocess
 
 _LATENCY_BUCKETS = (
     0.0005,
@@ -38,8 +40,18 @@ _OVERHEAD_BUCKETS = (
 )
 
 
+def multiprocess_dir() -> str | None:
+    """The folder shared by worker processes, when the guard runs several."""
+    return os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+
+
 class GuardMetrics:
-    """All of the guard's metrics, registered on one registry."""
+    """All of the guard's metrics, registered on one registry.
+
+    With several worker processes (``PROMETHEUS_MULTIPROC_DIR`` set before prometheus-client
+    is imported), every worker writes its values to that folder and ``/metrics`` on any
+    worker shows the sum over all of them; gauges say how they combine.
+    """
 
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry or CollectorRegistry()
@@ -104,6 +116,7 @@ class GuardMetrics:
             "1 if the upstream endpoint passed its last health check.",
             ["model", "endpoint"],
             registry=r,
+            multiprocess_mode="min",
         )
         self.config_reloads = Counter(
             "guard_config_reloads",
@@ -127,6 +140,7 @@ class GuardMetrics:
             "guard_state_backend_up",
             "1 if the state backend (Redis) answered the last call, else 0.",
             registry=r,
+            multiprocess_mode="min",
         )
         self.state_errors = Counter(
             "guard_state_errors", "Calls to the state backend that failed.", registry=r
@@ -150,6 +164,7 @@ class GuardMetrics:
             "Clients whose current action is above pass, by action.",
             ["action"],
             registry=r,
+            multiprocess_mode="livesum",
         )
         self.campaigns = Counter(
             "guard_campaigns_detected",
@@ -160,5 +175,24 @@ class GuardMetrics:
             "guard_decoys_served", "Decoy answers served, by decoy source.", ["source"], registry=r
         )
         self.in_flight = Gauge(
-            "guard_requests_in_flight", "Requests being served right now.", registry=r
+            "guard_requests_in_flight",
+            "Requests being served right now.",
+            registry=r,
+            multiprocess_mode="livesum",
         )
+
+        self.worker_up = Gauge(
+            "guard_worker_up",
+            "1 for each live worker process (with several workers: one series per pid).",
+            registry=r,
+            multiprocess_mode="liveall",
+        )
+        self.worker_up.set(1)
+
+    def exposition_registry(self) -> CollectorRegistry:
+        """What ``/metrics`` shows: this process's registry, or all workers' combined."""
+        if multiprocess_dir() is None:
+            return self.registry
+        combined = CollectorRegistry()
+        multiprocess.MultiProcessCollector(combined)
+        return combined

@@ -9,7 +9,7 @@ from pathlib import Path
 import openai
 import pytest
 
-from guard_server.app import TEACHER_DIR
+from guard_server.upstream.bundled_teacher import TEACHER_DIR
 from guard_server.upstream.vllm_process import VllmProcess
 from tests.processes import DEMO_KEY, TRUSTED_KEY, GuardProcess, RedisProcess, write_config
 

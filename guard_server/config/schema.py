@@ -25,6 +25,7 @@ class ServerSettings(_Strict):
     policy_header: bool = True
     reload_interval_s: Annotated[float, Field(gt=0)] = 2.0
     drain_timeout_s: Annotated[float, Field(ge=0)] = 60.0
+    workers: Annotated[int, Field(ge=1, le=64)] = 1
 
 
 class Timeouts(_Strict):
@@ -99,6 +100,7 @@ class BundledTeacherSettings(_Strict):
     port: Annotated[int, Field(ge=0, le=65535)] = 0
     startup_timeout_s: Annotated[float, Field(gt=0)] = 300.0
     max_logprobs: Annotated[int, Field(ge=0)] = 20
+    plugin: bool = False  # load guard_server.vllm_plugin into the managed vLLM
 
 
 class AdminSettings(_Strict):

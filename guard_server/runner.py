@@ -1,0 +1,181 @@
+"""Run the guard: one process, or a supervisor and N workers sharing the port (SO_REUSEPORT).
+
+The supervisor owns what must exist once (the bundled teacher's vLLM); each worker runs its
+own event loop and app. Shared state then has to live in Redis, and ``/metrics`` on any
+worker aggregates all workers (prometheus-client multiprocess mode).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import socket
+import time
+import urllib.request
+
+from aiohttp import web
+
+from guard_server.app import build_app
+from guard_server.appkeys import DRAINING
+from guard_server.config.loader import ConfigError, Settings
+from guard_server.config.reload import SettingsHolder
+from guard_server.config.schema import UpstreamSettings
+from guard_server.metrics import GuardMetrics, multiprocess_dir
+from guard_server.upstream.bundled_teacher import start_bundled_teacher, teacher_upstream
+
+log = logging.getLogger("guard_server")
+
+
+def serve(settings: Settings, host: str, port: int, on_ready) -> None:  # type: ignore[no-untyped-def]
+    """Serve until SIGINT/SIGTERM; ``on_ready(base_url)`` is called once requests are served."""
+    config = settings.config
+    workers = config.server.workers
+    if workers > 1 and config.state.backend != "redis":
+        raise ConfigError(
+            "server.workers > 1 needs state.backend: redis, so that limits and risk scores "
+            "hold across the worker processes"
+        )
+    if settings.secret_is_ephemeral and workers > 1:
+        raise ConfigError("server.workers > 1 needs a configured secret shared by the workers")
+    if settings.secret_is_ephemeral:
+        log.warning("no server secret configured: using a random one for this process only")
+    upstreams = dict(config.upstreams)
+    teacher = None
+    if not upstreams:
+        teacher = start_bundled_teacher(config.bundled_teacher)
+        upstreams = {
+            config.bundled_teacher.model_name: teacher_upstream(config.bundled_teacher, teacher)
+        }
+    try:
+        if workers == 1:
+            asyncio.run(_run_worker(settings, upstreams, _listen(host, port), on_ready))
+        else:
+            _supervise(settings, upstreams, host, port, workers, on_ready)
+    finally:
+        if teacher is not None:
+            teacher.stop()
+
+
+def _listen(host: str, port: int, reuse_port: bool = False) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if reuse_port:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    sock.bind((host, port))
+    sock.listen(1024)
+    sock.setblocking(False)
+    return sock
+
+
+async def _run_worker(
+    settings: Settings,
+    upstreams: dict[str, UpstreamSettings],
+    sock: socket.socket,
+    on_ready,  # type: ignore[no-untyped-def]
+) -> None:
+    metrics = GuardMetrics()
+    holder = SettingsHolder(
+        settings,
+        on_reload=lambda ok: metrics.config_reloads.labels("success" if ok else "failure").inc(),
+    )
+    app = build_app(holder, metrics, upstreams)
+    runner = web.AppRunner(
+        app,
+        handler_cancellation=True,
+        access_log=None,
+        shutdown_timeout=settings.config.server.drain_timeout_s,
+    )
+    await runner.setup()
+    await web.SockSite(runner, sock).start()
+    if on_ready is not None:
+        bound = sock.getsockname()
+        on_ready(f"http://{bound[0]}:{bound[1]}/v1")
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, stop.set)
+    try:
+        await stop.wait()
+    finally:
+        # Drain: readiness turns false, the listener closes (new connections are refused),
+        # in-flight requests and streams get up to drain_timeout_s to finish.
+        app[DRAINING].set()
+        log.info("draining (up to %.0f s), then exiting", settings.config.server.drain_timeout_s)
+        await runner.cleanup()
+
+
+def _supervise(
+    settings: Settings,
+    upstreams: dict[str, UpstreamSettings],
+    host: str,
+    port: int,
+    workers: int,
+    on_ready,  # type: ignore[no-untyped-def]
+) -> None:
+    """Fork the workers, restart one that dies, pass SIGHUP on, stop them all on SIGTERM."""
+    from prometheus_client import multiprocess
+
+    # Reserve the port (and learn it when it is 0) without accepting on this socket.
+    reserve = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+    reserve.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    reserve.bind((host, port))
+    port = reserve.getsockname()[1]
+
+    def spawn() -> int:
+        pid = os.fork()
+        if pid == 0:
+            code = 0
+            try:
+                sock = _listen(host, port, reuse_port=True)
+                asyncio.run(_run_worker(settings, upstreams, sock, None))
+            except BaseException:
+                log.exception("worker crashed")
+                code = 1
+            os._exit(code)
+        return pid
+
+    children = {spawn() for _ in range(workers)}
+    stopping = False
+
+    def forward(signum: int, _frame: object) -> None:
+        nonlocal stopping
+        if signum in (signal.SIGTERM, signal.SIGINT):
+            stopping = True
+        for pid in children:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM if signum == signal.SIGINT else signum)
+
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(signum, forward)
+    _wait_healthy(host, port)
+    on_ready(f"http://{host}:{port}/v1")
+    while children:
+        try:
+            pid, status = os.wait()
+        except ChildProcessError:
+            break
+        if pid not in children:
+            continue
+        children.discard(pid)
+        if multiprocess_dir():
+            multiprocess.mark_process_dead(pid)
+        if not stopping:
+            log.error("worker %d exited (status %d); starting another", pid, status)
+            time.sleep(1)
+            children.add(spawn())
+    reserve.close()
+
+
+def _wait_healthy(host: str, port: int, timeout_s: float = 30) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(f"http://{host}:{port}/healthz", timeout=1):
+                return
+        except OSError:
+            time.sleep(0.1)
+    raise TimeoutError("the workers did not start")

@@ -1,0 +1,70 @@
+"""Several worker processes on one port: shared limits via Redis, aggregated metrics, drain."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import yaml
+
+from guard_server.pipeline.auth import hash_key
+from guard_server.upstream.vllm_process import free_port
+from tests.processes import POLICIES, REPO, RedisProcess, metric_value, write_config
+
+KEY = "sk-test-workers"
+
+
+def test_two_workers_share_limits_and_metrics(
+    tmp_path: Path, vllm_url: str, redis_server: RedisProcess
+) -> None:
+    clients = tmp_path / "clients.yaml"
+    limits = {"requests_per_minute": 20}
+    clients.write_text(
+        yaml.safe_dump(
+            {"clients": {"w": {"tier": "default", "keys": [hash_key(KEY)], "limits": limits}}}
+        )
+    )
+    state = {"backend": "redis", "redis_url": redis_server.url, "key_prefix": f"w{time.time_ns()}"}
+    config = write_config(
+        tmp_path,
+        [vllm_url],
+        policies=[str(POLICIES / "default.yaml"), str(clients)],
+        state=state,
+        secret={"env": "GUARD_TEST_SECRET"},
+    )
+    port = free_port()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "guard_server", "serve", "--config", str(config),
+         "--port", str(port), "--workers", "2"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO,
+        env={**os.environ, "GUARD_TEST_SECRET": "x" * 40, "PYTHONUNBUFFERED": "1"},
+    )  # fmt: skip
+    try:
+        assert process.stdout is not None
+        for line in process.stdout:
+            if "listening on" in line:
+                break
+        statuses = []
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}/v1") as client:
+            for _ in range(40):
+                # A new connection each time, so the kernel spreads them over both workers.
+                response = httpx.post(
+                    f"http://127.0.0.1:{port}/v1/completions",
+                    json={"model": "teacher", "prompt": "hi", "max_tokens": 2},
+                    headers={"Authorization": f"Bearer {KEY}"},
+                )
+                statuses.append(response.status_code)
+            text = client.get(f"http://127.0.0.1:{port}/metrics").text
+        assert statuses.count(200) in (20, 21)  # one may refill in the test's seconds
+        assert statuses.count(429) == 40 - statuses.count(200)
+        assert metric_value(text, "guard_requests_total", status="200") == statuses.count(200)
+        assert metric_value(text, "guard_requests_total", status="429") == statuses.count(429)
+        assert metric_value(text, "guard_worker_up") == 2  # one series per worker pid
+    finally:
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(30) == 0
