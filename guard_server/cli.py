@@ -1,10 +1,11 @@
-"""The ``guard-server`` command line: serve, check-config, hash-key."""
+"""The ``guard-server`` command line: serve, check-config, trace, hash-key."""
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import contextlib
+import dataclasses
+import json
 import logging
 import os
 import secrets
@@ -32,6 +33,17 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--log-level", default="INFO")
     check = commands.add_parser("check-config", help="validate a config and its policy files")
     check.add_argument("file", type=Path)
+    trace = commands.add_parser(
+        "trace", help="name the client whose watermark explains a file of generations"
+    )
+    trace.add_argument("file", type=Path, help='JSON lines, each {"text": "..."}')
+    trace.add_argument("--config", type=Path, default=DEFAULT_CONFIG)
+    trace.add_argument(
+        "--tokenizer", type=Path, help="the served model's folder (default: the bundled teacher)"
+    )
+    trace.add_argument("--gamma", type=float, default=0.25, help="the green fraction used")
+    trace.add_argument("--alpha", type=float, default=1e-6, help="family-wise significance")
+    trace.add_argument("--json", action="store_true", help="print the result as JSON")
     key = commands.add_parser("hash-key", help="make a new API key (or hash one from stdin)")
     key.add_argument("--stdin", action="store_true", help="hash the key read from stdin")
     return parser
@@ -44,6 +56,8 @@ def main(argv: list[str] | None = None) -> int:
         return _check_config(args.file)
     if args.command == "hash-key":
         return _hash_key(args.stdin)
+    if args.command == "trace":
+        return _trace(args)
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
@@ -91,6 +105,53 @@ def _check_config(path: Path) -> int:
         f"{len(settings.clients_by_key_hash)} client key(s), "
         f"{len(settings.files) - 1} policy file(s)"
     )
+    return 0
+
+
+def _trace(args: argparse.Namespace) -> int:
+    from guard_server.trace import (
+        TraceInputError,
+        read_generations,
+        require_secret,
+        tokenize,
+        trace,
+    )
+    from guard_server.upstream.bundled_teacher import TEACHER_DIR
+
+    if not 0 < args.gamma < 1 or not 0 < args.alpha < 1:
+        print("error: --gamma and --alpha must be between 0 and 1", file=sys.stderr)
+        return 2
+    try:
+        settings = load_settings(args.config)
+        require_secret(settings)
+        sequences = tokenize(read_generations(args.file), args.tokenizer or TEACHER_DIR)
+        verdict = trace(settings, sequences, args.gamma, args.alpha)
+    except (ConfigError, TraceInputError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(
+            json.dumps(
+                {
+                    "named": verdict.named,
+                    "alpha": verdict.alpha,
+                    "clients": [
+                        {"client": item.client, **dataclasses.asdict(item.score)}
+                        for item in verdict.scores
+                    ],
+                }
+            )
+        )
+        return 0
+    print(f"{'client':<24} {'z':>8} {'p-value':>10} {'scored':>7}")
+    for item in verdict.scores:
+        result = item.score
+        print(f"{item.client:<24} {result.z:>8.2f} {result.p_value:>10.2e} {result.scored:>7}")
+    tested = len(verdict.scores)
+    if verdict.named:
+        print(f"\nattributed to: {verdict.named} (p × {tested} clients < {verdict.alpha:g})")
+    else:
+        print(f"\nattributed to: nobody (no p × {tested} clients below {verdict.alpha:g})")
     return 0
 
 
