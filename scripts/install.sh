@@ -13,6 +13,12 @@ quiet_pip() {
   .venv/bin/pip "$@" 2> >(grep -v "^WARNING: Location 'file://" >&2)
 }
 
+# Services the tests start themselves on loopback (Debian packages).
+if ! command -v redis-server >/dev/null; then
+  echo "installing redis-server (apt)..."
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null
+fi
+
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
 stamp=$(cat pyproject.toml requirements/*.txt scripts/install.sh | sha256sum | cut -d' ' -f1)
 if [ "$(cat .venv/.install-stamp 2>/dev/null)" = "$stamp" ]; then
