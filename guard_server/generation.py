@@ -104,7 +104,8 @@ class GenerationHandler:
     async def _serve(self, request: web.Request, ctx: RequestContext) -> web.StreamResponse:
         await authenticate(ctx)
         raw = await _read_body(request, ctx)
-        ctx.body_hash = hashlib.blake2b(raw, digest_size=16).hexdigest()
+        if self.audit.enabled:
+            ctx.body_hash = hashlib.blake2b(raw, digest_size=16).hexdigest()
         ctx.body = parse_json_object(raw)
         for stage in self.stages:
             await stage(ctx)

@@ -30,6 +30,11 @@ class AuditLog:
             logger.addHandler(handler)
             self._logger = logger
 
+    @property
+    def enabled(self) -> bool:
+        """Whether decisions are written anywhere."""
+        return self._logger is not None
+
     def write(self, ctx: RequestContext) -> None:
         """Record the decision taken for one authenticated request."""
         if self._logger is None or ctx.client is None:
