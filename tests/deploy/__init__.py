@@ -1,0 +1,1 @@
+"""Checks of the container image, the Kubernetes manifests and the monitoring in deploy/."""
