@@ -100,7 +100,7 @@ class BundledTeacherSettings(_Strict):
     port: Annotated[int, Field(ge=0, le=65535)] = 0
     startup_timeout_s: Annotated[float, Field(gt=0)] = 300.0
     max_logprobs: Annotated[int, Field(ge=0)] = 20
-    plugin: bool = False  # load guard_server.vllm_plugin into the managed vLLM
+    plugin: bool = True  # load guard_server.vllm_plugin into the managed vLLM
 
 
 class AdminSettings(_Strict):
