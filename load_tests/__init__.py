@@ -1,0 +1,1 @@
+"""Load tests, attacks and lab experiments for guard-server."""

@@ -1,0 +1,1 @@
+"""Lab: the bundled teacher's training, its evaluation, and distillation experiments."""
