@@ -159,8 +159,11 @@ class GenerationHandler:
             out = web.StreamResponse(headers={**_SSE_HEADERS, **headers})
             await out.prepare(request)
             ctx.status = 200
-            await self._pump(ctx, response, out)
-            await out.write_eof()
+            try:
+                await self._pump(ctx, response, out)
+                await out.write_eof()
+            except ConnectionResetError:
+                ctx.status = 499  # the client went away; closing `response` cancels upstream
             return out
         finally:
             response.close()

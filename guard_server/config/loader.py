@@ -28,6 +28,8 @@ from guard_server.openai_fields import expand_field_selectors
 from guard_server.state.base import LimitSpec
 
 MIN_SECRET_BYTES = 32
+# libyaml's safe loader when available: several times faster on large client files.
+_YAML_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 _Model = TypeVar("_Model", bound=BaseModel)
 
 
@@ -96,7 +98,7 @@ def _read_yaml(path: Path) -> tuple[Any, bytes]:
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read: {exc.strerror or exc}") from None
     try:
-        data = yaml.safe_load(raw)
+        data = yaml.load(raw, Loader=_YAML_LOADER)
     except yaml.YAMLError as exc:
         where = ""
         mark = getattr(exc, "problem_mark", None)
