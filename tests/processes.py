@@ -69,7 +69,7 @@ class GuardProcess:
     def base_url(self) -> str:
         return self.url + "/v1"
 
-    def start(self, timeout_s: float = 30.0) -> GuardProcess:
+    def start(self, timeout_s: float = 90.0) -> GuardProcess:
         with open(self.log_path, "ab") as log:
             self.process = subprocess.Popen(
                 [sys.executable, "-m", "guard_server", "serve", "--config", str(self.config),
@@ -88,7 +88,7 @@ class GuardProcess:
                 time.sleep(0.1)
         raise TimeoutError(f"guard did not start:\n{self.log()}")
 
-    def wait_ready(self, timeout_s: float = 10.0) -> None:
+    def wait_ready(self, timeout_s: float = 60.0) -> None:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             try:
