@@ -65,6 +65,7 @@ def _load_or_collect(args: argparse.Namespace, problems: list[task.Problem]) -> 
     cache: Path | None = args.cache
     if cache is not None and cache.exists():
         rows = [json.loads(line) for line in cache.read_text().splitlines()]
+        rows = rows[: len(problems)]
         if [r["question"] for r in rows] == [p.question for p in problems]:
             print(f"using {len(rows)} cached teacher answers from {cache}", flush=True)
             return [r["answer"] for r in rows]

@@ -32,9 +32,9 @@ class StudentConfig:
     hidden: int = 128
     heads: int = 4
     intermediate: int = 512
-    steps: int = 600
-    batch: int = 256
-    lr: float = 3e-3
+    steps: int = 1200
+    batch: int = 128
+    lr: float = 1e-3
     weight_decay: float = 0.05
 
 
