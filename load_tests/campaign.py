@@ -268,6 +268,7 @@ class Outcome:
     status: int = 0  # of the last attempt; 0 = never sent (deadline or suspended key)
     text: str | None = None
     error: str | None = None
+    planned_real_s: float = 0.0  # when the driver meant to send it (after back-off shifts)
     finished_s: float = 0.0
     latency_s: float = 0.0
 
@@ -361,6 +362,7 @@ class Driver:
         assert self._session is not None and self._sem is not None
         data = orjson.dumps(query.body)
         outcome = Outcome(sim.name, sim.kind, sim.role, query, _body_hash(query.body))
+        outcome.planned_real_s = self._planned(query)
         self.outcomes.append(outcome)
         headers = {
             "Authorization": f"Bearer {api_key(query.client)}",
@@ -601,12 +603,12 @@ def _accuracy(outcomes: list[Outcome]) -> float | None:
     return sum(task.check(o.query.problem, o.text or "") for o in outcomes) / len(outcomes)
 
 
-def timing_summary(outcomes: list[Outcome], real_s: float, compression: float) -> dict[str, Any]:
+def timing_summary(outcomes: list[Outcome], real_s: float) -> dict[str, Any]:
     """How faithful the compressed timeline was: request rate, latency, lateness."""
     attempts = [a for o in outcomes for a in o.attempts]
     latencies = sorted(o.latency_s for o in outcomes if o.attempts)
     late = sorted(
-        max(0.0, o.attempts[0].sent_s - o.query.at_s / compression)
+        max(0.0, o.attempts[0].sent_s - o.planned_real_s)
         for o in outcomes
         if o.attempts and len(o.attempts) == 1 and not o.query.await_reply
     )
@@ -741,7 +743,7 @@ def run_phase(
     summary = {
         "phase": phase,
         "thresholds": thresholds if phase == "defended" else None,
-        "timing": timing_summary(outcomes, real_s, cfg.compression),
+        "timing": timing_summary(outcomes, real_s),
         "audit_unmatched": unmatched,
         "honest": summarize_honest(honest, [o for s in honest for o in by_actor[s.name]], admin),
         "attackers": {
