@@ -64,8 +64,8 @@ class CampaignConfig:
     honest_requests: float = 25.0  # mean requests per interactive user over the window
     suite_size: int = 400  # mean size of a batch user's regression suite
     suite_runs: int = 3
-    student_steps: int = 600  # the lab's StudentConfig
-    student_batch: int = 256
+    student_steps: int | None = None  # None: the lab's StudentConfig
+    student_batch: int | None = None
     eval_n: int = 500
     kinds: tuple[str, ...] = ("bulk", "low_and_slow", "hydra", "mimic")
     thresholds: tuple[float, ...] | None = None  # tighten, perturb, decoy, block (policy override)
@@ -91,7 +91,6 @@ QUICK = CampaignConfig(
     honest_requests=12.0,
     suite_size=200,
     suite_runs=2,
-    student_steps=300,
     eval_n=300,
 )
 
@@ -413,7 +412,10 @@ class Driver:
             ):
                 body = await response.read()
                 retry_after = float(response.headers.get("Retry-After", "1"))
-                payload = orjson.loads(body) if body else None
+                try:
+                    payload = orjson.loads(body) if body else None
+                except orjson.JSONDecodeError:
+                    payload = None
                 return response.status, payload, retry_after
         except (TimeoutError, aiohttp.ClientError):
             return 599, None, 1.0
@@ -798,12 +800,21 @@ def load_phase(phase: str, out: Path) -> PhaseResult:
     return PhaseResult(phase, summary, pairs)
 
 
-def train_students(results: list[PhaseResult], cfg: CampaignConfig, tokenizer_dir: Path) -> None:
+def train_students(
+    results: list[PhaseResult],
+    cfg: CampaignConfig,
+    tokenizer_dir: Path,
+    cache: Path,
+    actors: tuple[str, ...] | None = None,
+) -> None:
     """Train one student per phase and attacker on what it collected; store the accuracy.
 
     The student is ``load_tests.lab.student`` (the teacher's tokenizer, a fresh small
     Llama, a fixed number of optimiser steps), evaluated by greedy exact match on held-out
-    problems that no attacker asked.
+    problems that no attacker asked. Pairs are sorted first, so the result depends only on
+    the collected set; results are kept in ``cache`` by a hash of that set and the student
+    settings, so identical data (e.g. a phase in which nothing was decoyed) trains once.
+    ``actors`` limits training to those attackers.
     """
     import torch
 
@@ -812,18 +823,38 @@ def train_students(results: list[PhaseResult], cfg: CampaignConfig, tokenizer_di
     torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
     tokenizer = student.load_tokenizer(tokenizer_dir)
     heldout = task.make_problems(cfg.eval_n, seed=1, split="heldout")
-    student_cfg = replace(student.StudentConfig(), steps=cfg.student_steps, batch=cfg.student_batch)
+    student_cfg = student.StudentConfig()
+    student_cfg = replace(
+        student_cfg,
+        steps=cfg.student_steps or student_cfg.steps,
+        batch=cfg.student_batch or student_cfg.batch,
+    )
+    known: dict[str, Any] = json.loads(cache.read_text()) if cache.exists() else {}
     for result in results:
         for actor, pairs in result.pairs.items():
-            if pairs:
-                acc, seconds = student.timed_run(pairs, heldout, tokenizer, student_cfg, cfg.seed)
-            else:
+            if actors is not None and actor not in actors:
+                continue
+            data = sorted(pairs)
+            key = hashlib.sha256(
+                orjson.dumps([data, asdict(student_cfg), cfg.seed, cfg.eval_n, str(tokenizer_dir)])
+            ).hexdigest()
+            if key not in known:
                 acc, seconds = 0.0, 0.0
+                if data:
+                    acc, seconds = student.timed_run(
+                        data, heldout, tokenizer, student_cfg, cfg.seed
+                    )
+                known[key] = {"accuracy": acc, "seconds": round(seconds, 1)}
+                cache.write_text(json.dumps(known, indent=1))
             entry = result.summary["attackers"][actor]
-            entry["student_accuracy"] = acc
-            entry["student_seconds"] = round(seconds, 1)
-            entry["student"] = {"steps": cfg.student_steps, "batch": cfg.student_batch}
-            print(f"[{result.phase}] student of {actor}: {acc:.3f} ({seconds:.0f} s)", flush=True)
+            entry["student_accuracy"] = known[key]["accuracy"]
+            entry["student_seconds"] = known[key]["seconds"]
+            entry["student"] = {"steps": student_cfg.steps, "batch": student_cfg.batch}
+            print(
+                f"[{result.phase}] student of {actor} ({len(data)} pairs): "
+                f"{entry['student_accuracy']:.3f}",
+                flush=True,
+            )
 
 
 # --------------------------------------------------------------------------- report
@@ -898,6 +929,25 @@ def markdown(meta: dict[str, Any], summaries: dict[str, dict[str, Any]]) -> str:
         f"with a budget of {cfg['budget']:,} queries each (hydra: {cfg['hydra_keys']} keys), "
         f"{cfg['window_h']:g} simulated hours compressed {cfg['compression']:g}× "
         f"(seed {cfg['seed']}, teacher `{meta['teacher']}`).",
+    ]
+    defended = summaries.get("defended")
+    if defended and defended.get("thresholds"):
+        t = defended["thresholds"]
+        lines.append(
+            f"Defended tier thresholds: tighten {t['tighten']:g}, perturb {t['perturb']:g}, "
+            f"decoy {t['decoy']:g}, block {t['block']:g}."
+        )
+    students = {
+        json.dumps(a["student"]) for s in summaries.values() for a in s["attackers"].values()
+        if "student" in a
+    }  # fmt: skip
+    for spec in sorted(students):
+        student = json.loads(spec)
+        lines.append(
+            f"Students: `load_tests.lab.student`, {student['steps']} steps × batch "
+            f"{student['batch']}, greedy exact match on {cfg['eval_n']} held-out problems."
+        )
+    lines += [
         "",
         "| attacker | phase | answered | first flagged at | first perturb+ at | first decoy at "
         "| collected decoyed | collected perturbed | wrong answers | keys flagged (end) "
@@ -921,15 +971,16 @@ def markdown(meta: dict[str, Any], summaries: dict[str, dict[str, Any]]) -> str:
         "",
         "| honest users | clients | flagged | throttled (429) | decoyed clients "
         "| false-positive rate | requests | decoyed requests | answer accuracy "
-        "| max risk seen |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| single-turn accuracy | max risk seen |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for phase, summary in summaries.items():
         h = summary["honest"]
         lines.append(
             f"| {phase} | {h['clients']} | {h['flagged']} | {h['throttled']} "
             f"| {h['decoyed_clients']} | {_pct(h['false_positive_rate'], 2)} | {h['requests']:,} "
-            f"| {h['decoyed_requests']} | {_pct(h['accuracy'], 2)} | {h['max_risk']:.3f} |"
+            f"| {h['decoyed_requests']} | {_pct(h['accuracy'], 2)} "
+            f"| {_pct(h.get('accuracy_single_turn'), 2)} | {h['max_risk']:.3f} |"
         )
     lines += [
         "",
@@ -994,6 +1045,11 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--eval-n", type=int)
     ap.add_argument("--student-batch", type=int)
     ap.add_argument(
+        "--student-actors",
+        type=lambda text: tuple(text.split(",")),
+        help="train students only for these attackers (comma-separated)",
+    )
+    ap.add_argument(
         "--thresholds",
         type=lambda text: tuple(float(v) for v in text.split(",")),
         help="tighten,perturb,decoy,block for the defended tier (default: the policy's)",
@@ -1032,7 +1088,7 @@ def main(argv: list[str] | None = None) -> None:
     else:
         results = run_phases(phases, cfg, args.vllm_url, args.teacher, out, sims, meta)
     if not args.no_students:
-        train_students(results, cfg, args.teacher)
+        train_students(results, cfg, args.teacher, out / "students.json", args.student_actors)
         for result in results:
             save_phase(result, meta, out)
 
@@ -1041,12 +1097,19 @@ def main(argv: list[str] | None = None) -> None:
         path = out / f"{phase}.json"
         if path.exists():
             data = json.loads(path.read_text())
-            if data["meta"]["config"] == meta["config"]:
+            if _traffic(data["meta"]["config"]) == _traffic(meta["config"]):
                 summaries[phase] = data
     report = markdown(meta, summaries)
     (out / "report.md").write_text(report)
     (out / "report.json").write_text(json.dumps({"meta": meta, "phases": summaries}, indent=2))
     print(report)
+
+
+def _traffic(config: dict[str, Any]) -> dict[str, Any]:
+    """The settings that shape the traffic: a defended and an undefended run compare only if
+    they agree on these (the thresholds apply to the defended phase alone)."""
+    ignored = ("student_steps", "student_batch", "eval_n", "thresholds")
+    return {k: v for k, v in config.items() if k not in ignored}
 
 
 def run_phases(

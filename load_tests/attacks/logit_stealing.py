@@ -88,23 +88,28 @@ def column_set(tokenizer: Tokenizer, size: int, seed: int) -> list[int]:
     return sorted(random.Random(f"columns:{seed}").sample(clean, size))
 
 
-def contexts(n: int, seed: int, tokenizer: Tokenizer) -> list[str]:
-    """``n`` diverse prompts: half a task question plus part of an answer, half random tokens.
+def contexts(
+    n: int, seed: int, tokenizer: Tokenizer, kinds: Sequence[str] = ("task", "random")
+) -> list[str]:
+    """``n`` diverse prompts, alternating ``kinds``: ``task`` (a question plus part of an
+    answer) and ``random`` (3-24 random tokens with whole-character texts: partial UTF-8
+    bytes make vLLM's detokenizer repeat prompt text in the answer).
 
     Diversity matters: the hidden states at one fixed spot of one template span few
     directions, and the spectrum then hides its true rank behind a smooth decay.
     """
-    rng = random.Random(f"contexts:{seed}")
-    size = tokenizer.get_vocab_size()
+    mix = "" if tuple(kinds) == ("task", "random") else ":" + ",".join(kinds)
+    rng = random.Random(f"contexts:{seed}{mix}")
+    clean = column_set(tokenizer, 0, seed)
     out: list[str] = []
     for i in range(n):
-        if i % 2 == 0:
+        if kinds[i % len(kinds)] == "task":
             problem = task.sample_problem(rng, "train")
             answer = task.render_answer(problem, rng)
             cut = rng.randint(0, len(answer))
             out.append(task.completion_prompt(problem.question) + " " + answer[:cut])
         else:
-            ids = [rng.randrange(4, size) for _ in range(rng.randint(3, 24))]
+            ids = [rng.choice(clean) for _ in range(rng.randint(3, 24))]
             out.append(tokenizer.decode(ids))
     return out
 

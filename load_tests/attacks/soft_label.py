@@ -32,11 +32,13 @@ from load_tests.attacks.common import (
     stack_from_args,
     threads,
 )
-from load_tests.attacks.soft_student import SoftExample, make_example, timed_run
+from load_tests.attacks.soft_student import Score, SoftExample, make_example, timed_run
 from load_tests.lab import student
 
 SIZES = (1000, 5000, 20000)
 QUICK_SIZES = (300,)
+STEPS = 300
+"""Optimiser steps per student (batch 256): about 4 minutes on one loaded CPU core."""
 TRAIN_SEED = 7
 """Training questions come from ``task.make_problems(n, TRAIN_SEED, "train")`` (as the lab's)."""
 
@@ -130,52 +132,95 @@ class Vocabulary:
         return examples, fallback
 
 
+def answer_positions(tokens: Sequence[str]) -> list[int]:
+    """Indices of the answer's digit tokens (the last run of digit tokens)."""
+    out: list[int] = []
+    for i in range(len(tokens) - 1, -1, -1):
+        if tokens[i].isdigit():
+            out.append(i)
+        elif out:
+            break
+    return out[::-1]
+
+
 def target_divergence(
-    truth: Sequence[Answer], returned: Sequence[Answer], floor: float = 1e-4
+    truth: Sequence[Answer],
+    returned: Sequence[Answer],
+    floor: float = 1e-4,
+    digits_only: bool = False,
 ) -> tuple[float, float]:
     """How far each kind of target is from the teacher's true distribution, per position.
 
     Returns the mean KL(true top-k || target) in nats for (the text alone: one-hot on the
     emitted token, smoothed by ``floor``; the returned top-k plus tail). Both targets use
     the same tail treatment, so a returned top-k that carries information beyond the text
-    scores lower than the one-hot.
+    scores lower than the one-hot. ``digits_only`` scores only the answer's digits.
     """
     text_kl, soft_kl = [], []
     for t_answer, r_answer in zip(truth, returned, strict=True):
         if t_answer.tokens != r_answer.tokens:
             continue
-        for token, true_top, top in zip(t_answer.tokens, t_answer.top, r_answer.top, strict=True):
-            p = {k: math.exp(v) for k, v in true_top.items()}
-            one_hot = {token: 1 - floor}
-            q = {k: math.exp(v) for k, v in top.items()}
-            text_kl.append(_kl(p, one_hot, floor))
+        positions = (
+            answer_positions(t_answer.tokens) if digits_only else range(len(t_answer.tokens))
+        )
+        for i in positions:
+            p = {k: math.exp(v) for k, v in t_answer.top[i].items()}
+            q = {k: math.exp(v) for k, v in r_answer.top[i].items()}
+            text_kl.append(_kl(p, {t_answer.tokens[i]: 1.0}, floor))
             soft_kl.append(_kl(p, q, floor))
     return float(np.mean(text_kl)), float(np.mean(soft_kl))
 
 
+def rank_agreement(truth: Sequence[Answer], returned: Sequence[Answer]) -> float:
+    """Share of positions where the returned tokens come in the true order of likelihood."""
+    same = total = 0
+    for t_answer, r_answer in zip(truth, returned, strict=True):
+        if t_answer.tokens != r_answer.tokens:
+            continue
+        for true_top, top in zip(t_answer.top, r_answer.top, strict=True):
+            order = sorted(top, key=lambda k: (-top[k], k))
+            true_order = sorted(top, key=lambda k: -true_top.get(k, -math.inf))
+            ties = len(set(top.values())) < len(top)
+            total += 1
+            same += order == true_order or (ties and _consistent(order, top, true_top))
+    return same / total
+
+
+def _consistent(order: list[str], top: dict[str, float], true_top: dict[str, float]) -> bool:
+    """Whether returned values never contradict the true order (grid ties allowed)."""
+    return all(
+        not (top[a] > top[b] and true_top.get(a, -math.inf) < true_top.get(b, -math.inf))
+        for a in order
+        for b in order
+    )
+
+
 def _kl(p: dict[str, float], q: dict[str, float], floor: float) -> float:
-    """KL over p's tokens plus one tail bucket; q's missing tokens share its leftover mass."""
-    q_rest = max(1.0 - sum(q.values()), floor)
+    """KL(p || q) over p's tokens plus one tail bucket for everything else.
+
+    A token of p that q does not list gets an equal share of q's leftover mass; every
+    bucket of q is floored at ``floor`` and q renormalised, so the value is finite and >= 0.
+    """
     missing = [k for k in p if k not in q]
-    total = 0.0
-    for k, pk in p.items():
-        qk = max(q.get(k, q_rest / (len(missing) + 1)), floor)
-        total += pk * math.log(pk / qk) if pk > 0 else 0.0
-    p_rest = max(1.0 - sum(p.values()), 0.0)
-    if p_rest > 0:
-        total += p_rest * math.log(p_rest / max(q_rest / (len(missing) + 1), floor))
-    return total
+    leftover = max(1.0 - sum(q.values()), 0.0) / (len(missing) + 1)
+    buckets = [*p, None]
+    p_vec = np.array([p.get(k, 0.0) for k in p] + [max(1.0 - sum(p.values()), 0.0)])
+    q_vec = np.array([q.get(k, leftover) if k is not None else leftover for k in buckets])
+    p_vec, q_vec = p_vec / p_vec.sum(), np.maximum(q_vec, floor)
+    q_vec /= q_vec.sum()
+    live = p_vec > 0
+    return float(np.sum(p_vec[live] * np.log(p_vec[live] / q_vec[live])))
 
 
 @dataclass(slots=True)
 class Row:
-    """Held-out exact match of the students trained on the first N answers."""
+    """Held-out scores of the students trained on the first N answers."""
 
     n: int
-    text_only: float
-    trusted_soft: float
-    default_soft: float
-    seconds: float
+    text_only: Score
+    trusted_soft: Score
+    default_soft: Score
+    default_text: Score | None = None
 
 
 def run_attack(
@@ -219,6 +264,13 @@ def run_attack(
     facts["kl_text_vs_soft"] = {
         tier: target_divergence(answers["trusted"], got) for tier, got in answers.items()
     }
+    facts["kl_text_vs_soft_digits"] = {
+        tier: target_divergence(answers["trusted"], got, digits_only=True)
+        for tier, got in answers.items()
+    }
+    facts["rank_agreement"] = {
+        tier: rank_agreement(answers["trusted"], got) for tier, got in answers.items()
+    }
     examples, fallback = {}, {}
     for tier, got in answers.items():
         examples[tier], fallback[tier] = vocab.examples(problems, got, 20)
@@ -227,38 +279,39 @@ def run_attack(
     heldout = task.make_problems(eval_n, seed=1, split="heldout")
     rows = []
     for n in sorted(sizes):
-        text_acc, seconds = timed_run(
-            examples["trusted"][:n], heldout, tokenizer, cfg, soft_weight=0.0, seed=seed
-        )
-        log(f"N={n} (a) text only: {text_acc:.4f} ({seconds:.0f}s)")
-        if same_text != len(problems):
-            default_text, _ = timed_run(
-                examples["default"][:n], heldout, tokenizer, cfg, soft_weight=0.0, seed=seed
+
+        def run(tier: str, weight: float, n: int = n) -> Score:
+            score = timed_run(
+                examples[tier][:n], heldout, tokenizer, cfg, soft_weight=weight, seed=seed
             )
-            log(f"N={n} (a) text only, default-tier text: {default_text:.4f}")
-        soft = {}
-        for tier in ("trusted", "default"):
-            soft[tier], s = timed_run(
-                examples[tier][:n], heldout, tokenizer, cfg, soft_weight=soft_weight, seed=seed
+            kind = "text only" if weight == 0 else "text + logprobs"
+            log(
+                f"N={n} {tier} {kind}: exact {score.exact_match:.4f}, digits "
+                f"{score.digit_accuracy:.4f} ({score.seconds:.0f}s)"
             )
-            log(f"N={n} (b) + {tier}-tier logprobs: {soft[tier]:.4f} ({s:.0f}s)")
-        rows.append(Row(n, text_acc, soft["trusted"], soft["default"], seconds))
+            return score
+
+        text = run("trusted", 0.0)
+        default_text = run("default", 0.0) if same_text != len(problems) else None
+        row = Row(n, text, run("trusted", soft_weight), run("default", soft_weight), default_text)
+        rows.append(row)
     return rows, facts
 
 
 def markdown(rows: Sequence[Row], facts: dict) -> str:
-    """The results table."""
+    """The results table: greedy exact match, then teacher-forced digit accuracy."""
     k = facts["top_k"]
     lines = [
         f"| N | (a) text only | (b) + trusted top-{k['trusted']} logprobs "
         f"| (b) + default top-{k['default']} logprobs | train time per student |",
         "|---:|---:|---:|---:|---:|",
     ]
-    lines += [
-        f"| {r.n:,} | {r.text_only:.1%} | {r.trusted_soft:.1%} | {r.default_soft:.1%} "
-        f"| {r.seconds:.0f} s |"
-        for r in rows
-    ]
+    for r in rows:
+        cells = [
+            f"{s.exact_match:.1%} / {s.digit_accuracy:.1%}"
+            for s in (r.text_only, r.trusted_soft, r.default_soft)
+        ]
+        lines.append(f"| {r.n:,} | " + " | ".join(cells) + f" | {r.text_only.seconds:.0f} s |")
     return "\n".join(lines)
 
 
@@ -268,14 +321,14 @@ def main(argv: list[str] | None = None) -> None:
     add_stack_arguments(ap)
     ap.add_argument("--sizes", default=",".join(map(str, SIZES)))
     ap.add_argument("--quick", action="store_true", help="N=300, 60 steps, 100 held-out")
-    ap.add_argument("--steps", type=int, default=student.StudentConfig.steps)
+    ap.add_argument("--steps", type=int, default=STEPS, help="optimiser steps per student")
     ap.add_argument("--eval-n", type=int, default=1000)
     ap.add_argument("--soft-weight", type=float, default=1.0)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", type=Path, default=None)
     ap.add_argument("--cache", type=Path, default=None, help="folder to keep collected answers")
     args = ap.parse_args(argv)
-    threads(2)
+    threads(1)
     sizes = [int(s) for s in args.sizes.split(",")]
     cfg = replace(student.StudentConfig(), steps=args.steps)
     eval_n = args.eval_n

@@ -153,8 +153,52 @@ def train(
     train_cfg = lm.TrainConfig(
         steps=cfg.steps, lr=cfg.lr, weight_decay=cfg.weight_decay, log_every=log_every
     )
-    lm.train_lm(SoftLoss(model, soft_weight), next_batch, train_cfg, log=lambda _m: None)  # type: ignore[arg-type]
+    wrapped = SoftLoss(model, soft_weight)
+    lm.train_lm(wrapped, next_batch, train_cfg, log=lambda _m: None)  # type: ignore[arg-type]
     return model
+
+
+FORCED_TEMPLATE = " The answer is {s}."
+"""One of the teacher's answer phrasings (``task.ANSWER_TEMPLATES``), used to score digits."""
+
+
+@torch.no_grad()
+def forced_digit_accuracy(
+    model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerFast, problems: Sequence[task.Problem]
+) -> float:
+    """Share of the sum's digits the student predicts (argmax) given the correct prefix.
+
+    Teacher-forced on ``prompt + " The answer is <sum>."``: a graded measure that moves
+    before greedy exact match does.
+    """
+    model.eval()
+    hits = total = 0
+    for i in range(0, len(problems), 250):
+        chunk = problems[i : i + 250]
+        texts = [
+            task.completion_prompt(p.question) + FORCED_TEMPLATE.format(s=p.answer) for p in chunk
+        ]
+        encoded = [tokenizer(t).input_ids for t in texts]
+        width = max(len(e) for e in encoded)
+        ids = torch.full((len(encoded), width), tokenizer.pad_token_id, dtype=torch.long)
+        for j, e in enumerate(encoded):
+            ids[j, : len(e)] = torch.tensor(e)
+        predicted = model(input_ids=ids).logits.argmax(dim=-1)
+        for j, (p, e) in enumerate(zip(chunk, encoded, strict=True)):
+            end = len(e) - 1  # the final "."
+            for position in range(end - len(p.answer), end):
+                hits += int(predicted[j, position - 1] == e[position])
+                total += 1
+    return hits / total
+
+
+@dataclass(frozen=True, slots=True)
+class Score:
+    """A trained student's held-out scores and its training time."""
+
+    exact_match: float
+    digit_accuracy: float
+    seconds: float
 
 
 def timed_run(
@@ -165,9 +209,13 @@ def timed_run(
     *,
     soft_weight: float,
     seed: int = 0,
-) -> tuple[float, float]:
-    """Train and evaluate (greedy held-out exact match); return (accuracy, training seconds)."""
+) -> Score:
+    """Train, then score on ``heldout``: greedy exact match and teacher-forced digit accuracy."""
     start = time.monotonic()
     model = train(examples, tokenizer, cfg, soft_weight=soft_weight, seed=seed)
     seconds = time.monotonic() - start
-    return student.evaluate_student(model, heldout, tokenizer), seconds
+    return Score(
+        student.evaluate_student(model, heldout, tokenizer),
+        forced_digit_accuracy(model, tokenizer, heldout),
+        seconds,
+    )

@@ -96,7 +96,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--temperature", type=float, default=1.0)
     ap.add_argument("--concurrency", type=int, default=256)
     ap.add_argument("--cache", type=Path, default=None, help="JSONL file to reuse answers")
-    ap.add_argument("--steps", type=int, default=student.StudentConfig.steps)
+    ap.add_argument("--steps", type=int, default=student.StudentConfig().steps)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--eval-n", type=int, default=1000)
     args = ap.parse_args(argv)
