@@ -89,15 +89,16 @@ async def _run_worker(
         access_log=None,
         shutdown_timeout=settings.config.server.drain_timeout_s,
     )
+    # Handlers first: a SIGTERM that arrives as soon as the port answers must drain, not kill.
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, stop.set)
     await runner.setup()
     await web.SockSite(runner, sock).start()
     if on_ready is not None:
         bound = sock.getsockname()
         on_ready(f"http://{bound[0]}:{bound[1]}/v1")
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(signum, stop.set)
     try:
         await stop.wait()
     finally:
