@@ -46,6 +46,9 @@ class UpstreamSettings(_Strict):
     timeouts: Timeouts = Timeouts()
     max_connections: Annotated[int, Field(ge=1)] = 256
     health_interval_s: Annotated[float, Field(gt=0)] = 5.0
+    # Consecutive failed /health probes before an endpoint stops getting requests (a refused
+    # connection during a request takes it out at once).
+    unhealthy_after: Annotated[int, Field(ge=1)] = 3
 
     @field_validator("urls")
     @classmethod

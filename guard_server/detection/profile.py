@@ -39,6 +39,19 @@ class ClientProfile:
         cv = math.sqrt(max(self.gap_var_s2, 0.0)) / self.gap_mean_s
         return max(0.0, 1.0 - cv)
 
+    def share(self, ema: float) -> float:
+        """A bias-corrected share from one of the decayed shares (``logprob_share``, ...).
+
+        The shares are exponential moving averages that start at 0, so after ``n`` requests
+        they are scaled by ``1 - (1 - SHARE_ALPHA)**n``: a new key whose every request asked
+        for logprobs would otherwise look like one that rarely does. Dividing that factor out
+        (as Adam does for its moments) gives the share of the requests seen so far while
+        the key is young, and the decayed share once it has history.
+        """
+        if self.total <= 0:
+            return 0.0
+        return min(1.0, ema / (1.0 - (1.0 - SHARE_ALPHA) ** self.total))
+
     @property
     def novelty(self) -> float:
         """The share of requests that asked something new."""

@@ -2,14 +2,17 @@
 
 | signal | weight | full at |
 |---|---|---|
-| distinct_prompts: how much distinct data the client has collected | 0.30 | 300 → 3,000 |
-| max_top_logprobs: share of requests asking for the tier's maximal top-k | 0.20 | share 1.0 |
+| distinct_prompts: how much distinct data the client has collected | 0.30 | 200 → 2,000 |
+| max_top_logprobs: share of requests asking for the tier's maximal top-k | 0.25 | share 1.0 |
 | logprobs: share of requests asking for logprobs at all | 0.05 | share 1.0 |
 | regular_timing: clockwork request timing (1 − CV of gaps, ≥ 20 requests) | 0.15 | 1.0 |
 | novelty: share of requests that are new, once past 100 requests | 0.10 | 0.7 → 0.98 |
 | logit_bias: share of requests using logit_bias | 0.10 | share 1.0 |
 | campaign: many keys share the client's fingerprint and together collect much distinct
-  data (× 0.5–1 by their max-top-k share) | 0.40 | members 5 → 20, distinct 500 → 3,000 |
+  data (× 0.5–1 by their max-top-k share) | 0.40 | members 5 → 20, distinct 100 → 1,000 |
+
+Shares are the profile's decayed shares, bias-corrected for young clients
+(:meth:`ClientProfile.share`), so a key's first requests count fully.
 """
 
 from __future__ import annotations
@@ -41,19 +44,19 @@ class Assessment:
 def contributions(profile: ClientProfile, campaign: CampaignProfile | None) -> dict[str, float]:
     """Each signal's share of the score (see the module table)."""
     parts = {
-        "distinct_prompts": 0.30 * _ramp(profile.distinct_prompts, 300, 3000),
-        "max_top_logprobs": 0.20 * profile.max_top_share,
-        "logprobs": 0.05 * profile.logprob_share,
+        "distinct_prompts": 0.30 * _ramp(profile.distinct_prompts, 200, 2000),
+        "max_top_logprobs": 0.25 * profile.share(profile.max_top_share),
+        "logprobs": 0.05 * profile.share(profile.logprob_share),
         "regular_timing": 0.15 * profile.regularity,
         "novelty": 0.10 * _ramp(profile.novelty, 0.7, 0.98) if profile.total >= 100 else 0.0,
-        "logit_bias": 0.10 * profile.logit_bias_share,
+        "logit_bias": 0.10 * profile.share(profile.logit_bias_share),
         "campaign": 0.0,
     }
     if campaign is not None:
         parts["campaign"] = (
             0.40
             * _ramp(campaign.members, 5, 20)
-            * _ramp(campaign.distinct_prompts, 500, 3000)
+            * _ramp(campaign.distinct_prompts, 100, 1000)
             * (0.5 + 0.5 * campaign.max_top_share)
         )
     return parts

@@ -25,6 +25,7 @@ class Endpoint:
 
     url: str
     healthy: bool = True
+    failed_probes: int = 0
 
 
 class ModelUpstream:
@@ -70,9 +71,15 @@ class ModelUpstream:
         return any(endpoint.healthy for endpoint in self.endpoints)
 
     def _candidates(self) -> list[Endpoint]:
+        """Healthy endpoints in round-robin order; all of them when none is healthy.
+
+        The fallback ("panic routing", as Envoy calls it) keeps a model served when every
+        probe failed because the servers were busy rather than gone: a dead server still
+        fails fast on connect.
+        """
         start = next(self._turn) % len(self.endpoints)
         rotated = self.endpoints[start:] + self.endpoints[:start]
-        return [endpoint for endpoint in rotated if endpoint.healthy]
+        return [endpoint for endpoint in rotated if endpoint.healthy] or rotated
 
     async def post(self, path: str, payload: bytes) -> aiohttp.ClientResponse:
         """POST to a healthy endpoint, moving on to the next one if a connection fails.
@@ -81,13 +88,7 @@ class ModelUpstream:
         and must release it. Raises an OpenAI-shaped 503/504 when no endpoint answers.
         """
         assert self._session is not None
-        candidates = self._candidates()
-        if not candidates:
-            self._metrics.upstream_errors.labels("unavailable").inc()
-            raise upstream_error(
-                503, f"No healthy upstream for model `{self.name}`.", "upstream_unavailable"
-            )
-        for endpoint in candidates:
+        for endpoint in self._candidates():
             try:
                 return await self._session.post(
                     endpoint.url + path, data=payload, headers=_JSON_HEADERS
@@ -108,6 +109,7 @@ class ModelUpstream:
                 raise upstream_error(
                     504, "The upstream did not answer in time.", "upstream_timeout"
                 ) from None
+        self._metrics.upstream_errors.labels("unavailable").inc()
         raise upstream_error(
             503,
             f"No upstream for model `{self.name}` accepted the connection.",
@@ -128,6 +130,11 @@ class ModelUpstream:
                 healthy = response.status == 200
         except (aiohttp.ClientError, TimeoutError):
             healthy = False
+        # One failed probe is not an outage (a saturated vLLM answers /health late):
+        # only `unhealthy_after` failures in a row take the endpoint out.
+        endpoint.failed_probes = 0 if healthy else endpoint.failed_probes + 1
+        if not healthy and endpoint.failed_probes < self.settings.unhealthy_after:
+            return
         if healthy != endpoint.healthy:
             log.warning("upstream %s is now %s", endpoint.url, "healthy" if healthy else "down")
         self._set_health(endpoint, healthy)
