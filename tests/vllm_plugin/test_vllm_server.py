@@ -182,6 +182,6 @@ def test_watermark_is_detected_only_with_its_key(vllm: openai.OpenAI) -> None:
     assert right.scored >= 200
     assert right.z > 4, right
     wrong = [score(marked, key, gamma=0.25).z for key in (1, 2, 3, 4, 5)]
-    assert all(abs(z) < 3 for z in wrong), wrong
+    assert all(abs(z) < 2 for z in wrong), wrong
     plain = score(_sequences(vllm, None), WM_KEY, gamma=0.25)
     assert abs(plain.z) < 3, plain
