@@ -1,10 +1,14 @@
-"""vLLM decode throughput with the guard plugin active (noise + watermark xargs) vs inactive rows.
+"""vLLM decode throughput with the guard plugin absent, loaded but inactive, and active.
 
     .venv/bin/python -m benchmarks.plugin_throughput --model guard_server/teacher/model
 
-One vLLM (the plugin loads by entry point); rounds alternate plain requests (the plugin returns
-at once when no row carries parameters) and requests carrying the guard's ``vllm_xargs``, each
-round ``--concurrency`` requests of exactly ``--max-tokens`` tokens (``ignore_eos``).
+Two vLLM servers on the same model, started by this command: one with the plugin (it loads
+by entry point) and one without it (the entry point is shadowed, see ``_without_plugin``).
+Rounds rotate over three modes: ``absent`` (plain requests to the server without the plugin),
+``inactive`` (plain requests to the server with it: the plugin returns at once when no row
+carries parameters) and ``active`` (requests carrying the guard's noise + watermark
+``vllm_xargs``). Each round is ``--concurrency`` requests of exactly ``--max-tokens`` tokens
+(``ignore_eos``), sent at once; only one server is busy at a time.
 """
 
 from __future__ import annotations
@@ -55,38 +59,58 @@ async def one_round(url: str, prompts: list[str], max_tokens: int, active: bool)
         return sum(tokens) / (time.perf_counter() - started)
 
 
+def _without_plugin(directory: Path) -> dict[str, str]:
+    """Environment for a vLLM that does not see the guard's ``vllm.logits_processors`` entry.
+
+    ``importlib.metadata.entry_points`` keeps the first distribution of each name on the path,
+    so a ``guard-server`` dist-info without entry points, earlier on PYTHONPATH, hides ours.
+    """
+    info = directory / "guard_server-0.dist-info"
+    info.mkdir(parents=True, exist_ok=True)
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: guard-server\nVersion: 0\n")
+    return {"PYTHONPATH": str(directory)}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--model", type=Path, default=Path("guard_server/teacher/model"))
-    parser.add_argument("--url", default=None, help="an already running vLLM (with the plugin)")
     parser.add_argument("--concurrency", type=int, default=64)
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=3, help="rounds per mode (alternating)")
     args = parser.parse_args(argv)
     problems = task.make_problems(args.concurrency, seed=3, split="heldout")
     prompts = [task.completion_prompt(p.question) for p in problems]
-    vllm = None
-    url = args.url
-    if url is None:
-        log = Path(tempfile.mkdtemp(prefix="plugin-throughput-")) / "vllm.log"
-        vllm = VllmProcess(args.model, "teacher", log_path=log)
-        vllm.start()
-        vllm.wait_healthy(600)
-        url = vllm.url
+    workdir = Path(tempfile.mkdtemp(prefix="plugin-throughput-"))
+    servers = {
+        "with": VllmProcess(args.model, "teacher", log_path=workdir / "with.log"),
+        "without": VllmProcess(
+            args.model,
+            "teacher",
+            log_path=workdir / "without.log",
+            env=_without_plugin(workdir / "shadow"),
+        ),
+    }
+    modes = {"absent": "without", "inactive": "with", "active": "with"}
+    rates: dict[str, list[float]] = {mode: [] for mode in modes}
     try:
-        for active in (False, True):  # warm-up rounds, not counted
-            asyncio.run(one_round(url, prompts, args.max_tokens, active))
-        rates: dict[str, list[float]] = {"inactive": [], "active": []}
+        for server in servers.values():
+            server.start()
+        for server in servers.values():
+            server.wait_healthy(600)
+        for mode, server in modes.items():  # warm-up rounds, not counted
+            asyncio.run(one_round(servers[server].url, prompts, args.max_tokens, mode == "active"))
         for _ in range(args.rounds):
-            for mode in ("inactive", "active"):
+            for mode, server in modes.items():
+                url = servers[server].url
                 rate = asyncio.run(one_round(url, prompts, args.max_tokens, mode == "active"))
                 rates[mode].append(rate)
                 print(f"{mode:<9} {rate:8.1f} tokens/s", flush=True)
     finally:
-        if vllm is not None:
-            vllm.stop()
+        for server in servers.values():
+            server.stop()
     summary = {mode: round(statistics.median(r), 1) for mode, r in rates.items()}
-    summary["active/inactive"] = round(summary["active"] / summary["inactive"], 3)
+    summary["inactive/absent"] = round(summary["inactive"] / summary["absent"], 3)
+    summary["active/absent"] = round(summary["active"] / summary["absent"], 3)
     print(
         json.dumps(
             {

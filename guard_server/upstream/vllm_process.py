@@ -45,6 +45,7 @@ class VllmProcess:
         max_logprobs: int = 20,
         extra_args: list[str] | None = None,
         log_path: str | Path | None = None,
+        env: dict[str, str] | None = None,
     ) -> None:
         self.model_dir = Path(model_dir)
         self.served_model_name = served_model_name
@@ -52,6 +53,7 @@ class VllmProcess:
         self.max_logprobs = max_logprobs
         self.extra_args = extra_args or []
         self.log_path = Path(log_path) if log_path else None
+        self.env = env or {}
         self._process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -79,6 +81,7 @@ class VllmProcess:
         env = {
             **os.environ,
             "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"),
+            **self.env,
         }
         output = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL  # noqa: SIM115
         log.info("starting vLLM on %s: %s", self.url, " ".join(self.command()))
