@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, multiprocess
+from prometheus_client.metrics import MetricWrapperBase
 
 _LATENCY_BUCKETS = (
     0.0005,
@@ -55,6 +57,7 @@ class GuardMetrics:
 
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry or CollectorRegistry()
+        self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
         r = self.registry
         self.requests = Counter(
             "guard_requests",
@@ -188,6 +191,19 @@ class GuardMetrics:
             multiprocess_mode="liveall",
         )
         self.worker_up.set(1)
+
+    def child(self, metric: MetricWrapperBase, *values: str) -> Any:
+        """``metric.labels(*values)``, cached.
+
+        ``labels()`` validates and locks on every call, a visible share of the hot path; the
+        label values used with this are bounded (tier, endpoint, status, action, field), so
+        the cache is too. Not for client ids.
+        """
+        key = (id(metric), values)
+        found = self._children.get(key)
+        if found is None:
+            found = self._children[key] = metric.labels(*values)
+        return found
 
     def exposition_registry(self) -> CollectorRegistry:
         """What ``/metrics`` shows: this process's registry, or all workers' combined."""

@@ -13,20 +13,21 @@ def record(ctx: RequestContext, metrics: GuardMetrics) -> None:
     total = time.perf_counter() - ctx.started
     tier = ctx.tier_name
     endpoint = ctx.endpoint.value
-    metrics.requests.labels(tier, endpoint, str(ctx.status)).inc()
+    child = metrics.child
+    child(metrics.requests, tier, endpoint, str(ctx.status)).inc()
     if ctx.client is not None:
-        metrics.actions.labels(tier, ctx.action).inc()
+        child(metrics.actions, tier, ctx.action).inc()
     for action, field in ctx.policy_actions:
-        metrics.policy_actions.labels(tier, action, field).inc()
+        child(metrics.policy_actions, tier, action, field).inc()
     if ctx.client is not None and ctx.settings.config.metrics.client_label:
         metrics.client_requests.labels(ctx.client.id).inc()
-    metrics.request_seconds.labels(tier, endpoint).observe(total)
+    child(metrics.request_seconds, tier, endpoint).observe(total)
     if ctx.upstream_seconds:
-        metrics.upstream_seconds.labels(endpoint).observe(ctx.upstream_seconds)
-        metrics.overhead_seconds.labels(endpoint).observe(max(0.0, total - ctx.upstream_seconds))
+        child(metrics.upstream_seconds, endpoint).observe(ctx.upstream_seconds)
+        child(metrics.overhead_seconds, endpoint).observe(max(0.0, total - ctx.upstream_seconds))
     if ctx.first_token_at is not None:
-        metrics.ttft_seconds.labels(tier, endpoint).observe(ctx.first_token_at - ctx.started)
+        child(metrics.ttft_seconds, tier, endpoint).observe(ctx.first_token_at - ctx.started)
     if ctx.prompt_tokens:
-        metrics.prompt_tokens.labels(tier).inc(ctx.prompt_tokens)
+        child(metrics.prompt_tokens, tier).inc(ctx.prompt_tokens)
     if ctx.completion_tokens:
-        metrics.completion_tokens.labels(tier).inc(ctx.completion_tokens)
+        child(metrics.completion_tokens, tier).inc(ctx.completion_tokens)

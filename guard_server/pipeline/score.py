@@ -38,4 +38,4 @@ class RiskScorer:
             return
         ctx.assessment = assess(profile, campaign, tier.detection.thresholds.model_dump())
         ctx.fingerprint = features.fingerprint
-        self.metrics.risk_score.labels(tier.name).observe(ctx.assessment.score)
+        self.metrics.child(self.metrics.risk_score, tier.name).observe(ctx.assessment.score)
