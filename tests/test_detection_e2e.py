@@ -75,7 +75,9 @@ def test_admin_api_needs_its_own_key(tmp_path: Path, vllm_url: str) -> None:
 def test_a_logprob_harvester_is_flagged_then_decoyed_while_an_honest_client_is_not(
     tmp_path: Path, vllm_url: str
 ) -> None:
-    thresholds = {"tighten": 0.05, "perturb": 0.1, "decoy": 0.15, "block": 1.0}
+    # Asking for the maximal top-k from the first request scores 0.30 at once; clockwork
+    # timing or (from 100 requests) all-new prompts take the harvester past 0.36.
+    thresholds = {"tighten": 0.32, "perturb": 0.34, "decoy": 0.36, "block": 1.0}
     audit = tmp_path / "audit.jsonl"
     guard = _guard(tmp_path, vllm_url, thresholds, audit)
     try:

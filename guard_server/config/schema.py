@@ -227,9 +227,9 @@ class SamplingPolicy(_Strict):
 class ActionThresholds(_Strict):
     """Risk scores (0..1) from which each action applies."""
 
-    tighten: Annotated[float, Field(ge=0, le=1)] = 0.3
-    perturb: Annotated[float, Field(ge=0, le=1)] = 0.5
-    decoy: Annotated[float, Field(ge=0, le=1)] = 0.7
+    tighten: Annotated[float, Field(ge=0, le=1)] = 0.35
+    perturb: Annotated[float, Field(ge=0, le=1)] = 0.4
+    decoy: Annotated[float, Field(ge=0, le=1)] = 0.45
     block: Annotated[float, Field(ge=0, le=1.01)] = 0.95
 
     @model_validator(mode="after")

@@ -28,6 +28,12 @@ class Endpoint:
     failed_probes: int = 0
 
 
+_KEEPALIVE_S = 4.0
+"""How long an idle upstream connection is kept for reuse: below uvicorn's (vLLM's server)
+5-second keep-alive, so the pool never sends a request on a connection the upstream is
+closing (that race surfaced as 502 ``upstream_disconnected`` under load)."""
+
+
 class ModelUpstream:
     """The endpoints behind one public model name, sharing one connection pool."""
 
@@ -47,7 +53,11 @@ class ModelUpstream:
         """Open the connection pool and start health checks."""
         timeouts = self.settings.timeouts
         self._session = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(limit=self.settings.max_connections, ttl_dns_cache=300),
+            connector=aiohttp.TCPConnector(
+                limit=self.settings.max_connections,
+                ttl_dns_cache=300,
+                keepalive_timeout=_KEEPALIVE_S,
+            ),
             timeout=aiohttp.ClientTimeout(
                 total=timeouts.total, sock_connect=timeouts.connect, sock_read=timeouts.read
             ),

@@ -15,7 +15,7 @@ from guard_server.state.memory import MemoryStore
 from guard_server.state.redis import RedisStore
 from tests.processes import RedisProcess
 
-THRESHOLDS = {"tighten": 0.3, "perturb": 0.5, "decoy": 0.7, "block": 0.95}
+THRESHOLDS = {"tighten": 0.35, "perturb": 0.4, "decoy": 0.45, "block": 0.95}
 
 
 def _chat(text: str, system: str | None = None, **fields: object) -> dict:
