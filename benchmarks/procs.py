@@ -16,6 +16,8 @@ from pathlib import Path
 
 import psutil
 
+from guard_server.upstream.vllm_process import stop_process_group
+
 REPO = Path(__file__).resolve().parents[1]
 PYTHON = sys.executable
 _PR_SET_PDEATHSIG = 1
@@ -97,17 +99,7 @@ class Proc:
 
     def stop(self, grace_s: float = 20.0) -> None:
         """SIGTERM the process group, then SIGKILL it after ``grace_s``."""
-        process = self.process
-        if process is None or process.poll() is not None:
-            return
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(grace_s)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(process.pid, signal.SIGKILL)
-            process.wait(10)
+        stop_process_group(self.process, grace_s)
 
     def tree(self) -> list[psutil.Process]:
         """This process and all its descendants."""

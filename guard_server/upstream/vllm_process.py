@@ -117,14 +117,19 @@ class VllmProcess:
 
     def stop(self, grace_s: float = 15.0) -> None:
         """Stop the server and everything it started."""
-        process = self._process
-        if process is None or process.poll() is not None:
-            return
+        stop_process_group(self._process, grace_s)
+
+
+def stop_process_group(process: subprocess.Popen[bytes] | None, grace_s: float) -> None:
+    """SIGTERM the group led by ``process`` (started with ``start_new_session``), then
+    SIGKILL it if it is still running after ``grace_s``."""
+    if process is None or process.poll() is not None:
+        return
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGTERM)
+    try:
+        process.wait(grace_s)
+    except subprocess.TimeoutExpired:
         with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(grace_s)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
+            os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
