@@ -10,13 +10,8 @@ import heapq
 import json
 import os
 import secrets
-import signal
 import socket
-import subprocess
-import sys
 import time
-import urllib.error
-import urllib.request
 from collections import defaultdict, deque
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -30,6 +25,7 @@ from guard_server.detection.scoring import ACTIONS
 from guard_server.pipeline.auth import hash_key
 from guard_server.teacher import task
 from guard_server.upstream.bundled_teacher import TEACHER_DIR
+from load_tests.attacks.common import GuardServer
 from load_tests.simulators import Query, Reply, Simulator, attackers, honest_population, reply_text
 from load_tests.simulators.attackers import LowAndSlow
 
@@ -183,62 +179,6 @@ def free_port_in(ports: range = PORTS) -> int:
                 continue
             return port
     raise RuntimeError(f"no free port in {ports.start}-{ports.stop - 1}")
-
-
-def _wait_http(url: str, timeout_s: float, process: subprocess.Popen[bytes] | None) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if process is not None and process.poll() is not None:
-            raise RuntimeError(f"process exited with {process.returncode} before {url} answered")
-        try:
-            with urllib.request.urlopen(url, timeout=2):
-                return
-        except (urllib.error.URLError, OSError):
-            time.sleep(0.2)
-    raise TimeoutError(f"{url} did not answer within {timeout_s:.0f} s")
-
-
-class Guard:
-    """``guard-server serve`` as a child process on a port of the campaign's range."""
-
-    def __init__(self, config: Path, log_path: Path) -> None:
-        self.config = config
-        self.log_path = log_path
-        self.port = free_port_in()
-        self.process: subprocess.Popen[bytes] | None = None
-
-    @property
-    def url(self) -> str:
-        """The guard's base URL (without ``/v1``)."""
-        return f"http://127.0.0.1:{self.port}"
-
-    def start(self, timeout_s: float = 60.0) -> Guard:
-        """Start the guard and wait until it is ready (its upstream healthy)."""
-        with open(self.log_path, "ab") as log:
-            self.process = subprocess.Popen(
-                [sys.executable, "-m", "guard_server", "serve", "--config", str(self.config),
-                 "--port", str(self.port)],
-                stdout=log, stderr=subprocess.STDOUT, cwd=REPO,
-                env={**os.environ, "PYTHONUNBUFFERED": "1"},
-            )  # fmt: skip
-        try:
-            _wait_http(self.url + "/readyz", timeout_s, self.process)
-        except BaseException:
-            self.stop()
-            raise
-        return self
-
-    def stop(self) -> None:
-        """SIGTERM, then SIGKILL if it does not exit."""
-        process = self.process
-        if process is None or process.poll() is not None:
-            return
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(20)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
 
 
 # --------------------------------------------------------------------------- the driver
@@ -726,7 +666,7 @@ def run_phase(
     clients = [c for sim in sims for c in sim.clients]
     config = write_guard_config(directory, vllm_url, clients, phase, cfg)
     (directory / "audit.jsonl").unlink(missing_ok=True)
-    guard = Guard(config, directory / "guard.log").start()
+    guard = GuardServer(config, free_port_in(), directory / "guard.log").start()
     thresholds = campaign_thresholds(cfg.thresholds)
     try:
         print(f"[{phase}] guard on {guard.url}; driving {len(sims)} actors", flush=True)

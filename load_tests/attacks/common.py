@@ -247,12 +247,14 @@ class GuardServer:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    def start(self, timeout_s: float = 60.0) -> None:
+    def start(self, timeout_s: float = 60.0) -> GuardServer:
+        """Start the guard and wait until it is ready (its upstream healthy)."""
         with open(self.log_path, "ab") as log:
             self.process = subprocess.Popen(
                 [sys.executable, "-m", "guard_server", "serve", "--config", str(self.config),
                  "--port", str(self.port)],
                 stdout=log, stderr=subprocess.STDOUT, cwd=REPO,
+                env={**os.environ, "PYTHONUNBUFFERED": "1"},
             )  # fmt: skip
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
@@ -260,18 +262,20 @@ class GuardServer:
                 raise RuntimeError(f"guard exited early; see {self.log_path}")
             try:
                 with urllib.request.urlopen(self.url + "/readyz", timeout=1):
-                    return
+                    return self
             except (urllib.error.URLError, OSError):
                 time.sleep(0.2)
+        self.stop()
         raise TimeoutError(f"guard not ready within {timeout_s:.0f} s; see {self.log_path}")
 
     def stop(self) -> None:
+        """SIGTERM, then SIGKILL if it does not exit."""
         process = self.process
         if process is None or process.poll() is not None:
             return
         process.send_signal(signal.SIGTERM)
         try:
-            process.wait(15)
+            process.wait(20)
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
