@@ -132,18 +132,7 @@ def train(
     log_every: int = 100,
 ) -> LlamaForCausalLM:
     """A fresh student (``lab.student``'s architecture) trained for ``cfg.steps`` steps."""
-    torch.manual_seed(seed)
-    rng = random.Random(f"student:{seed}")
-    model = lm.llama(
-        len(tokenizer),
-        hidden=cfg.hidden,
-        layers=cfg.layers,
-        heads=cfg.heads,
-        intermediate=cfg.intermediate,
-        bos_id=tokenizer.bos_token_id,
-        eos_id=tokenizer.eos_token_id,
-        pad_id=tokenizer.pad_token_id,
-    )
+    model, rng = student.fresh_student(tokenizer, cfg, seed)
     batches = _batches(list(examples), min(cfg.batch, len(examples)), rng)
     pad = tokenizer.pad_token_id
 

@@ -52,6 +52,25 @@ def _epochs(examples: list[lm.Example], batch: int, rng: random.Random, pool: in
             yield from lm.length_grouped(order[i : i + batch * pool], batch, rng)
 
 
+def fresh_student(
+    tokenizer: PreTrainedTokenizerFast, cfg: StudentConfig, seed: int
+) -> tuple[LlamaForCausalLM, random.Random]:
+    """An untrained student of ``cfg``'s size, and the data-order generator of ``seed``."""
+    torch.manual_seed(seed)
+    rng = random.Random(f"student:{seed}")
+    model = lm.llama(
+        len(tokenizer),
+        hidden=cfg.hidden,
+        layers=cfg.layers,
+        heads=cfg.heads,
+        intermediate=cfg.intermediate,
+        bos_id=tokenizer.bos_token_id,
+        eos_id=tokenizer.eos_token_id,
+        pad_id=tokenizer.pad_token_id,
+    )
+    return model, rng
+
+
 def train_student(
     pairs: Sequence[Pair],
     tokenizer: PreTrainedTokenizerFast,
@@ -65,18 +84,7 @@ def train_student(
     covers only the answer tokens.
     """
     cfg = cfg or StudentConfig()
-    torch.manual_seed(seed)
-    rng = random.Random(f"student:{seed}")
-    model = lm.llama(
-        len(tokenizer),
-        hidden=cfg.hidden,
-        layers=cfg.layers,
-        heads=cfg.heads,
-        intermediate=cfg.intermediate,
-        bos_id=tokenizer.bos_token_id,
-        eos_id=tokenizer.eos_token_id,
-        pad_id=tokenizer.pad_token_id,
-    )
+    model, rng = fresh_student(tokenizer, cfg, seed)
     examples = lm.encode_examples(tokenizer, [p for p, _ in pairs], [a for _, a in pairs])
     batches = _epochs(examples, min(cfg.batch, len(examples)), rng)
     pad = tokenizer.pad_token_id
