@@ -42,12 +42,12 @@ async def client_report(request: web.Request) -> web.Response:
     if profile is None:
         body.update(score=0.0, action="pass", signals={}, profile=None, campaign=None)
         return web.json_response(body)
-    thresholds = client.tier.detection.thresholds.model_dump()
+    thresholds = client.tier.detection.thresholds.by_action
     assessment = assess(profile, campaign, thresholds)
     body.update(
         score=assessment.score,
         action=assessment.action if client.tier.detection.enabled else "pass",
-        signals=assessment.contributions,
+        signals=assessment.signals(),
         thresholds=thresholds,
         profile={
             **dataclasses.asdict(profile),

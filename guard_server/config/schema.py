@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from functools import cached_property
 from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -231,6 +232,11 @@ class ActionThresholds(_Strict):
     perturb: Annotated[float, Field(ge=0, le=1)] = 0.4
     decoy: Annotated[float, Field(ge=0, le=1)] = 0.45
     block: Annotated[float, Field(ge=0, le=1.01)] = 0.95
+
+    @cached_property
+    def by_action(self) -> dict[str, float]:
+        """{action: threshold}, built once per policy load (scoring reads it per request)."""
+        return self.model_dump()
 
     @model_validator(mode="after")
     def _ascending(self) -> ActionThresholds:

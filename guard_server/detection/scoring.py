@@ -32,13 +32,17 @@ def _ramp(value: float, low: float, high: float) -> float:
     return (value - low) / (high - low)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # read-only by convention (see detection.profile)
 class Assessment:
-    """A client's score, what it is made of, and the action it maps to."""
+    """A client's score, what it is made of (non-zero signals only), and its action."""
 
     score: float
     contributions: dict[str, float]
     action: str
+
+    def signals(self) -> dict[str, float]:
+        """The contributions rounded for people (audit log, admin API)."""
+        return {name: round(value, 4) for name, value in self.contributions.items()}
 
 
 def contributions(profile: ClientProfile, campaign: CampaignProfile | None) -> dict[str, float]:
@@ -66,10 +70,10 @@ def assess(
     profile: ClientProfile, campaign: CampaignProfile | None, thresholds: dict[str, float]
 ) -> Assessment:
     """Score a client and map the score to the highest action whose threshold it reaches."""
-    parts = contributions(profile, campaign)
+    parts = {name: value for name, value in contributions(profile, campaign).items() if value}
     score = min(1.0, sum(parts.values()))
     action = "pass"
     for name in ACTIONS[1:]:
         if score >= thresholds[name]:
             action = name
-    return Assessment(round(score, 4), {k: round(v, 4) for k, v in parts.items() if v}, action)
+    return Assessment(round(score, 4), parts, action)

@@ -51,7 +51,7 @@ class AuditLog:
             "status": ctx.status,
             "action": ctx.action,
             "risk": assessment.score if assessment else None,
-            "signals": assessment.contributions if assessment else {},
+            "signals": assessment.signals() if assessment else {},
             "policy": [f"{action}={field}" for action, field in ctx.policy_actions],
             "request_hash": ctx.body_hash,
         }
