@@ -67,6 +67,10 @@ class StateStore(abc.ABC):
     ) -> tuple[ClientProfile, CampaignProfile]:
         """Fold one request into the client's profile and its fingerprint's; return both."""
 
+    async def count(self, client: str, features: RequestFeatures) -> None:
+        """Fold one request in, like :meth:`observe`, when the profiles are not needed."""
+        await self.observe(client, features)
+
     @abc.abstractmethod
     async def peek(self, client: str) -> tuple[ClientProfile | None, CampaignProfile | None]:
         """The client's profile and its last fingerprint's, without changing them."""

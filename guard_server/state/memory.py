@@ -6,6 +6,7 @@ import hashlib
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
+from functools import lru_cache
 from typing import TypeVar
 
 from guard_server.detection.features import RequestFeatures
@@ -150,6 +151,13 @@ class MemoryStore(StateStore):
     async def observe(
         self, client: str, features: RequestFeatures
     ) -> tuple[ClientProfile, CampaignProfile]:
+        risk, campaign = self._fold(client, features)
+        return risk.snapshot(), campaign.snapshot()
+
+    async def count(self, client: str, features: RequestFeatures) -> None:
+        self._fold(client, features)
+
+    def _fold(self, client: str, features: RequestFeatures) -> tuple[_Risk, _Campaign]:
         now = self._clock()
         risk = _touch(self._risk, client, _Risk, self._max_profiles)
         if risk.updated is not None:
@@ -172,7 +180,7 @@ class MemoryStore(StateStore):
         campaign.members.add(client_hash(client))
         campaign.prompts.add(features.prompt_hash)
         campaign.max_top += SHARE_ALPHA * (features.max_top - campaign.max_top)
-        return risk.snapshot(), campaign.snapshot()
+        return risk, campaign
 
     async def peek(self, client: str) -> tuple[ClientProfile | None, CampaignProfile | None]:
         risk = self._risk.get(client)
@@ -192,6 +200,7 @@ class MemoryStore(StateStore):
                 del self._scopes[scope]
 
 
+@lru_cache(maxsize=16384)
 def client_hash(client: str) -> str:
     """A 64-bit hex hash of a client id, for distinct counting."""
     return hashlib.blake2b(client.encode(), digest_size=8).hexdigest()

@@ -7,16 +7,20 @@ import time
 import orjson
 import pytest
 from multidict import CIMultiDict, CIMultiDictProxy
+from prometheus_client import CollectorRegistry
 
 from guard_server.config.loader import load_settings
 from guard_server.errors import GuardError
+from guard_server.metrics import GuardMetrics
 from guard_server.openai_fields import Endpoint
 from guard_server.pipeline.auth import authenticate
 from guard_server.pipeline.context import RequestContext
 from guard_server.pipeline.policy import apply_tier_policy
 from guard_server.pipeline.rewrite import rewrite_for_upstream
+from guard_server.pipeline.score import FRESH_REQUESTS, REASSESS_EVERY, RiskScorer
 from guard_server.pipeline.transform import transform_chunk
 from guard_server.pipeline.validate import validate_request
+from guard_server.state.memory import MemoryStore
 from tests.processes import DEMO_KEY, POLICIES, TRUSTED_KEY
 
 SETTINGS = load_settings(POLICIES / "guard.yaml")
@@ -127,3 +131,39 @@ async def test_plugin_args_follow_the_tier_and_the_action() -> None:
     assert plugin_args(ctx)["guard_noise_sigma"] == 1.0
     sent = orjson.loads(rewrite_for_upstream(ctx, "m", guard_plugin=True))
     assert sent["vllm_xargs"]["guard_noise_seed"] == args["guard_noise_seed"]
+
+
+class _CountingStore(MemoryStore):
+    """The memory store, counting which of its two fold methods the scorer used."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls = {"observe": 0, "count": 0}
+
+    async def observe(self, client, features):  # type: ignore[no-untyped-def]
+        self.calls["observe"] += 1
+        return await super().observe(client, features)
+
+    async def count(self, client, features):  # type: ignore[no-untyped-def]
+        self.calls["count"] += 1
+        await super().count(client, features)
+
+
+async def test_scorer_assesses_young_clients_always_then_one_request_in_four() -> None:
+    store = _CountingStore()
+    scorer = RiskScorer(store, GuardMetrics(CollectorRegistry()))
+    scores = []
+    for i in range(FRESH_REQUESTS + 4 * REASSESS_EVERY):
+        ctx = await _run(_ctx(_chat(messages=[{"role": "user", "content": f"q {i}"}])))
+        await scorer(ctx)
+        assert ctx.assessment is not None and ctx.fingerprint
+        scores.append(ctx.assessment.score)
+    # Every request is counted into the profile; only the young ones and every 4th after
+    # that are assessed, and the reused assessment is the last one computed.
+    assert store.calls == {"observe": FRESH_REQUESTS + 4, "count": 4 * (REASSESS_EVERY - 1)}
+    assert ctx.client is not None
+    profile, _ = await store.peek(ctx.client.id)
+    assert profile is not None and profile.total == FRESH_REQUESTS + 4 * REASSESS_EVERY
+    tail = scores[FRESH_REQUESTS:]
+    assert all(tail[i] == tail[i - i % REASSESS_EVERY] for i in range(len(tail)))
+    assert scores[-1] > scores[0]  # distinct prompts keep raising it
