@@ -124,6 +124,24 @@ def _saturation(results: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _policy_cost(results: dict[str, Any]) -> list[str]:
+    data = results.get("policy_cost") or {}
+    if "rounds" not in data:
+        return []
+    table = [
+        [i + 1, round(r["pass_rps"]), round(r["default_rps"]), r["cost_pct"]]
+        for i, r in enumerate(data["rounds"])
+    ]
+    return [
+        f"## Default policy cost (wrk, c={data['concurrency']}, pass-through then default, "
+        "in turn)",
+        "",
+        *_table(["round", "pass-through req/s", "default req/s", "cost %"], table),
+        f"Median cost: **{data['median_cost_pct']} %**.",
+        "",
+    ]
+
+
 def _upstream(results: dict[str, Any]) -> list[str]:
     data = results.get("upstream_capacity") or {}
     if "rows" not in data:
@@ -340,6 +358,7 @@ def render_markdown(results: dict[str, Any]) -> str:
         _targets,
         _upstream,
         _saturation,
+        _policy_cost,
         _fixed,
         _latency,
         _stream,

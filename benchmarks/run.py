@@ -63,6 +63,7 @@ BIG_LIMITS = {
 PHASES = (
     "upstream_capacity",
     "saturation",
+    "policy_cost",
     "fixed_rate",
     "latency_c1",
     "stream_timing",
@@ -72,7 +73,7 @@ PHASES = (
     "e2e_vllm",
 )
 # Phases that need every service (guards, redis, LiteLLM) running.
-SERVICE_PHASES = PHASES[1:7]
+SERVICE_PHASES = PHASES[1:8]
 
 
 @dataclass
@@ -509,6 +510,32 @@ def phase_saturation(bench: Bench) -> list[dict[str, Any]]:
                 bench.saturate(label, service, key, body, concurrency, group=group, policy=policy)
             )
     return rows
+
+
+POLICY_COST_ROUNDS = 3
+
+
+def phase_policy_cost(bench: Bench) -> dict[str, Any]:
+    """Pass-through and default policy saturated in turn, several rounds: the cost of the
+    default policy as the median of the rounds' ratios, so that drift in the machine's speed
+    between two far-apart saturation rows does not decide it."""
+    sc = bench.options.sat_concurrency
+    rounds = []
+    for index in range(POLICY_COST_ROUNDS):
+        pair = {
+            policy: bench.saturate(label, service, key, "chat", sc, group="policy", policy=policy)
+            for label, service, key, policy in (
+                ("guard pass-through", "g_pass", "pass", "pass"),
+                ("guard default policy", "g_default", "default", "default"),
+            )
+        }
+        cost = 100 * (1 - pair["default"]["rps"] / pair["pass"]["rps"])
+        rounds.append({"pass_rps": pair["pass"]["rps"], "default_rps": pair["default"]["rps"],
+                       "cost_pct": round(cost, 1)})  # fmt: skip
+        print(f"  round {index + 1}: pass {pair['pass']['rps']:.0f} req/s, default "
+              f"{pair['default']['rps']:.0f} req/s, cost {cost:.1f} %", flush=True)  # fmt: skip
+    costs = sorted(r["cost_pct"] for r in rounds)
+    return {"concurrency": sc, "rounds": rounds, "median_cost_pct": costs[len(costs) // 2]}
 
 
 def _find(rows: list[dict[str, Any]], label: str, concurrency: int) -> dict[str, Any] | None:
@@ -1064,7 +1091,18 @@ def evaluate_targets(results: dict[str, Any], options: Options) -> list[dict[str
                 f"c=1, {stream['chunks']} chunks, (total - first chunk) p50 difference / chunks",
             )
     default = _find(sat, "guard default policy", sc)
-    if guard and default:
+    policy_cost = results.get("policy_cost") or {}
+    if "median_cost_pct" in policy_cost:
+        value = policy_cost["median_cost_pct"]
+        add(
+            "default policy cost",
+            "<= 15% of pass-through req/s",
+            value,
+            value <= 15,
+            f"median of {len(policy_cost['rounds'])} rounds of pass-through then default "
+            f"saturated in turn, c={policy_cost['concurrency']}",
+        )
+    elif guard and default:
         ratio = default["rps"] / guard["rps"]
         add(
             "default policy cost",
@@ -1269,6 +1307,7 @@ def main(argv: list[str] | None = None) -> int:
             if "services" in results and "services" not in errors:
                 phase("upstream_capacity", lambda: phase_upstream_capacity(bench))
                 phase("saturation", lambda: phase_saturation(bench))
+                phase("policy_cost", lambda: phase_policy_cost(bench))
                 if isinstance(results.get("saturation"), list):
                     phase("fixed_rate", lambda: phase_fixed_rate(bench, results["saturation"]))
                 else:
