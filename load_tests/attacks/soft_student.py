@@ -5,7 +5,8 @@ adds, at every answer position, the cross-entropy to the teacher's returned top-
 distribution with the unreturned mass lumped into one "any other token" bucket (the KL to the
 soft target up to a constant). With ``soft_weight=0`` it is plain text distillation on the
 very same token sequences and batches, so (a) text-only and (b) soft-label runs differ only
-in the loss.
+in the loss. ``label_smoothing`` gives the text-only attacker the regulariser it can have
+without any logprobs: the control that tells information in soft targets from smoothing.
 """
 
 from __future__ import annotations
@@ -76,14 +77,18 @@ def collate(examples: Sequence[SoftExample], pad_id: int) -> tuple[torch.Tensor,
 class SoftLoss(torch.nn.Module):
     """Wraps a causal LM: ``forward(input_ids, labels=SoftBatch)`` returns ``.loss``.
 
-    loss = CE(answer tokens) + soft_weight * H(teacher top-k + tail, student), so it plugs
-    into ``lm.train_lm`` unchanged.
+    loss = CE(answer tokens, smoothed by ``label_smoothing`` toward uniform)
+    + soft_weight * H(teacher top-k + tail, student), so it plugs into ``lm.train_lm``
+    unchanged.
     """
 
-    def __init__(self, model: LlamaForCausalLM, soft_weight: float) -> None:
+    def __init__(
+        self, model: LlamaForCausalLM, soft_weight: float, label_smoothing: float = 0.0
+    ) -> None:
         super().__init__()
         self.model = model
         self.soft_weight = soft_weight
+        self.label_smoothing = label_smoothing
 
     def forward(self, input_ids: torch.Tensor, labels: SoftBatch) -> SimpleNamespace:
         logits = self.model(input_ids=input_ids).logits[:, :-1].float()
@@ -91,6 +96,9 @@ class SoftLoss(torch.nn.Module):
         target = labels.labels[:, 1:]
         mask = target != lm.IGNORE
         ce = torch.nn.functional.nll_loss(logp[mask], target[mask])
+        if self.label_smoothing:
+            uniform = -logp[mask].mean(dim=-1).mean()
+            ce = (1 - self.label_smoothing) * ce + self.label_smoothing * uniform
         if self.soft_weight == 0:
             return SimpleNamespace(loss=ce)
         sid, sp = labels.soft_ids[:, 1:], labels.soft_p[:, 1:]
@@ -128,6 +136,7 @@ def train(
     cfg: student.StudentConfig,
     *,
     soft_weight: float,
+    label_smoothing: float = 0.0,
     seed: int = 0,
     log_every: int = 100,
 ) -> LlamaForCausalLM:
@@ -142,7 +151,7 @@ def train(
     train_cfg = lm.TrainConfig(
         steps=cfg.steps, lr=cfg.lr, weight_decay=cfg.weight_decay, log_every=log_every
     )
-    wrapped = SoftLoss(model, soft_weight)
+    wrapped = SoftLoss(model, soft_weight, label_smoothing)
     lm.train_lm(wrapped, next_batch, train_cfg, log=lambda _m: None)  # type: ignore[arg-type]
     return model
 
@@ -197,11 +206,19 @@ def timed_run(
     cfg: student.StudentConfig,
     *,
     soft_weight: float,
+    label_smoothing: float = 0.0,
     seed: int = 0,
 ) -> Score:
     """Train, then score on ``heldout``: greedy exact match and teacher-forced digit accuracy."""
     start = time.monotonic()
-    model = train(examples, tokenizer, cfg, soft_weight=soft_weight, seed=seed)
+    model = train(
+        examples,
+        tokenizer,
+        cfg,
+        soft_weight=soft_weight,
+        label_smoothing=label_smoothing,
+        seed=seed,
+    )
     seconds = time.monotonic() - start
     return Score(
         student.evaluate_student(model, heldout, tokenizer),
