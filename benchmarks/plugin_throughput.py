@@ -21,7 +21,7 @@ import tempfile
 import time
 from pathlib import Path
 
-import httpx
+import aiohttp
 
 from guard_server.teacher import task
 from guard_server.upstream.vllm_process import VllmProcess
@@ -38,7 +38,8 @@ XARGS = {
 
 async def one_round(url: str, prompts: list[str], max_tokens: int, active: bool) -> float:
     """Completion tokens per second for ``prompts`` sent all at once."""
-    async with httpx.AsyncClient(base_url=url, timeout=600) as http:
+    timeout = aiohttp.ClientTimeout(total=600)
+    async with aiohttp.ClientSession(base_url=url, timeout=timeout) as http:
 
         async def one(i: int, prompt: str) -> int:
             body: dict[str, object] = {
@@ -50,9 +51,9 @@ async def one_round(url: str, prompts: list[str], max_tokens: int, active: bool)
             }
             if active:
                 body["vllm_xargs"] = {**XARGS, "guard_noise_seed": 12345 + i}
-            response = await http.post("/v1/completions", json=body)
-            response.raise_for_status()
-            return response.json()["usage"]["completion_tokens"]
+            async with http.post("/v1/completions", json=body) as response:
+                response.raise_for_status()
+                return (await response.json())["usage"]["completion_tokens"]
 
         started = time.perf_counter()
         tokens = await asyncio.gather(*(one(i, p) for i, p in enumerate(prompts)))
@@ -77,6 +78,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--concurrency", type=int, default=64)
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=3, help="rounds per mode (alternating)")
+    parser.add_argument(
+        "--pause",
+        type=float,
+        default=5.0,
+        help="seconds between rounds: a server that just finished keeps its threads spinning "
+        "for a while, which slows the other one's round",
+    )
     args = parser.parse_args(argv)
     problems = task.make_problems(args.concurrency, seed=3, split="heldout")
     prompts = [task.completion_prompt(p.question) for p in problems]
@@ -102,6 +110,7 @@ def main(argv: list[str] | None = None) -> int:
         for _ in range(args.rounds):
             for mode, server in modes.items():
                 url = servers[server].url
+                time.sleep(args.pause)
                 rate = asyncio.run(one_round(url, prompts, args.max_tokens, mode == "active"))
                 rates[mode].append(rate)
                 print(f"{mode:<9} {rate:8.1f} tokens/s", flush=True)
