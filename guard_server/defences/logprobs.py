@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import math
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Literal
 
 # vLLM reports -inf as -9999.0: such values are left alone.
@@ -17,11 +18,18 @@ FLOOR = -9999.0
 _TWO_64 = float(1 << 64)
 
 
+@lru_cache(maxsize=256)
+def _keyed_blake2b(key: bytes) -> hashlib.blake2b:
+    """A BLAKE2b already keyed with ``key``: copying it skips hashing the key block again
+    for every value of a request (the requests in flight each have their own key)."""
+    return hashlib.blake2b(key=key, digest_size=16)
+
+
 def keyed_normal(key: bytes, position: int, token: str) -> float:
     """A standard normal draw that depends only on (key, position, token)."""
-    digest = hashlib.blake2b(
-        position.to_bytes(4, "little") + token.encode(), key=key, digest_size=16
-    ).digest()
+    hasher = _keyed_blake2b(key).copy()
+    hasher.update(position.to_bytes(4, "little") + token.encode())
+    digest = hasher.digest()
     u1 = (int.from_bytes(digest[:8], "little") + 0.5) / _TWO_64
     u2 = int.from_bytes(digest[8:], "little") / _TWO_64
     return math.sqrt(-2.0 * math.log(u1)) * math.cos(2.0 * math.pi * u2)

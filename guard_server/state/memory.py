@@ -77,8 +77,7 @@ class MemoryStore(StateStore):
 
     def __init__(self, clock=time.monotonic, max_profiles: int = 1_000_000) -> None:  # type: ignore[no-untyped-def]
         self._clock = clock
-        self._scopes: dict[str, _Scope] = {}
-        self._next_sweep = 0.0
+        self._scopes: OrderedDict[str, _Scope] = OrderedDict()  # least recently used first
         self._max_profiles = max_profiles
         self._risk: OrderedDict[str, _Risk] = OrderedDict()
         self._campaigns: OrderedDict[str, _Campaign] = OrderedDict()
@@ -93,6 +92,8 @@ class MemoryStore(StateStore):
                 float(spec.requests_per_minute or 0), float(spec.tokens_per_minute or 0), now
             )
             self._scopes[scope] = state
+        else:
+            self._scopes.move_to_end(scope)
         elapsed = max(0.0, now - state.updated)
         if spec.requests_per_minute:
             rate = spec.requests_per_minute
@@ -189,15 +190,22 @@ class MemoryStore(StateStore):
         campaign = self._campaigns.get(risk.fingerprint)
         return risk.snapshot(), campaign.snapshot() if campaign else None
 
-    def _forget_idle(self, now: float) -> None:
-        """Every 30 s, drop scopes idle for a minute with no slot: their buckets are full
-        again, so forgetting them changes nothing and memory stays bounded."""
-        if now < self._next_sweep:
-            return
-        self._next_sweep = now + 30
-        for scope, state in list(self._scopes.items()):
-            if not state.slots and now - state.updated > 60:
-                del self._scopes[scope]
+    def _forget_idle(self, now: float, budget: int = 8) -> None:
+        """Drop scopes idle for a minute with no live slot: their buckets are full again,
+        so forgetting them changes nothing and memory stays bounded. Scopes are kept in
+        last-use order, so the idle ones are at the front: each admission looks at no more
+        than ``budget`` of them, and the event loop never stalls on a sweep."""
+        scopes = self._scopes
+        for _ in range(budget):
+            if not scopes:
+                return
+            scope, state = next(iter(scopes.items()))
+            if now - state.updated <= 60:
+                return
+            if any(expiry > now for expiry in state.slots.values()):
+                scopes.move_to_end(scope)  # a stream still holds it: look again later
+                continue
+            del scopes[scope]
 
 
 @lru_cache(maxsize=16384)

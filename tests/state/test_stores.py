@@ -93,3 +93,17 @@ async def test_redis_down_raises_state_unavailable() -> None:
     with pytest.raises(StateUnavailable):
         await store.admit("c:x", LimitSpec(requests_per_minute=1), 1, "s", 1)
     await store.close()
+
+
+async def test_memory_store_forgets_idle_scopes_a_few_at_a_time() -> None:
+    now = [0.0]
+    store = MemoryStore(clock=lambda: now[0])
+    spec = LimitSpec(requests_per_minute=10, concurrent_requests=5)
+    for i in range(100):
+        await store.admit(f"c:{i}", spec, 1, f"slot-{i}", slot_ttl_s=1000 if i == 0 else 1)
+    now[0] = 120.0  # every scope idle for two minutes; c:0 still holds a live slot
+    await store.admit("c:new", spec, 1, "slot-new", 1)
+    assert 100 - 8 <= len(store) < 101  # bounded work per admission
+    for _ in range(20):
+        await store.admit("c:new", spec, 1, "slot-x", 1)
+    assert set(store._scopes) == {"c:0", "c:new"}
