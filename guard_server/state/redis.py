@@ -6,7 +6,7 @@ from __future__ import annotations
 from importlib import resources
 
 import redis.asyncio as aioredis
-from redis.exceptions import RedisError
+from redis.exceptions import NoScriptError, RedisError
 
 from guard_server.detection.features import RequestFeatures
 from guard_server.detection.profile import (
@@ -96,24 +96,18 @@ class RedisStore(StateStore):
         self, client: str, features: RequestFeatures
     ) -> tuple[ClientProfile, CampaignProfile]:
         ttl_ms = int(IDLE_TTL_S * 1000)
+        client_call = (
+            self._observe_client.sha, 2, *self._risk_keys(client),
+            features.prompt_hash, features.fingerprint, int(features.wants_logprobs),
+            int(features.max_top), int(features.logit_bias), SHARE_ALPHA, GAP_ALPHA,
+            HALF_LIFE_S, ttl_ms,
+        )  # fmt: skip
+        campaign_call = (
+            self._observe_campaign.sha, 3, *self._campaign_keys(features.fingerprint),
+            client, features.prompt_hash, int(features.max_top), SHARE_ALPHA, ttl_ms,
+        )  # fmt: skip
         try:
-            # Two scripts (their keys live on different cluster slots), one round trip.
-            async with self._redis.pipeline(transaction=False) as pipe:
-                await self._observe_client(
-                    keys=self._risk_keys(client),
-                    args=[
-                        features.prompt_hash, features.fingerprint,
-                        int(features.wants_logprobs), int(features.max_top),
-                        int(features.logit_bias), SHARE_ALPHA, GAP_ALPHA, HALF_LIFE_S, ttl_ms,
-                    ],
-                    client=pipe,
-                )  # fmt: skip
-                await self._observe_campaign(
-                    keys=self._campaign_keys(features.fingerprint),
-                    args=[client, features.prompt_hash, int(features.max_top), SHARE_ALPHA, ttl_ms],
-                    client=pipe,
-                )
-                mine, shared = await pipe.execute()
+            mine, shared = await self._evalsha_pipeline(client_call, campaign_call)
         except (RedisError, OSError) as exc:
             raise StateUnavailable(str(exc)) from exc
         requests, total, distinct, lp, mt, lb, gm, gs = mine
@@ -130,6 +124,24 @@ class RedisStore(StateStore):
         )
         members, campaign_distinct, campaign_mt = shared
         return profile, CampaignProfile(int(members), int(campaign_distinct), float(campaign_mt))
+
+    async def _evalsha_pipeline(self, *calls: tuple) -> list:
+        """Run scripts by SHA in one round trip (their keys may live on different cluster
+        slots). redis-py's ``Script`` objects in a pipeline would first ask ``SCRIPT
+        EXISTS``, a second round trip on every request; here a script is loaded only when
+        Redis answers NOSCRIPT (first use, or after a restart or a flush)."""
+        try:
+            return await self._pipeline(calls)
+        except NoScriptError:
+            for script in (self._observe_client, self._observe_campaign):
+                await self._redis.script_load(script.script)
+            return await self._pipeline(calls)
+
+    async def _pipeline(self, calls: tuple[tuple, ...]) -> list:
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for call in calls:
+                pipe.evalsha(*call)
+            return await pipe.execute()
 
     async def peek(self, client: str) -> tuple[ClientProfile | None, CampaignProfile | None]:
         risk_key, prompts_key = self._risk_keys(client)
