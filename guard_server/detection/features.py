@@ -43,8 +43,8 @@ def template_of(text: str) -> str:
 
 def _template_head(text: str) -> str:
     """``template_of(text)[:16]``, normalizing only as much of a long text as it needs."""
-    head = template_of(text[: 4 * _TEMPLATE_HEAD])
-    if len(head) <= _TEMPLATE_HEAD and len(text) > 4 * _TEMPLATE_HEAD:
+    head = template_of(text[: 2 * _TEMPLATE_HEAD])
+    if len(head) <= _TEMPLATE_HEAD and len(text) > 2 * _TEMPLATE_HEAD:
         head = template_of(text)  # digits or spaces collapsed it: normalize it all
     return head[:_TEMPLATE_HEAD]
 

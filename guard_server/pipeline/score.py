@@ -34,7 +34,8 @@ class RiskScorer:
     def __init__(self, store: StateStore, metrics: GuardMetrics) -> None:
         self.store = store
         self.metrics = metrics
-        self._last: OrderedDict[str, tuple[Assessment, int]] = OrderedDict()
+        # client id -> [its last assessment, how many more requests may reuse it]
+        self._last: OrderedDict[str, list] = OrderedDict()
 
     async def __call__(self, ctx: RequestContext) -> None:
         assert ctx.client is not None
@@ -50,7 +51,7 @@ class RiskScorer:
             last = self._last.get(client_id)
             if last is not None and last[1] > 0:
                 await self.store.count(client_id, features)
-                self._last[client_id] = (last[0], last[1] - 1)
+                last[1] -= 1
                 ctx.assessment = last[0]
             else:
                 ctx.assessment = await self._assess(ctx, features)
@@ -67,7 +68,7 @@ class RiskScorer:
         profile, campaign = await self.store.observe(client_id, features)
         assessment = assess(profile, campaign, ctx.client.tier.detection.thresholds.by_action)
         reuses = REASSESS_EVERY - 1 if profile.total > FRESH_REQUESTS else 0
-        self._last[client_id] = (assessment, reuses)
+        self._last[client_id] = [assessment, reuses]
         self._last.move_to_end(client_id)
         if len(self._last) > REMEMBERED_CLIENTS:
             self._last.popitem(last=False)
