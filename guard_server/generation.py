@@ -157,9 +157,9 @@ class GenerationHandler:
             if response.status != 200:
                 raise await _mapped_error(response, self.metrics)
             out = web.StreamResponse(headers={**_SSE_HEADERS, **headers})
-            await out.prepare(request)
-            ctx.status = 200
             try:
+                await out.prepare(request)
+                ctx.status = 200
                 await self._pump(ctx, response, out)
                 await out.write_eof()
             except ConnectionResetError:
