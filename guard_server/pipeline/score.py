@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from collections import OrderedDict
 
+from guard_server.config.loader import Client
 from guard_server.detection.features import RequestFeatures, extract_features
 from guard_server.detection.scoring import Assessment, assess
 from guard_server.metrics import GuardMetrics
@@ -54,7 +55,7 @@ class RiskScorer:
                 last[1] -= 1
                 ctx.assessment = last[0]
             else:
-                ctx.assessment = await self._assess(ctx, features)
+                ctx.assessment = await self._assess(ctx.client, features)
         except StateUnavailable as exc:
             self.metrics.state_up.set(0)
             self.metrics.state_errors.inc()
@@ -62,11 +63,10 @@ class RiskScorer:
             return
         self.metrics.child(self.metrics.risk_score, tier.name).observe(ctx.assessment.score)
 
-    async def _assess(self, ctx: RequestContext, features: RequestFeatures) -> Assessment:
-        assert ctx.client is not None
-        client_id = ctx.client.id
+    async def _assess(self, client: Client, features: RequestFeatures) -> Assessment:
+        client_id = client.id
         profile, campaign = await self.store.observe(client_id, features)
-        assessment = assess(profile, campaign, ctx.client.tier.detection.thresholds.by_action)
+        assessment = assess(profile, campaign, client.tier.detection.thresholds.by_action)
         reuses = REASSESS_EVERY - 1 if profile.total > FRESH_REQUESTS else 0
         self._last[client_id] = [assessment, reuses]
         self._last.move_to_end(client_id)

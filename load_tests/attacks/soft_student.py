@@ -95,9 +95,10 @@ class SoftLoss(torch.nn.Module):
         logp = torch.log_softmax(logits, dim=-1)
         target = labels.labels[:, 1:]
         mask = target != lm.IGNORE
-        ce = torch.nn.functional.nll_loss(logp[mask], target[mask])
+        answer_logp = logp[mask]
+        ce = torch.nn.functional.nll_loss(answer_logp, target[mask])
         if self.label_smoothing:
-            uniform = -logp[mask].mean(dim=-1).mean()
+            uniform = -answer_logp.mean(dim=-1).mean()
             ce = (1 - self.label_smoothing) * ce + self.label_smoothing * uniform
         if self.soft_weight == 0:
             return SimpleNamespace(loss=ce)
