@@ -42,8 +42,9 @@ async def client_report(request: web.Request) -> web.Response:
     if profile is None:
         body.update(score=0.0, action="pass", signals={}, profile=None, campaign=None)
         return web.json_response(body)
-    thresholds = client.tier.detection.thresholds.by_action
-    assessment = assess(profile, campaign, thresholds)
+    detection = client.tier.detection
+    thresholds = detection.thresholds.by_action
+    assessment = assess(profile, campaign, thresholds, detection.distinct_prompts.bounds)
     body.update(
         score=assessment.score,
         action=assessment.action if client.tier.detection.enabled else "pass",

@@ -62,6 +62,10 @@ def test_bad_field_error_names_file_path_and_value(tmp_path: Path) -> None:
         (_tier(bounds={"top_logprobs": {"max": 5}}), "'top_logprobs' cannot be bounded"),
         (_tier(seed="random"), "'allow', 'strip' or 'rekey'"),
         (_tier(logit_bias={"mode": "limit", "max_abs": 500}), "tiers.default.logit_bias.max_abs"),
+        (
+            _tier(detection={"distinct_prompts": {"start": 2000, "full": 1000}}),
+            "distinct_prompts: start must be below full",
+        ),
     ],
 )
 def test_invalid_policies_are_rejected_clearly(tmp_path: Path, policy: dict, expected: str) -> None:

@@ -8,6 +8,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from guard_server.detection.scoring import DISTINCT_RAMP
 from guard_server.openai_fields import BOUNDABLE, expand_field_selectors
 
 _KEY_HASH = re.compile(r"^sha256:[0-9a-f]{64}$")
@@ -267,11 +268,31 @@ class DecoyAction(_Strict):
         return self
 
 
+class DistinctPromptsRamp(_Strict):
+    """How many distinct prompts a client may collect before volume alone raises its risk:
+    the ``distinct_prompts`` signal is 0 up to ``start`` and full from ``full``."""
+
+    start: Annotated[int, Field(ge=0)] = DISTINCT_RAMP[0]
+    full: Annotated[int, Field(gt=0)] = DISTINCT_RAMP[1]
+
+    @cached_property
+    def bounds(self) -> tuple[int, int]:
+        """(start, full), built once per policy load."""
+        return self.start, self.full
+
+    @model_validator(mode="after")
+    def _ordered(self) -> DistinctPromptsRamp:
+        if self.start >= self.full:
+            raise ValueError("distinct_prompts: start must be below full")
+        return self
+
+
 class DetectionPolicy(_Strict):
     """Extraction-risk scoring and the actions it drives."""
 
     enabled: bool = True
     thresholds: ActionThresholds = ActionThresholds()
+    distinct_prompts: DistinctPromptsRamp = DistinctPromptsRamp()
     tighten_factor: Annotated[float, Field(gt=0, le=1)] = 0.25
     perturb: PerturbAction = PerturbAction()
     decoy: DecoyAction = DecoyAction()

@@ -2,7 +2,7 @@
 
 | signal | weight | full at |
 |---|---|---|
-| distinct_prompts: how much distinct data the client has collected | 0.30 | 200 → 2,000 |
+| distinct_prompts: how much distinct data the client has collected | 0.45 | 400 → 1,200 (*) |
 | max_top_logprobs: share of requests asking for the tier's maximal top-k | 0.25 | share 1.0 |
 | logprobs: share of requests asking for logprobs at all | 0.05 | share 1.0 |
 | regular_timing: clockwork request timing (1 − CV of gaps, ≥ 20 requests) | 0.15 | 1.0 |
@@ -11,8 +11,15 @@
 | campaign: many keys share the client's fingerprint and together collect much distinct
   data (× 0.5–1 by their max-top-k share) | 0.40 | members 5 → 20, distinct 100 → 1,000 |
 
-Shares are the profile's decayed shares, bias-corrected for young clients
-(:meth:`ClientProfile.share`), so a key's first requests count fully.
+(*) the tier's ``detection.distinct_prompts`` ramp. Shares are the profile's decayed
+shares, bias-corrected for young clients (:meth:`ClientProfile.share`), so a key's first
+requests count fully.
+
+Collected volume alone (distinct prompts plus novelty, 0.55) passes the default ``decoy``
+threshold (0.45): a key that keeps asking new questions under the static limits, with no
+logprobs and human-like timing, still ends up collecting decoys, from about 1,000 distinct
+prompts at the default ramp. A tier whose honest clients legitimately send more distinct
+prompts than that (a batch tier) sets a wider ``detection.distinct_prompts`` ramp.
 """
 
 from __future__ import annotations
@@ -22,6 +29,8 @@ from dataclasses import dataclass
 from guard_server.detection.profile import CampaignProfile, ClientProfile
 
 ACTIONS = ("pass", "tighten", "perturb", "decoy", "block")
+DISTINCT_RAMP = (400, 1200)
+"""Distinct prompts at which ``distinct_prompts`` starts to count, and at which it is full."""
 
 
 def _ramp(value: float, low: float, high: float) -> float:
@@ -45,10 +54,14 @@ class Assessment:
         return {name: round(value, 4) for name, value in self.contributions.items()}
 
 
-def contributions(profile: ClientProfile, campaign: CampaignProfile | None) -> dict[str, float]:
+def contributions(
+    profile: ClientProfile,
+    campaign: CampaignProfile | None,
+    distinct_ramp: tuple[int, int] = DISTINCT_RAMP,
+) -> dict[str, float]:
     """Each signal's share of the score (see the module table)."""
     parts = {
-        "distinct_prompts": 0.30 * _ramp(profile.distinct_prompts, 200, 2000),
+        "distinct_prompts": 0.45 * _ramp(profile.distinct_prompts, *distinct_ramp),
         "max_top_logprobs": 0.25 * profile.share(profile.max_top_share),
         "logprobs": 0.05 * profile.share(profile.logprob_share),
         "regular_timing": 0.15 * profile.regularity,
@@ -67,10 +80,14 @@ def contributions(profile: ClientProfile, campaign: CampaignProfile | None) -> d
 
 
 def assess(
-    profile: ClientProfile, campaign: CampaignProfile | None, thresholds: dict[str, float]
+    profile: ClientProfile,
+    campaign: CampaignProfile | None,
+    thresholds: dict[str, float],
+    distinct_ramp: tuple[int, int] = DISTINCT_RAMP,
 ) -> Assessment:
     """Score a client and map the score to the highest action whose threshold it reaches."""
-    parts = {name: value for name, value in contributions(profile, campaign).items() if value}
+    parts = contributions(profile, campaign, distinct_ramp)
+    parts = {name: value for name, value in parts.items() if value}
     score = min(1.0, sum(parts.values()))
     action = "pass"
     for name in ACTIONS[1:]:

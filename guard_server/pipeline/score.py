@@ -28,7 +28,7 @@ class RiskScorer:
 
     Every request is counted into the shared profiles. Assessing them is amortized: an
     established profile moves by well under 0.01 of score per request (decayed shares with
-    alpha 0.02, distinct counts ramping over 1,800 prompts), against 0.05 between action
+    alpha 0.02, distinct counts ramping over 800 prompts), against 0.05 between action
     thresholds, so an action follows the score at most ``REASSESS_EVERY - 1`` requests late.
     """
 
@@ -66,7 +66,10 @@ class RiskScorer:
     async def _assess(self, client: Client, features: RequestFeatures) -> Assessment:
         client_id = client.id
         profile, campaign = await self.store.observe(client_id, features)
-        assessment = assess(profile, campaign, client.tier.detection.thresholds.by_action)
+        detection = client.tier.detection
+        assessment = assess(
+            profile, campaign, detection.thresholds.by_action, detection.distinct_prompts.bounds
+        )
         reuses = REASSESS_EVERY - 1 if profile.total > FRESH_REQUESTS else 0
         self._last[client_id] = [assessment, reuses]
         self._last.move_to_end(client_id)

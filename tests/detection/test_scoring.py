@@ -117,3 +117,15 @@ def test_memory_store_forgets_the_least_recent_profiles() -> None:
         asyncio.run(store.observe(f"client-{i}", features))
     assert asyncio.run(store.peek("client-0")) == (None, None)
     assert asyncio.run(store.peek("client-999"))[0] is not None
+
+
+def test_volume_alone_reaches_decoy_unless_the_tier_allows_more() -> None:
+    # A text-only collector: every request new, no logprobs, Poisson-like timing.
+    collector = _profile(total=1300, requests=1300, distinct_prompts=1200, gap_mean_s=5,
+                         gap_var_s2=25)  # fmt: skip
+    assert set(assess(collector, None, THRESHOLDS).contributions) == {"distinct_prompts", "novelty"}
+    assert assess(collector, None, THRESHOLDS).action == "decoy"
+    batch_tier = assess(collector, None, THRESHOLDS, distinct_ramp=(5_000, 50_000))
+    assert batch_tier.action == "pass"
+    young = _profile(total=400, requests=400, distinct_prompts=400, gap_mean_s=5, gap_var_s2=25)
+    assert assess(young, None, THRESHOLDS).action == "pass"
