@@ -139,6 +139,7 @@ def write_guard_config(
     directory: Path, vllm_url: str, clients: list[str], phase: str, cfg: CampaignConfig
 ) -> Path:
     """A guard config + policy for one phase: all clients on one tier, admin API and audit on."""
+    directory = directory.resolve()  # the guard resolves relative paths from the config's folder
     directory.mkdir(parents=True, exist_ok=True)
     policy = {
         "tiers": {phase: campaign_tier(phase == "defended", cfg.compression, cfg.thresholds)},
