@@ -79,13 +79,20 @@ def test_replayed_detection_flags_attackers_not_honest_users() -> None:
     cfg = replace(CONFIG, window_h=2.0)
     sims = _population(cfg, hydra_budget=2000)
     sims.append(LowAndSlow("low-and-slow", cfg.seed, 300, cfg.window_s))
+    # Text-only collectors with no logprobs and human-like timing: volume gives them away.
+    sims.append(LowAndSlow("low-and-slow-long", cfg.seed, 1500, cfg.window_s))
+    sims.append(Mimic("mimic", cfg.seed, 2500, cfg.window_s))
     summary = replay_summary(sims, replay_detection(sims, campaign_thresholds()))
+    attackers = summary["attackers"]
     assert summary["honest"]["flagged"] == 0, summary["honest"]
-    assert summary["attackers"]["bulk"]["first_flagged"] <= 200
-    assert summary["attackers"]["hydra"]["first_flagged"] <= 2000
-    assert summary["attackers"]["bulk"]["first_decoyed"] <= 200
-    assert summary["attackers"]["hydra"]["first_decoyed"] <= 1000
-    assert summary["attackers"]["low-and-slow"]["first_flagged"] is None  # 300 is too little
+    assert attackers["bulk"]["first_flagged"] <= 200
+    assert attackers["hydra"]["first_flagged"] <= 2000
+    assert attackers["bulk"]["first_decoyed"] <= 200
+    assert attackers["hydra"]["first_decoyed"] <= 1000
+    assert attackers["low-and-slow"]["first_flagged"] is None  # 300 is too little
+    assert attackers["low-and-slow-long"]["first_decoyed"] <= 1200, attackers["low-and-slow-long"]
+    assert attackers["mimic"]["first_decoyed"] <= 2000, attackers["mimic"]
+    assert attackers["mimic"]["decoyed_share"] > 0.2, attackers["mimic"]
 
 
 def test_campaign_through_guard_and_vllm(tmp_path: Path, vllm_url: str) -> None:
