@@ -761,7 +761,7 @@ def train_students(
 
     from load_tests.lab import student
 
-    torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+    torch.set_num_threads(max(1, min(2, len(os.sched_getaffinity(0)))))  # taskset-aware
     tokenizer = student.load_tokenizer(tokenizer_dir)
     heldout = task.make_problems(cfg.eval_n, seed=1, split="heldout")
     student_cfg = student.StudentConfig()
@@ -786,7 +786,9 @@ def train_students(
                         data, heldout, tokenizer, student_cfg, cfg.seed
                     )
                 known[key] = {"accuracy": acc, "seconds": round(seconds, 1)}
-                cache.write_text(json.dumps(known, indent=1))
+                # Merge with what is on disk: runs for other actors may share the cache.
+                on_disk = json.loads(cache.read_text()) if cache.exists() else {}
+                cache.write_text(json.dumps({**on_disk, **known}, indent=1))
             entry = result.summary["attackers"][actor]
             entry["student_accuracy"] = known[key]["accuracy"]
             entry["student_seconds"] = known[key]["seconds"]
