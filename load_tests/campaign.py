@@ -21,6 +21,7 @@ import aiohttp
 import orjson
 import yaml
 
+from guard_server.config.schema import TierPolicy
 from guard_server.detection.scoring import ACTIONS
 from guard_server.pipeline.auth import hash_key
 from guard_server.teacher import task
@@ -580,14 +581,17 @@ def replay_detection(sims: list[Simulator], thresholds: dict[str, float]) -> lis
     ``MemoryStore`` whose clock is the query's planned simulated time, and assessed with
     ``guard_server.detection.scoring.assess``. Replies are the correct answer, one simulated
     second later. Limits are not applied (nothing is throttled) and nothing is decoyed, so
-    this measures detection only.
+    this measures detection only. The top-k cap and the distinct-prompts ramp are the
+    defended tier's, as in the guard.
     """
     from guard_server.detection.features import extract_features
     from guard_server.detection.scoring import assess
     from guard_server.openai_fields import Endpoint
     from guard_server.state.memory import MemoryStore
 
-    max_top = yaml.safe_load(DEFAULT_POLICY.read_text())["tiers"]["default"]["logprobs"]["max_top"]
+    tier = defended_tier()
+    max_top = tier.logprobs.max_top
+    distinct_ramp = tier.detection.distinct_prompts.bounds
     clock = [0.0]
     store = MemoryStore(clock=lambda: clock[0])
     streams = {sim.name: (sim, sim.queries()) for sim in sims}
@@ -614,7 +618,7 @@ def replay_detection(sims: list[Simulator], thresholds: dict[str, float]) -> lis
             )
             features = extract_features(endpoint, body, wants, max(1, max_top))
             profile, campaign = loop.run_until_complete(store.observe(query.client, features))
-            assessment = assess(profile, campaign, thresholds)
+            assessment = assess(profile, campaign, thresholds, distinct_ramp)
             outcome = Outcome(sim.name, sim.kind, sim.role, query, "")
             outcome.attempts.append(Attempt(at_s, 200, assessment.score, assessment.action))
             outcome.status = 200
@@ -708,12 +712,14 @@ def run_phase(
     return PhaseResult(phase, summary, pairs)
 
 
+def defended_tier(override: tuple[float, ...] | None = None) -> TierPolicy:
+    """The defended phase's tier, validated (with the thresholds ``override`` if given)."""
+    return TierPolicy.model_validate(campaign_tier(True, 1.0, override))
+
+
 def campaign_thresholds(override: tuple[float, ...] | None = None) -> dict[str, float]:
     """The campaign tier's action thresholds (the default tier's, or ``override``)."""
-    from guard_server.config.schema import TierPolicy
-
-    tier = TierPolicy.model_validate(campaign_tier(True, 1.0, override))
-    return tier.detection.thresholds.model_dump()
+    return defended_tier(override).detection.thresholds.model_dump()
 
 
 # --------------------------------------------------------------------------- students
