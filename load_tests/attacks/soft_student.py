@@ -92,16 +92,14 @@ class SoftLoss(torch.nn.Module):
 
     def forward(self, input_ids: torch.Tensor, labels: SoftBatch) -> SimpleNamespace:
         logits = self.model(input_ids=input_ids).logits[:, :-1].float()
-        logp = torch.log_softmax(logits, dim=-1)
         target = labels.labels[:, 1:]
         mask = target != lm.IGNORE
-        answer_logp = logp[mask]
-        ce = torch.nn.functional.nll_loss(answer_logp, target[mask])
-        if self.label_smoothing:
-            uniform = -answer_logp.mean(dim=-1).mean()
-            ce = (1 - self.label_smoothing) * ce + self.label_smoothing * uniform
+        ce = torch.nn.functional.cross_entropy(
+            logits[mask], target[mask], label_smoothing=self.label_smoothing
+        )
         if self.soft_weight == 0:
             return SimpleNamespace(loss=ce)
+        logp = torch.log_softmax(logits, dim=-1)
         sid, sp = labels.soft_ids[:, 1:], labels.soft_p[:, 1:]
         valid = sid >= 0
         has = valid.any(dim=-1) & mask
