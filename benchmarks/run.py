@@ -21,6 +21,7 @@ import platform
 import shlex
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -537,8 +538,8 @@ def phase_policy_cost(bench: Bench) -> dict[str, Any]:
             {**{f"{k}_rps": round(v) for k, v in rps.items()}, "cost_pct": round(cost, 1)}
         )
         print(f"  round {index + 1}: {rps}, cost {cost:.1f} %", flush=True)
-    costs = sorted(r["cost_pct"] for r in rounds)
-    return {"concurrency": sc, "rounds": rounds, "median_cost_pct": costs[len(costs) // 2]}
+    median = statistics.median(r["cost_pct"] for r in rounds)
+    return {"concurrency": sc, "rounds": rounds, "median_cost_pct": round(median, 1)}
 
 
 def _find(rows: list[dict[str, Any]], label: str, concurrency: int) -> dict[str, Any] | None:
