@@ -136,6 +136,43 @@ def train_lm(
 
 
 @torch.no_grad()
+def generate(
+    model: LlamaForCausalLM,
+    tokenizer: PreTrainedTokenizerFast,
+    prompts: Sequence[str],
+    *,
+    temperature: float = 0.0,
+    max_new_tokens: int = 32,
+    batch_size: int = 250,
+    seed: int = 0,
+) -> list[str]:
+    """Completions of ``prompts`` (BOS added, left padded), special tokens removed.
+
+    Greedy at ``temperature`` 0, else sampled from the model's distribution at that
+    temperature (torch seeded with ``seed``, so a run repeats).
+    """
+    model.eval()
+    tokenizer.padding_side = "left"
+    sampled = temperature > 0
+    if sampled:
+        torch.manual_seed(seed)
+    out: list[str] = []
+    for i in range(0, len(prompts), batch_size):
+        enc = tokenizer(list(prompts[i : i + batch_size]), return_tensors="pt", padding=True)
+        gen = model.generate(
+            **enc,
+            max_new_tokens=max_new_tokens,
+            do_sample=sampled,
+            temperature=temperature if sampled else None,
+            top_k=0 if sampled else None,
+            top_p=1.0 if sampled else None,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+        out += tokenizer.batch_decode(gen[:, enc.input_ids.shape[1] :], skip_special_tokens=True)
+    return out
+
+
 def greedy_generate(
     model: LlamaForCausalLM,
     tokenizer: PreTrainedTokenizerFast,
@@ -144,21 +181,8 @@ def greedy_generate(
     max_new_tokens: int = 32,
     batch_size: int = 250,
 ) -> list[str]:
-    """Greedy completions of ``prompts`` (BOS added, left padded), special tokens removed."""
-    model.eval()
-    tokenizer.padding_side = "left"
-    out: list[str] = []
-    for i in range(0, len(prompts), batch_size):
-        enc = tokenizer(list(prompts[i : i + batch_size]), return_tensors="pt", padding=True)
-        gen = model.generate(
-            **enc,
-            max_new_tokens=max_new_tokens,
-            do_sample=False,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-        )
-        out += tokenizer.batch_decode(gen[:, enc.input_ids.shape[1] :], skip_special_tokens=True)
-    return out
+    """Greedy completions of ``prompts`` (see ``generate``)."""
+    return generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size)
 
 
 def exact_match(
