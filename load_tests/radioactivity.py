@@ -1,4 +1,9 @@
-"""Watermark quality cost, plugin-noise cost and radioactivity, measured through a real guard."""
+"""Watermark quality cost, plugin-noise cost and radioactivity, measured through a real guard.
+
+Two teachers: the bundled arithmetic teacher (``--teacher arithmetic``: near-certain answers,
+almost nothing to mark) and the lab's storyteller (``--teacher storyteller``: stories with about
+four bits of choice per word, see ``load_tests/lab/story.py``).
+"""
 
 from __future__ import annotations
 
@@ -8,7 +13,9 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +26,10 @@ from guard_server.config.loader import load_settings
 from guard_server.pipeline.auth import hash_key
 from guard_server.teacher import task
 from guard_server.trace import tokenize, trace
+from guard_server.upstream.bundled_teacher import TEACHER_DIR
 from guard_server.upstream.vllm_process import VllmProcess
+from load_tests.lab import story
+from load_tests.lab.train_storyteller import STORYTELLER_DIR
 from tests.processes import GuardProcess
 
 REPO = Path(__file__).resolve().parents[1]
@@ -27,7 +37,68 @@ SECRET_ENV = "GUARD_RADIOACTIVITY_SECRET"
 SECRET = "radioactivity-test-secret-0123456789abcdef"
 SIGMAS = (0.5, 1.0, 2.0, 4.0)
 OTHERS = 22
+"""Bystander client keys: the trace must clear each of them."""
 WATERMARK = {"enabled": True, "gamma": 0.25, "delta": 2.0}
+
+
+@dataclass(frozen=True, slots=True)
+class PromptSet:
+    """Prompts, and how the texts answering them (in order) are scored."""
+
+    prompts: list[str]
+    score: Callable[[list[str]], dict[str, float]]
+
+
+def arithmetic_prompts(n: int, seed: int, split: task.Split) -> PromptSet:
+    """Addition problems; score: exact-match accuracy."""
+    problems = task.make_problems(n, seed=seed, split=split)
+    return PromptSet(
+        [task.completion_prompt(p.question) for p in problems],
+        lambda texts: {"accuracy": round(accuracy(problems, texts), 4)},
+    )
+
+
+def story_prompts(n: int, seed: int) -> PromptSet:
+    """Story topics; score: share of word transitions the chain allows, and their NLL."""
+    topics = story.topics(n, seed)
+
+    def score(texts: list[str]) -> dict[str, float]:
+        result = story.fidelity(topics, texts)
+        return {"valid": round(result.valid, 4), "nll": round(result.nll, 4)}
+
+    return PromptSet([story.prompt(t) for t in topics], score)
+
+
+@dataclass(frozen=True, slots=True)
+class Workload:
+    """A teacher: its weights, answer length, prompt sets and sampling temperatures."""
+
+    model_dir: Path
+    max_tokens: int
+    heldout: Callable[[int], PromptSet]
+    train: Callable[[int], PromptSet]
+    temperatures: tuple[float, ...]  # the teacher's, in the quality table
+    student_temperature: float  # how the student's traced generations are decoded
+
+
+WORKLOADS = {
+    "arithmetic": Workload(
+        TEACHER_DIR,
+        32,
+        lambda n: arithmetic_prompts(n, 7, "heldout"),
+        lambda n: arithmetic_prompts(n, 11, "train"),
+        (0.0, 1.0),
+        0.0,
+    ),
+    "storyteller": Workload(
+        STORYTELLER_DIR,
+        96,
+        lambda n: story_prompts(n, 7),
+        lambda n: story_prompts(n, 11),
+        (1.0,),
+        1.0,
+    ),
+}
 
 
 def _tier(sampling: dict[str, Any]) -> dict[str, Any]:
@@ -80,18 +151,31 @@ def write_config(directory: Path, vllm_url: str, delta: float = 2.0) -> Path:
 
 
 def complete(
-    base_url: str, key: str, prompts: list[str], temperature: float, workers: int = 32
+    base_url: str,
+    key: str,
+    prompts: list[str],
+    temperature: float,
+    workers: int = 32,
+    max_tokens: int = 32,
+    seeded: bool = False,
 ) -> list[str]:
-    """``/v1/completions`` for each prompt through the guard, ``workers`` at a time."""
+    """``/v1/completions`` for each prompt through the guard, ``workers`` at a time.
+
+    ``seeded``: prompt i is sent with ``seed`` i (the tier re-keys it per client), so that a
+    run repeats exactly.
+    """
     with httpx.Client(base_url=base_url, timeout=300) as http:
 
-        def one(prompt: str) -> str:
-            body = {
+        def one(item: tuple[int, str]) -> str:
+            index, prompt = item
+            body: dict[str, Any] = {
                 "model": "teacher",
                 "prompt": prompt,
-                "max_tokens": 32,
+                "max_tokens": max_tokens,
                 "temperature": temperature,
             }
+            if seeded:
+                body["seed"] = index
             response = http.post(
                 "/completions", json=body, headers={"Authorization": f"Bearer {key}"}
             )
@@ -99,7 +183,7 @@ def complete(
             return response.json()["choices"][0]["text"]
 
         with ThreadPoolExecutor(workers) as pool:
-            return list(pool.map(one, prompts))
+            return list(pool.map(one, enumerate(prompts)))
 
 
 def accuracy(problems: list[task.Problem], texts: list[str]) -> float:
@@ -124,28 +208,110 @@ def trace_texts(config: Path, texts: list[str], tokenizer_dir: Path) -> dict[str
         },
         "others_p_gt_0.01": sum(s.p_value > 0.01 for s in others),
         "others_max_abs_z": round(max(abs(s.z) for s in others), 2),
+        "others_abs_z_lt_2": sum(abs(s.z) < 2 for s in others),
     }
+
+
+def measure_quality(
+    workload: Workload, guard: GuardProcess, config: Path, model: Path, n: int, report
+) -> None:
+    """The teacher's quality per tier and temperature, and a trace of its watermarked text."""
+    keys = clients()
+    heldout = workload.heldout(n)
+    for temperature in workload.temperatures:
+        for cid in ("clean", "attacker", *(f"noise{s:g}" for s in SIGMAS)):
+            texts = complete(
+                guard.base_url,
+                keys[cid],
+                heldout.prompts,
+                temperature,
+                max_tokens=workload.max_tokens,
+            )
+            report(f"quality/{cid}/T={temperature:g}", heldout.score(texts))
+            if cid == "attacker" and temperature == 1.0:
+                report("trace/teacher_watermarked_T=1", trace_texts(config, texts, model))
+
+
+def measure_students(
+    workload: Workload,
+    guard: GuardProcess,
+    config: Path,
+    model: Path,
+    sizes: list[int],
+    args: argparse.Namespace,
+    work: Path,
+    report,
+) -> None:
+    """Per client (attacker, clean) and N: collect N answers, train a student, trace it."""
+    from load_tests.lab import lm, student
+
+    tokenizer = student.load_tokenizer(model)
+    train = workload.train(max(sizes))
+    heldout = workload.heldout(args.heldout)
+    cfg = student.StudentConfig(
+        steps=args.steps, layers=args.student_layers, batch=args.student_batch
+    )
+    for cid in ("attacker", "clean"):
+        answers = complete(
+            guard.base_url, clients()[cid], train.prompts, 1.0, max_tokens=workload.max_tokens
+        )
+        report(f"collected/{cid}/quality", train.score(answers))
+        for n in sizes:
+            report(f"trace/{cid}_collected_{n}", trace_texts(config, answers[:n], model))
+            started = time.monotonic()
+            pairs = list(zip(train.prompts[:n], answers[:n], strict=True))
+            net = student.train_student(pairs, tokenizer, cfg, log_every=250)
+            report(f"student/{cid}/{n}/train_s", round(time.monotonic() - started, 1))
+            generated = lm.generate(
+                net,
+                tokenizer,
+                heldout.prompts,
+                temperature=workload.student_temperature,
+                max_new_tokens=workload.max_tokens,
+            )
+            (work / f"student-{cid}-{n}.jsonl").write_text(
+                "".join(json.dumps({"text": t}) + "\n" for t in generated)
+            )
+            report(f"student/{cid}/{n}/heldout_quality", heldout.score(generated))
+            report(f"trace/student_{cid}_{n}", trace_texts(config, generated, model))
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--model", type=Path, default=REPO / "guard_server/teacher/model")
+    parser.add_argument("--teacher", choices=sorted(WORKLOADS), default="arithmetic")
+    parser.add_argument("--model", type=Path, default=None, help="the teacher's weights")
     parser.add_argument("--heldout", type=int, default=300)
-    parser.add_argument("--collect", type=int, default=2000, help="N answers the attacker takes")
+    parser.add_argument(
+        "--collect", default="2000", help="N answers the attacker takes (comma-separated: several)"
+    )
     parser.add_argument("--steps", type=int, default=300, help="student optimiser steps")
+    parser.add_argument("--student-layers", type=int, default=4)
+    parser.add_argument("--student-batch", type=int, default=128)
     parser.add_argument("--skip-quality", action="store_true")
     parser.add_argument("--skip-students", action="store_true")
     parser.add_argument("--vllm-url", default=None, help="reuse a running vLLM (with the plugin)")
     parser.add_argument("--delta", type=float, default=2.0, help="the attacker tier's delta")
     parser.add_argument("--out", type=Path, default=None, help="write results as JSON here")
     args = parser.parse_args(argv)
+    workload = WORKLOADS[args.teacher]
+    sizes = sorted(int(n) for n in args.collect.split(","))
     os.environ[SECRET_ENV] = SECRET
-    results: dict[str, Any] = {}
+    results: dict[str, Any] = {
+        "teacher": args.teacher,
+        "delta": args.delta,
+        "collect": sizes,
+        "steps": args.steps,
+    }
     work = Path(tempfile.mkdtemp(prefix="radioactivity-"))
     model = work / "teacher"
-    shutil.copytree(args.model, model)
+    shutil.copytree(args.model or workload.model_dir, model)
     vllm = None
     guard = None
+
+    def report(name: str, value: Any) -> None:
+        results[name] = value
+        print(name, json.dumps(value), flush=True)
+
     try:
         vllm_url = args.vllm_url
         if vllm_url is None:
@@ -156,51 +322,10 @@ def main(argv: list[str] | None = None) -> int:
         config = write_config(work, vllm_url, args.delta)
         guard = GuardProcess(config, work / "guard.log").start()
         guard.wait_ready(60)
-        keys = clients()
-        heldout = task.make_problems(args.heldout, seed=7, split="heldout")
-        prompts = [task.completion_prompt(p.question) for p in heldout]
-
-        def report(name: str, value: Any) -> None:
-            results[name] = value
-            print(name, json.dumps(value), flush=True)
-
         if not args.skip_quality:
-            for temperature in (0.0, 1.0):
-                for cid in ("clean", "attacker"):
-                    texts = complete(guard.base_url, keys[cid], prompts, temperature)
-                    report(f"accuracy/{cid}/T={temperature:g}", accuracy(heldout, texts))
-                    if cid == "attacker" and temperature == 1.0:
-                        report("trace/teacher_watermarked_T=1", trace_texts(config, texts, model))
-                for sigma in SIGMAS:
-                    texts = complete(guard.base_url, keys[f"noise{sigma:g}"], prompts, temperature)
-                    report(f"accuracy/noise{sigma:g}/T={temperature:g}", accuracy(heldout, texts))
+            measure_quality(workload, guard, config, model, args.heldout, report)
         if not args.skip_students:
-            from load_tests.lab import student
-
-            tokenizer = student.load_tokenizer(model)
-            train = task.make_problems(args.collect, seed=11, split="train")
-            train_prompts = [task.completion_prompt(p.question) for p in train]
-            cfg = student.StudentConfig(steps=args.steps)
-            for cid in ("attacker", "clean"):
-                answers = complete(guard.base_url, keys[cid], train_prompts, 1.0)
-                report(f"collected/{cid}/teacher_accuracy", accuracy(train, answers))
-                report(f"trace/{cid}_collected", trace_texts(config, answers, model))
-                started = time.monotonic()
-                net = student.train_student(
-                    list(zip(train_prompts, answers, strict=True)), tokenizer, cfg, log_every=100
-                )
-                report(f"student/{cid}/train_s", round(time.monotonic() - started, 1))
-                from load_tests.lab import lm
-
-                generated = lm.greedy_generate(net, tokenizer, prompts)
-                (work / f"student-{cid}.jsonl").write_text(
-                    "".join(json.dumps({"text": t}) + "\n" for t in generated)
-                )
-                report(f"student/{cid}/heldout_accuracy", accuracy(heldout, generated))
-                report(f"trace/student_{cid}", trace_texts(config, generated, model))
-        results["delta"] = args.delta
-        results["collect"] = args.collect
-        results["steps"] = args.steps
+            measure_students(workload, guard, config, model, sizes, args, work, report)
         results["workdir"] = str(work)
     finally:
         if guard is not None:
