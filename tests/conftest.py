@@ -1,4 +1,4 @@
-"""Session fixtures: real vLLM on the bundled teacher, and a guard in front of it."""
+"""Session fixtures: real vLLM on the bundled teacher (and the storyteller), a guard in front."""
 
 from __future__ import annotations
 
@@ -32,6 +32,27 @@ def vllm_url(artifacts: Path) -> Iterator[str]:
         return
     model_dir = os.environ.get("GUARD_TEST_MODEL_DIR", str(TEACHER_DIR))
     process = VllmProcess(model_dir, "teacher", log_path=artifacts / "vllm.log")
+    process.start()
+    try:
+        process.wait_healthy(timeout_s=300)
+        yield process.url
+    finally:
+        process.stop()
+
+
+@pytest.fixture(scope="session")
+def storyteller_url(artifacts: Path) -> Iterator[str]:
+    """Real vLLM serving the lab's storyteller, started by the first test that needs it.
+
+    Set GUARD_TEST_STORYTELLER_URL to reuse a vLLM you already run.
+    """
+    external = os.environ.get("GUARD_TEST_STORYTELLER_URL")
+    if external:
+        yield external.rstrip("/")
+        return
+    from load_tests.lab.train_storyteller import STORYTELLER_DIR
+
+    process = VllmProcess(STORYTELLER_DIR, "teacher", log_path=artifacts / "storyteller.log")
     process.start()
     try:
         process.wait_healthy(timeout_s=300)

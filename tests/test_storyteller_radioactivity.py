@@ -6,7 +6,7 @@ same text.
 
 Bystanders: 22 other client keys. Under no watermark a key's z is standard normal, so "every
 one of 22 has |z| < 2" would fail by chance in about two runs of three (0.954^22 = 0.35);
-the tests ask what holds with certainty to about 1 in 300: every |z| < 3.5, and at least 18
+the tests ask what chance breaks in fewer than 1 run in 500: every |z| < 4, and at least 17
 of the 22 within 2 (21 expected).
 """
 
@@ -26,24 +26,6 @@ from tests.processes import GuardProcess
 WORKLOAD = rt.WORKLOADS["storyteller"]
 COLLECT = 200
 STUDENT = student.StudentConfig(layers=2, steps=200, batch=64)
-
-
-@pytest.fixture(scope="module")
-def storyteller_url(artifacts: Path) -> Iterator[str]:
-    """Real vLLM serving the storyteller (GUARD_TEST_STORYTELLER_URL reuses a running one)."""
-    external = os.environ.get("GUARD_TEST_STORYTELLER_URL")
-    if external:
-        yield external.rstrip("/")
-        return
-    from guard_server.upstream.vllm_process import VllmProcess
-
-    process = VllmProcess(STORYTELLER_DIR, "teacher", log_path=artifacts / "storyteller.log")
-    process.start()
-    try:
-        process.wait_healthy(timeout_s=300)
-        yield process.url
-    finally:
-        process.stop()
 
 
 @pytest.fixture(scope="module")
@@ -87,8 +69,8 @@ def test_teacher_text_at_delta_2_names_its_client(story_guard: tuple[GuardProces
 
 
 def _assert_bystanders_clear(result: dict) -> None:
-    assert result["others_max_abs_z"] < 3.5, result
-    assert result["others_abs_z_lt_2"] >= 18, result
+    assert result["others_max_abs_z"] < 4, result
+    assert result["others_abs_z_lt_2"] >= 17, result
 
 
 def _student_trace(guard: GuardProcess, config: Path, client: str) -> dict:

@@ -57,25 +57,34 @@ class Answer:
 def collect(
     target: Target, problems: Sequence[task.Problem], k: int, cache: Path | None = None
 ) -> list[Answer]:
-    """Greedy answers with ``logprobs=k`` (the tier may clamp it) for every problem.
+    """Greedy answers with ``logprobs=k`` (the tier may clamp it) for every problem."""
+    prompts = [task.completion_prompt(p.question) for p in problems]
+    return collect_prompts(target, prompts, k, cache)
 
-    With ``cache`` (a JSON-lines file), answers stored there for the same questions are
+
+def collect_prompts(
+    target: Target,
+    prompts: Sequence[str],
+    k: int,
+    cache: Path | None = None,
+    *,
+    temperature: float = 0.0,
+    max_tokens: int = 32,
+) -> list[Answer]:
+    """Answers with ``logprobs=k`` (the tier may clamp it) for every prompt.
+
+    With ``cache`` (a JSON-lines file), answers stored there for the same prompts are
     reused, and freshly collected ones are stored.
     """
     if cache is not None and cache.exists():
         rows = [json.loads(line) for line in cache.read_text().splitlines()]
-        if len(rows) >= len(problems) and all(
-            r["question"] == p.question for r, p in zip(rows, problems, strict=False)
+        if len(rows) >= len(prompts) and all(
+            r["prompt"] == p for r, p in zip(rows, prompts, strict=False)
         ):
-            return [Answer(r["text"], r["tokens"], r["top"]) for r in rows[: len(problems)]]
+            return [Answer(r["text"], r["tokens"], r["top"]) for r in rows[: len(prompts)]]
     bodies = [
-        {
-            "prompt": task.completion_prompt(p.question),
-            "max_tokens": 32,
-            "temperature": 0,
-            "logprobs": k,
-        }
-        for p in problems
+        {"prompt": p, "max_tokens": max_tokens, "temperature": temperature, "logprobs": k}
+        for p in prompts
     ]
     out = []
     for r in completions(target, bodies, concurrency=48):
@@ -92,8 +101,8 @@ def collect(
     if cache is not None:
         cache.parent.mkdir(parents=True, exist_ok=True)
         with cache.open("w") as f:
-            for p, a in zip(problems, out, strict=True):
-                f.write(json.dumps({"question": p.question, **asdict(a)}) + "\n")
+            for p, a in zip(prompts, out, strict=True):
+                f.write(json.dumps({"prompt": p, **asdict(a)}) + "\n")
     return out
 
 
@@ -106,17 +115,17 @@ class Vocabulary:
         self.ids = {t: i for i, t in enumerate(texts) if counts[t] == 1}
         self.tokenizer = tokenizer
 
-    def examples(self, problems: Sequence[task.Problem], answers: Sequence[Answer], k: int):
+    def examples(self, prompts: Sequence[str], answers: Sequence[Answer], k: int):
         """Training examples: the teacher's own token sequence and its top-k per position.
 
         An answer with a token that cannot be mapped back is retokenized from its text
         (EOS appended) and gets no soft targets; the count of those is returned too.
         """
-        prompts = self.tokenizer([task.completion_prompt(p.question) for p in problems]).input_ids
+        prompt_ids = self.tokenizer(list(prompts)).input_ids
         examples: list[SoftExample] = []
         fallback = 0
         eos = self.tokenizer.eos_token_id
-        for prompt, answer in zip(prompts, answers, strict=True):
+        for prompt, answer in zip(prompt_ids, answers, strict=True):
             ids = [self.ids.get(t) for t in answer.tokens]
             if any(i is None for i in ids) or not ids:
                 fallback += 1
@@ -300,7 +309,9 @@ def run_attack(
     }
     examples, fallback = {}, {}
     for tier, got in answers.items():
-        examples[tier], fallback[tier] = vocab.examples(problems, got, 20)
+        examples[tier], fallback[tier] = vocab.examples(
+            [task.completion_prompt(p.question) for p in problems], got, 20
+        )
     facts["retokenized"] = fallback
     facts["synthetic_top_p"] = mean_emitted_probability(answers["default"])
     examples["synthetic"] = [
