@@ -81,6 +81,14 @@ def test_yaml_syntax_error_names_the_line(tmp_path: Path) -> None:
         load_settings(path)
 
 
+def test_an_empty_policy_file_is_refused(tmp_path: Path) -> None:
+    """A file being rewritten reads empty for a moment: it must not load as "no clients"."""
+    path = _config(tmp_path, {})
+    (tmp_path / "policy.yaml").write_text("# being rewritten\n")
+    with pytest.raises(ConfigError, match=r"policy.yaml: the file is empty"):
+        load_settings(path)
+
+
 def test_check_config_cli_exit_codes(tmp_path: Path) -> None:
     ok = subprocess.run(
         [sys.executable, "-m", "guard_server", "check-config", str(POLICIES / "guard.yaml")],

@@ -92,7 +92,12 @@ class Settings:
         return [self.config.bundled_teacher.model_name]
 
 
-def _read_yaml(path: Path) -> tuple[Any, bytes]:
+def _read_yaml(path: Path, allow_empty: bool = True) -> tuple[Any, bytes]:
+    """The file's top-level mapping and its bytes; ConfigError with the place of any problem.
+
+    ``allow_empty=False`` refuses a file with no YAML document: a policy file caught between
+    truncation and rewrite by the reload watcher reads empty, and must not drop every client.
+    """
     try:
         raw = path.read_bytes()
     except OSError as exc:
@@ -107,6 +112,8 @@ def _read_yaml(path: Path) -> tuple[Any, bytes]:
         problem = getattr(exc, "problem", None) or str(exc)
         raise ConfigError(f"{path}: invalid YAML{where}: {problem}") from None
     if data is None:
+        if not allow_empty:
+            raise ConfigError(f"{path}: the file is empty (a policy file needs tiers or clients)")
         data = {}
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: the top level must be a mapping, got {type(data).__name__}")
@@ -186,7 +193,7 @@ def load_settings(path: str | os.PathLike[str]) -> Settings:
     client_entries: dict[str, tuple[ClientEntry, Path]] = {}
     for policy_name in config.policies:
         policy_path = Path(os.path.abspath(base / policy_name))
-        policy_data, policy_raw = _read_yaml(policy_path)
+        policy_data, policy_raw = _read_yaml(policy_path, allow_empty=False)
         digest.update(policy_raw)
         files.append(policy_path)
         policy = _validate(PolicyFile, policy_data, policy_path)
