@@ -8,12 +8,13 @@ four bits of choice per word, see ``load_tests/lab/story.py``).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -148,6 +149,29 @@ def write_config(directory: Path, vllm_url: str, delta: float = 2.0) -> Path:
     path = directory / "guard.yaml"
     path.write_text(yaml.safe_dump(config))
     return path
+
+
+@contextlib.contextmanager
+def watermark_guard(
+    directory: Path, vllm_url: str, delta: float
+) -> Iterator[tuple[GuardProcess, Path]]:
+    """A running guard with ``write_config``'s tiers in front of ``vllm_url``, and its config.
+
+    The fixed secret is in the environment while it runs (the previous value is restored).
+    """
+    previous = os.environ.get(SECRET_ENV)
+    os.environ[SECRET_ENV] = SECRET
+    config = write_config(directory, vllm_url, delta)
+    process = GuardProcess(config, directory / "guard.log").start()
+    try:
+        process.wait_ready()
+        yield process, config
+    finally:
+        process.stop()
+        if previous is None:
+            os.environ.pop(SECRET_ENV, None)
+        else:
+            os.environ[SECRET_ENV] = previous
 
 
 def complete(

@@ -20,24 +20,29 @@ def artifacts(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("session")
 
 
-@pytest.fixture(scope="session")
-def vllm_url(artifacts: Path) -> Iterator[str]:
-    """Real vLLM (CPU) serving the bundled teacher, started once per session.
-
-    Set GUARD_TEST_VLLM_URL to reuse a vLLM you already run.
-    """
-    external = os.environ.get("GUARD_TEST_VLLM_URL")
+def _serve(model_dir: str | Path, reuse_env: str, log_path: Path) -> Iterator[str]:
+    """The URL of a running vLLM: the one ``reuse_env`` names, or one started on ``model_dir``."""
+    external = os.environ.get(reuse_env)
     if external:
         yield external.rstrip("/")
         return
-    model_dir = os.environ.get("GUARD_TEST_MODEL_DIR", str(TEACHER_DIR))
-    process = VllmProcess(model_dir, "teacher", log_path=artifacts / "vllm.log")
+    process = VllmProcess(model_dir, "teacher", log_path=log_path)
     process.start()
     try:
         process.wait_healthy(timeout_s=300)
         yield process.url
     finally:
         process.stop()
+
+
+@pytest.fixture(scope="session")
+def vllm_url(artifacts: Path) -> Iterator[str]:
+    """Real vLLM (CPU) serving the bundled teacher, started once per session.
+
+    Set GUARD_TEST_VLLM_URL to reuse a vLLM you already run.
+    """
+    model_dir = os.environ.get("GUARD_TEST_MODEL_DIR", str(TEACHER_DIR))
+    yield from _serve(model_dir, "GUARD_TEST_VLLM_URL", artifacts / "vllm.log")
 
 
 @pytest.fixture(scope="session")
@@ -46,19 +51,9 @@ def storyteller_url(artifacts: Path) -> Iterator[str]:
 
     Set GUARD_TEST_STORYTELLER_URL to reuse a vLLM you already run.
     """
-    external = os.environ.get("GUARD_TEST_STORYTELLER_URL")
-    if external:
-        yield external.rstrip("/")
-        return
     from load_tests.lab.train_storyteller import STORYTELLER_DIR
 
-    process = VllmProcess(STORYTELLER_DIR, "teacher", log_path=artifacts / "storyteller.log")
-    process.start()
-    try:
-        process.wait_healthy(timeout_s=300)
-        yield process.url
-    finally:
-        process.stop()
+    yield from _serve(STORYTELLER_DIR, "GUARD_TEST_STORYTELLER_URL", artifacts / "storyteller.log")
 
 
 @pytest.fixture(scope="session")

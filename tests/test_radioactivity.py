@@ -27,19 +27,8 @@ def wm_guard(
     trace, not the strength of the default watermark.
     """
     directory = tmp_path_factory.mktemp("radioactivity")
-    previous = os.environ.get(rt.SECRET_ENV)
-    os.environ[rt.SECRET_ENV] = rt.SECRET
-    config = rt.write_config(directory, vllm_url, delta=20.0)
-    process = GuardProcess(config, directory / "guard.log").start()
-    try:
-        process.wait_ready()
-        yield process, config
-    finally:
-        process.stop()
-        if previous is None:
-            os.environ.pop(rt.SECRET_ENV, None)
-        else:
-            os.environ[rt.SECRET_ENV] = previous
+    with rt.watermark_guard(directory, vllm_url, delta=20.0) as running:
+        yield running
 
 
 def _answers(guard: GuardProcess, client: str) -> list[str]:

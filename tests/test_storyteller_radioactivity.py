@@ -12,7 +12,6 @@ of the 22 within 2 (21 expected).
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -34,19 +33,8 @@ def story_guard(
 ) -> Iterator[tuple[GuardProcess, Path]]:
     """A guard whose ``attacker`` tier watermarks at δ=2 and ``clean`` tier does not."""
     directory = tmp_path_factory.mktemp("story-radioactivity")
-    previous = os.environ.get(rt.SECRET_ENV)
-    os.environ[rt.SECRET_ENV] = rt.SECRET
-    config = rt.write_config(directory, storyteller_url, delta=2.0)
-    process = GuardProcess(config, directory / "guard.log").start()
-    try:
-        process.wait_ready()
-        yield process, config
-    finally:
-        process.stop()
-        if previous is None:
-            os.environ.pop(rt.SECRET_ENV, None)
-        else:
-            os.environ[rt.SECRET_ENV] = previous
+    with rt.watermark_guard(directory, storyteller_url, delta=2.0) as running:
+        yield running
 
 
 def _stories(guard: GuardProcess, client: str, prompts: list[str]) -> list[str]:

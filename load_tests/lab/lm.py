@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import argparse
 import math
 import random
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from guard_server.teacher import task
 
@@ -56,20 +58,17 @@ def length_grouped(
 
 
 def llama(
-    vocab_size: int,
+    tokenizer: PreTrainedTokenizerFast,
     *,
     hidden: int = 128,
     layers: int = 4,
     heads: int = 4,
     intermediate: int = 512,
     max_positions: int = 256,
-    bos_id: int = 0,
-    eos_id: int = 1,
-    pad_id: int = 2,
 ) -> LlamaForCausalLM:
-    """A freshly initialised float32 Llama (untied embeddings) of the given size."""
+    """A freshly initialised float32 Llama (untied embeddings) for ``tokenizer``'s vocabulary."""
     config = LlamaConfig(
-        vocab_size=vocab_size,
+        vocab_size=len(tokenizer),
         hidden_size=hidden,
         intermediate_size=intermediate,
         num_hidden_layers=layers,
@@ -77,11 +76,38 @@ def llama(
         num_key_value_heads=heads,
         max_position_embeddings=max_positions,
         tie_word_embeddings=False,
-        bos_token_id=bos_id,
-        eos_token_id=eos_id,
-        pad_token_id=pad_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
     )
     return LlamaForCausalLM(config)
+
+
+def training_parser(
+    description: str | None, *, out: Path, steps: int, batch: int, lr: float, layers: int
+) -> argparse.ArgumentParser:
+    """The options every model trainer of the lab shares, with that model's defaults."""
+    ap = argparse.ArgumentParser(description=description)
+    ap.add_argument("--out", type=Path, default=out)
+    ap.add_argument("--steps", type=int, default=steps)
+    ap.add_argument("--batch", type=int, default=batch)
+    ap.add_argument("--lr", type=float, default=lr)
+    ap.add_argument("--layers", type=int, default=layers)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=2)
+    return ap
+
+
+def save_model(model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerFast, out: Path) -> None:
+    """Write weights, generation config and tokenizer to ``out``, ready for vLLM."""
+    model.generation_config = GenerationConfig(
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
 
 
 @dataclass(frozen=True, slots=True)

@@ -59,14 +59,11 @@ def fresh_student(
     torch.manual_seed(seed)
     rng = random.Random(f"student:{seed}")
     model = lm.llama(
-        len(tokenizer),
+        tokenizer,
         hidden=cfg.hidden,
         layers=cfg.layers,
         heads=cfg.heads,
         intermediate=cfg.intermediate,
-        bos_id=tokenizer.bos_token_id,
-        eos_id=tokenizer.eos_token_id,
-        pad_id=tokenizer.pad_token_id,
     )
     return model, rng
 

@@ -5,13 +5,12 @@
 
 from __future__ import annotations
 
-import argparse
 import random
 import time
 from pathlib import Path
 
 import torch
-from transformers import GenerationConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
 
 from guard_server.upstream.bundled_teacher import TEACHER_DIR
 from load_tests.lab import lm, story
@@ -72,40 +71,20 @@ def heldout_nll(
 
 def main(argv: list[str] | None = None) -> None:
     """Train, save to ``--out`` and print the fidelity of sampled stories."""
-    ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--out", type=Path, default=STORYTELLER_DIR)
-    ap.add_argument("--steps", type=int, default=2000)
-    ap.add_argument("--batch", type=int, default=64)
-    ap.add_argument("--lr", type=float, default=3e-3)
-    ap.add_argument("--layers", type=int, default=2)
-    ap.add_argument("--seed", type=int, default=0)
+    ap = lm.training_parser(__doc__, out=STORYTELLER_DIR, steps=2000, batch=64, lr=3e-3, layers=2)
     ap.add_argument("--eval-n", type=int, default=300)
-    ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args(argv)
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     start = time.monotonic()
     tokenizer = PreTrainedTokenizerFast.from_pretrained(TEACHER_DIR)
-    model = lm.llama(
-        len(tokenizer),
-        layers=args.layers,
-        bos_id=tokenizer.bos_token_id,
-        eos_id=tokenizer.eos_token_id,
-        pad_id=tokenizer.pad_token_id,
-    )
+    model = lm.llama(tokenizer, layers=args.layers)
     print(f"params {sum(p.numel() for p in model.parameters()):,}", flush=True)
     lm.train_lm(
         model, _batches(tokenizer, args.batch, args.seed), lm.TrainConfig(args.steps, args.lr)
     )
-    model.generation_config = GenerationConfig(
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    args.out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(args.out)
-    tokenizer.save_pretrained(args.out)
+    lm.save_model(model, tokenizer, args.out)
     print(f"saved to {args.out} after {time.monotonic() - start:.0f}s")
     fid = evaluate(model, tokenizer, args.eval_n, seed=1)
     print(

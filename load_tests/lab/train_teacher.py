@@ -5,14 +5,13 @@
 
 from __future__ import annotations
 
-import argparse
 import random
 import time
 from pathlib import Path
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-from transformers import GenerationConfig, PreTrainedTokenizerFast
+from transformers import PreTrainedTokenizerFast
 
 from guard_server.teacher import task
 from load_tests.lab import lm
@@ -116,42 +115,23 @@ def _batches(tokenizer: PreTrainedTokenizerFast, batch: int, seed: int, pool: in
 
 def main(argv: list[str] | None = None) -> None:
     """Train, save to ``--out`` and print held-out greedy exact-match."""
-    ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--out", type=Path, default=Path("guard_server/teacher/model"))
-    ap.add_argument("--steps", type=int, default=3000)
-    ap.add_argument("--batch", type=int, default=128)
-    ap.add_argument("--lr", type=float, default=1e-3)
-    ap.add_argument("--layers", type=int, default=4)
-    ap.add_argument("--seed", type=int, default=0)
+    ap = lm.training_parser(
+        __doc__, out=Path("guard_server/teacher/model"), steps=3000, batch=128, lr=1e-3, layers=4
+    )
     ap.add_argument("--eval-n", type=int, default=1000)
-    ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args(argv)
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     start = time.monotonic()
     tokenizer = build_tokenizer(args.seed)
-    model = lm.llama(
-        len(tokenizer),
-        layers=args.layers,
-        bos_id=tokenizer.bos_token_id,
-        eos_id=tokenizer.eos_token_id,
-        pad_id=tokenizer.pad_token_id,
-    )
+    model = lm.llama(tokenizer, layers=args.layers)
     n_params = sum(p.numel() for p in model.parameters())
     print(f"vocab {len(tokenizer)}, params {n_params:,}", flush=True)
     cfg = lm.TrainConfig(steps=args.steps, lr=args.lr)
     lm.train_lm(model, _batches(tokenizer, args.batch, args.seed), cfg)
     train_s = time.monotonic() - start
-
-    model.generation_config = GenerationConfig(
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    args.out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(args.out)
-    tokenizer.save_pretrained(args.out)
+    lm.save_model(model, tokenizer, args.out)
     print(f"saved to {args.out} after {train_s:.0f}s of training")
 
     heldout = task.make_problems(args.eval_n, seed=1, split="heldout")
