@@ -25,6 +25,7 @@ from guard_server.vllm_plugin.transform import EAGER, Kernels, compiled_kernels
 SCENARIOS: dict[str, dict[str, object]] = {
     "noise only": {"guard_noise_seed": 1, "guard_noise_sigma": 1.0},
     "watermark only": {"guard_wm_key": 7},
+    "noise + watermark": {"guard_noise_seed": 1, "guard_noise_sigma": 1.0, "guard_wm_key": 7},
     "noise + watermark + bounds": {
         "guard_noise_seed": 1,
         "guard_noise_sigma": 1.0,
@@ -81,7 +82,15 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--no-compile", action="store_true", help="skip torch.compile")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch CPU threads (vLLM's CPU engine calls apply() on 1; default: torch's)",
+    )
     args = parser.parse_args()
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
 
     device = torch.device(args.device)
     base = torch.randn(args.batch, args.vocab, generator=torch.Generator().manual_seed(0))
