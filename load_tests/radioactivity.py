@@ -319,7 +319,6 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     workload = WORKLOADS[args.teacher]
     sizes = sorted(int(n) for n in args.collect.split(","))
-    os.environ[SECRET_ENV] = SECRET
     results: dict[str, Any] = {
         "teacher": args.teacher,
         "delta": args.delta,
@@ -329,33 +328,25 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(tempfile.mkdtemp(prefix="radioactivity-"))
     model = work / "teacher"
     shutil.copytree(args.model or workload.model_dir, model)
-    vllm = None
-    guard = None
 
     def report(name: str, value: Any) -> None:
         results[name] = value
         print(name, json.dumps(value), flush=True)
 
-    try:
+    with contextlib.ExitStack() as running:
         vllm_url = args.vllm_url
         if vllm_url is None:
             vllm = VllmProcess(model, "teacher", log_path=work / "vllm.log")
             vllm.start()
+            running.callback(vllm.stop)
             vllm.wait_healthy(600)
             vllm_url = vllm.url
-        config = write_config(work, vllm_url, args.delta)
-        guard = GuardProcess(config, work / "guard.log").start()
-        guard.wait_ready(60)
+        guard, config = running.enter_context(watermark_guard(work, vllm_url, args.delta))
         if not args.skip_quality:
             measure_quality(workload, guard, config, model, args.heldout, report)
         if not args.skip_students:
             measure_students(workload, guard, config, model, sizes, args, work, report)
         results["workdir"] = str(work)
-    finally:
-        if guard is not None:
-            guard.stop()
-        if vllm is not None:
-            vllm.stop()
     if args.out:
         args.out.write_text(json.dumps(results, indent=2))
     return 0
