@@ -199,24 +199,10 @@ def generate(
     return out
 
 
-def greedy_generate(
-    model: LlamaForCausalLM,
-    tokenizer: PreTrainedTokenizerFast,
-    prompts: Sequence[str],
-    *,
-    max_new_tokens: int = 32,
-    batch_size: int = 250,
-) -> list[str]:
-    """Greedy completions of ``prompts`` (see ``generate``)."""
-    return generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size)
-
-
 def exact_match(
     model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerFast, problems: Iterable[task.Problem]
 ) -> float:
     """Fraction of ``problems`` that greedy decoding answers correctly."""
     problems = list(problems)
-    texts = greedy_generate(
-        model, tokenizer, [task.completion_prompt(p.question) for p in problems]
-    )
+    texts = generate(model, tokenizer, [task.completion_prompt(p.question) for p in problems])
     return sum(task.check(p, t) for p, t in zip(problems, texts, strict=True)) / len(problems)
