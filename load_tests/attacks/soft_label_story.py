@@ -100,33 +100,33 @@ def word_start_divergence(
     """
     chain = story.chain()
     first = first_tokens(tokenizer)
-    buckets = sorted(set(first.values()))
+    index = {token: i for i, token in enumerate(sorted(set(first.values())))}
     truth_of: dict[str, np.ndarray] = {}
     for word in story.WORDS:
-        truth = np.zeros(len(buckets))
+        truth = np.zeros(len(index))
         for nxt, p in zip(chain.successors[word], chain.probs[word], strict=True):
-            truth[buckets.index(first[nxt])] += p
+            truth[index[first[nxt]]] += p
         truth_of[word] = truth
-    index = {token: i for i, token in enumerate(buckets)}
     values = []
     for answer in answers:
-        prefix = ""
+        word = ""  # the word the answer is writing
         for token, top in zip(answer.tokens, answer.top, strict=True):
-            words = prefix.split()
-            if token.startswith(" ") and words and words[-1] in truth_of and prefix[-1] != " ":
-                target = np.full(len(buckets), np.nan)
+            starts_word = token.startswith(" ")
+            if starts_word and word in truth_of:
+                listed = np.zeros(len(index), dtype=bool)
+                target = np.zeros(len(index))
                 for t, v in top.items():
                     if t in index:
+                        listed[index[t]] = True
                         target[index[t]] = math.exp(v)
-                unlisted = np.isnan(target)
-                listed_mass = float(np.nansum(target))
-                target[unlisted] = max(1.0 - listed_mass, 0.0) / max(int(unlisted.sum()), 1)
+                unlisted = max(int((~listed).sum()), 1)
+                target[~listed] = max(1.0 - float(target.sum()), 0.0) / unlisted
                 target = np.maximum(target, floor)
                 target /= target.sum()
-                truth = truth_of[words[-1]]
+                truth = truth_of[word]
                 live = truth > 0
                 values.append(float(np.sum(truth[live] * np.log(truth[live] / target[live]))))
-            prefix += token
+            word = token.strip() if starts_word else word + token
     return float(np.mean(values)), len(values)
 
 
