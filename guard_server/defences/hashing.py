@@ -9,7 +9,9 @@ The mixer is the two-round "lowbias32" form found by Chris Wellons' hash-prospec
 multipliers ``0x21f0aaad`` and ``0x735a2d97`` (shifts 16, 15, 15). Both multipliers are below
 2**31 and every value is masked to 32 bits before it is multiplied, so no product reaches
 2**63: nothing overflows int64, and a right shift never sees a negative number (torch's ``>>``
-on int64 is arithmetic).
+on int64 is arithmetic). The vLLM plugin runs the same mixer on int32 tensors
+(``vllm_plugin.transform``: wrapping products, masked shifts), which its tests hold bit for bit
+to this module.
 """
 
 from __future__ import annotations
@@ -18,31 +20,41 @@ from typing import TypeVar
 
 MASK32 = 0xFFFF_FFFF
 TWO_32 = 1 << 32
-_M1 = 0x21F0_AAAD
-_M2 = 0x735A_2D97
+MULTIPLIERS = (0x21F0_AAAD, 0x735A_2D97)  # the mixer's two rounds: multiply, then xor-shift
+SHIFTS = (16, 15, 15)  # the xor-shift before the first round and after each round
 _KEY_SALT = 0x9E37_79B9  # keeps key 0 away from the mixer's fixed point at 0
 NOISE_DOMAIN = 0x6E6F_6973  # "nois": keeps noise row keys apart from green-list row keys
 
 H = TypeVar("H")  # int, numpy.ndarray (int64) or torch.Tensor (int64)
 
 
+def premix(x: H) -> H:
+    """The mixer's first step, ``x ^ (x >> 16)``. It commutes with xor:
+    ``premix(a ^ b) == premix(a) ^ premix(b)``, so a cell hash can premix its two halves apart.
+    """
+    return x ^ (x >> SHIFTS[0])  # a fresh value: callers may change it in place
+
+
 def mix32(x: H) -> H:
     """The 32-bit mixer: a bijection on [0, 2**32). ``x`` must already lie in that range."""
-    x = x ^ (x >> 16)  # a fresh value, so the in-place steps below never touch the caller's
-    x *= _M1
-    x &= MASK32
-    x ^= x >> 15
-    x *= _M2
-    x &= MASK32
-    x ^= x >> 15
+    x = premix(x)
+    for multiplier, shift in zip(MULTIPLIERS, SHIFTS[1:], strict=True):
+        x *= multiplier
+        x &= MASK32
+        x ^= x >> shift
     return x
+
+
+def extend_key(h: H, part: H) -> H:
+    """One more part (reduced mod 2**32) folded into a row key: ``row_key``'s step."""
+    return mix32(h ^ (part & MASK32))
 
 
 def row_key(key: H, *parts: H) -> H:
     """Fold ``key`` and ``parts`` (each reduced mod 2**32) into one 32-bit per-row value."""
     h = mix32((key & MASK32) ^ _KEY_SALT)
     for part in parts:
-        h = mix32(h ^ (part & MASK32))
+        h = extend_key(h, part)
     return h
 
 
@@ -74,8 +86,12 @@ def is_green(key: int, prev_token: H, token_ids: H, gamma: float) -> H:
 
 
 def noise_row_key(seed: H, step: H) -> H:
-    """The row key of a request's keyed noise at decoding step ``step``."""
-    return row_key(seed, step, NOISE_DOMAIN)
+    """The row key of a request's keyed noise at decoding step ``step``.
+
+    It is ``extend_key(row_key(seed, NOISE_DOMAIN), step)``: a decoder keeps the first part per
+    request and mixes only the step in at each token.
+    """
+    return row_key(seed, NOISE_DOMAIN, step)
 
 
 def uniform_from_hash(h: H, bits: int = 32) -> H:

@@ -23,7 +23,7 @@ green-list bonus, then the forced bounds (top-k, min-p, then top-p over the surv
 masked to -inf stays so through penalties and temperature, so the bounds hold for the
 distribution vLLM samples from, whatever the watermark did.
 
-Noise is ``sigma * G(mix(token_hash(v) ^ noise_row_key(seed, step)))``: a pure function of
+Noise is ``sigma * G(cell_hash(noise_row_key(seed, step), token_hash(v)))``: a pure function of
 (seed, step, token), so a request replays exactly, with no ``torch.Generator`` state. It does
 not depend on the prompt: the guard must derive ``guard_noise_seed`` per request (from the
 client key and the request's content), or one client would see the same noise at every step
@@ -36,9 +36,15 @@ bounds excluded. Hardening them stays the guard's job (``defences.logprobs``), w
 cap the number of top logprobs at the tier's top-k. ``processed_logprobs`` is no fix: it would
 show the watermark's green-list shifts directly, which makes the key easy to steal.
 
-Speed. ``GUARD_PLUGIN_COMPILE=1`` fuses the hash stages with ``torch.compile`` at startup
-(about 20x faster on CPU for large vocabularies, ``benchmarks/plugin_apply.py``); the default is
-the eager torch transform.
+Speed. A step's work is one host-side rekey (each guarded row's step or previous token,
+mixed into its per-request base key by numpy) and one pass over the guarded rows' cells for
+noise and watermark together, in int32 (``transform``). ``GUARD_PLUGIN_COMPILE=1`` fuses that
+pass with ``torch.compile`` at startup (about 20 s): faster in isolation on CPU, the more so
+the larger the vocabulary, but inside vLLM's CPU engine it gains nothing on the bundled
+teacher, whose steps are too small for anything but per-call costs to show
+(``benchmarks/plugin_apply.py``, docs/evaluation.md). On a GPU, where every eager op re-reads
+the [rows x vocabulary] tensors, fusing should matter most; that is not measured yet. The
+default is the eager transform.
 """
 
 from __future__ import annotations
@@ -54,7 +60,13 @@ import torch
 from vllm import SamplingParams
 from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor, MoveDirectionality
 
-from guard_server.defences.hashing import green_threshold, noise_row_key, row_key
+from guard_server.defences.hashing import (
+    NOISE_DOMAIN,
+    extend_key,
+    green_threshold,
+    premix,
+    row_key,
+)
 from guard_server.vllm_plugin.params import GuardParams, parse
 from guard_server.vllm_plugin.transform import (
     EAGER,
@@ -65,6 +77,7 @@ from guard_server.vllm_plugin.transform import (
     WatermarkRows,
     apply_guard,
     compiled_kernels,
+    signed_threshold,
     vocab_hashes,
 )
 
@@ -98,27 +111,33 @@ class _Request:
     last_prompt_token: int
     output_ids: list[int]  # vLLM appends to this very list as tokens are sampled
 
-    @property
-    def step(self) -> int:
-        return len(self.output_ids)
-
-    @property
-    def prev_token(self) -> int:
-        return self.output_ids[-1] if self.output_ids else self.last_prompt_token
-
 
 @dataclass(slots=True)
 class _Plan:
-    """Per-stage rows and static parameters for the current batch, built once per change."""
+    """Per-stage rows and parameters for the current batch, built once per change.
+
+    The stages' keys are views of one int32 tensor, rekeyed at every step on the host:
+    ``premix(extend_key(base, part))``, the part being each noise row's step, then each
+    watermark row's previous token.
+    """
 
     shape: tuple[int, int]  # the logits' (rows, vocabulary) it was built for
-    noise_requests: list[_Request]
-    noise_seeds: np.ndarray
-    noise: NoiseRows | None
+    noise_outputs: list[list[int]]  # the noise rows' output token lists
     wm_requests: list[_Request]
-    wm_keys: np.ndarray
+    bases: np.ndarray  # uint32: row_key(seed, NOISE_DOMAIN) per noise row, then row_key(wm_key)
+    keys_host: np.ndarray  # int32, the same length
+    keys: torch.Tensor  # keys_host on the logits' device (on CPU, the same memory)
+    noise: NoiseRows | None
     watermark: WatermarkRows | None
     bounds: BoundRows | None
+
+    def rekey(self) -> None:
+        """This step's row keys into ``keys_host``."""
+        previous = [
+            r.output_ids[-1] if r.output_ids else r.last_prompt_token for r in self.wm_requests
+        ]
+        parts = np.array([*map(len, self.noise_outputs), *previous], dtype=np.uint32)
+        self.keys_host[:] = premix(extend_key(self.bases, parts)).view(np.int32)
 
 
 class GuardLogitsProcessor(LogitsProcessor):
@@ -181,25 +200,11 @@ class GuardLogitsProcessor(LogitsProcessor):
         vocab = self._vocab
         if vocab is None or vocab.shape[0] != logits.shape[1] or vocab.device != logits.device:
             vocab = self._vocab = vocab_hashes(logits.shape[1], logits.device)
-        noise = plan.noise
-        if noise is not None:
-            steps = np.fromiter((r.step for r in plan.noise_requests), np.int64)
-            keys = self._to_device(noise_row_key(plan.noise_seeds, steps), logits.device)
-            noise = NoiseRows(noise.rows, keys, noise.sigma, noise.gaussian)
-        watermark = plan.watermark
-        if watermark is not None:
-            prev = np.fromiter((r.prev_token for r in plan.wm_requests), np.int64)
-            keys = self._to_device(row_key(plan.wm_keys, prev), logits.device)
-            watermark = WatermarkRows(watermark.rows, keys, watermark.threshold, watermark.delta)
-        return apply_guard(logits, vocab, noise, watermark, plan.bounds, self.kernels)
-
-    def _to_device(self, array: np.ndarray, device: torch.device) -> torch.Tensor:
-        tensor = torch.from_numpy(np.ascontiguousarray(array, dtype=np.int64))
-        if device.type == "cpu":
-            return tensor
-        if self.pin_memory:
-            tensor = tensor.pin_memory()
-        return tensor.to(device, non_blocking=True)
+        plan.rekey()
+        if plan.keys.device.type != "cpu":
+            host = torch.from_numpy(plan.keys_host)
+            plan.keys.copy_(host.pin_memory() if self.pin_memory else host, non_blocking=True)
+        return apply_guard(logits, vocab, plan.noise, plan.watermark, plan.bounds, self.kernels)
 
     def _build_plan(self, num_rows: int, vocab_size: int, device: torch.device) -> _Plan:
         rows = sorted(i for i in self.requests if i < num_rows)
@@ -216,21 +221,32 @@ class GuardLogitsProcessor(LogitsProcessor):
             contiguous = index == list(range(index[0], index[0] + len(index)))
             return Rows(put(index, torch.int64), index[0] if contiguous else None)
 
+        seeds = np.array([r.params.noise_seed for _, r in noisy], dtype=np.int64)
+        wm_keys = np.array([r.params.wm_key for _, r in marked], dtype=np.int64)
+        bases = np.concatenate([row_key(seeds, NOISE_DOMAIN), row_key(wm_keys)]).astype(np.uint32)
+        keys_host = np.zeros(bases.shape, dtype=np.int32)
+        if device.type == "cpu":
+            keys = torch.from_numpy(keys_host)
+        else:
+            keys = torch.empty(keys_host.shape, dtype=torch.int32, device=device)
+        noise_rows = rows_of(noisy) if noisy else None
         noise = None
         if noisy:
             kinds = [r.params.noise_kind == "gaussian" for _, r in noisy]
             noise = NoiseRows(
-                rows_of(noisy),
-                torch.empty(0),  # keyed per step in apply()
+                noise_rows,
+                keys[: len(noisy)],
                 put([r.params.noise_sigma for _, r in noisy], torch.float32),
                 put(kinds, torch.bool) if any(kinds) else None,
             )
         watermark = None
         if marked:
+            same_rows = [i for i, _ in marked] == [i for i, _ in noisy]
+            thresholds = [signed_threshold(green_threshold(r.params.wm_gamma)) for _, r in marked]
             watermark = WatermarkRows(
-                rows_of(marked),
-                torch.empty(0),  # keyed per step in apply()
-                put([green_threshold(r.params.wm_gamma) for _, r in marked], torch.int64),
+                noise_rows if same_rows else rows_of(marked),  # the same object: one stage
+                keys[len(noisy) :],
+                put(thresholds, torch.int32),
                 put([r.params.wm_delta for _, r in marked], torch.float32),
             )
         bounds = None
@@ -249,11 +265,12 @@ class GuardLogitsProcessor(LogitsProcessor):
             )
         return _Plan(
             shape=(num_rows, vocab_size),
-            noise_requests=[r for _, r in noisy],
-            noise_seeds=np.array([r.params.noise_seed for _, r in noisy], dtype=np.int64),
-            noise=noise,
+            noise_outputs=[r.output_ids for _, r in noisy],
             wm_requests=[r for _, r in marked],
-            wm_keys=np.array([r.params.wm_key for _, r in marked], dtype=np.int64),
+            bases=bases,
+            keys_host=keys_host,
+            keys=keys,
+            noise=noise,
             watermark=watermark,
             bounds=bounds,
         )

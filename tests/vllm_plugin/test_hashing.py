@@ -17,6 +17,7 @@ from guard_server.defences.hashing import (
     is_green_hashed,
     mix32,
     noise_row_key,
+    premix,
     row_key,
     token_hash,
     uniform_from_hash,
@@ -67,6 +68,29 @@ def test_row_key_agrees_across_backends_and_masks_parts() -> None:
     assert row_key(1, -1) == row_key(1, MASK32)
     assert row_key(1, 2) != row_key(2, 1)
     assert row_key(5, 9) != noise_row_key(5, 9)
+
+
+def test_premix_commutes_with_xor_and_noise_keys_extend_a_per_request_base() -> None:
+    a, b = _values(10_000), _values(10_000)[::-1]
+    np.testing.assert_array_equal(premix(a ^ b), premix(a) ^ premix(b))
+    steps = np.arange(10_000, dtype=np.int64)
+    base = row_key(42, hashing.NOISE_DOMAIN)
+    np.testing.assert_array_equal(noise_row_key(42, steps), hashing.extend_key(base, steps))
+    unsigned = hashing.extend_key(np.uint32(base), steps.astype(np.uint32))
+    assert unsigned.dtype == np.uint32  # the plugin rekeys in uint32: the same values
+    np.testing.assert_array_equal(unsigned, noise_row_key(42, steps))
+
+
+def test_the_plugins_int32_cell_hashes_equal_the_reference() -> None:
+    from guard_server.vllm_plugin import transform
+
+    keys = _values(300)
+    vocab = np.arange(5000, dtype=np.int64)
+    expected = cell_hash(keys[:, None], token_hash(vocab)[None, :])
+    premixed = torch.from_numpy(premix(keys).astype(np.uint32).view(np.int32))
+    hashes = transform.cell_hashes(premixed, transform.vocab_hashes(5000, "cpu"))
+    assert hashes.dtype == torch.int32
+    np.testing.assert_array_equal(hashes.numpy().view(np.uint32), expected)
 
 
 def test_green_list_is_identical_in_numpy_and_torch_over_a_batch() -> None:
