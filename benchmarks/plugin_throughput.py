@@ -127,10 +127,24 @@ def main(argv: list[str] | None = None) -> int:
                 "max_tokens": args.max_tokens,
                 "rounds": args.rounds,
                 "median_tokens_per_s": summary,
+                "paired": {
+                    f"{mode}/absent": _paired(rates[mode], rates["absent"])
+                    for mode in ("inactive", "active")
+                },
             }
         )
     )
     return 0
+
+
+def _paired(rates: list[float], baseline: list[float]) -> dict[str, float]:
+    """Median and quartiles of the per-round ratios: each round against the baseline round
+    run seconds before it, which cancels the machine's slower drifts."""
+    ratios = [rate / base for rate, base in zip(rates, baseline, strict=True)]
+    if len(ratios) < 2:
+        return {"median": round(ratios[0], 3)}
+    low, median, high = statistics.quantiles(ratios, n=4)
+    return {"q1": round(low, 3), "median": round(median, 3), "q3": round(high, 3)}
 
 
 if __name__ == "__main__":
