@@ -25,7 +25,7 @@ SHIFTS = (16, 15, 15)  # the xor-shift before the first round and after each rou
 _KEY_SALT = 0x9E37_79B9  # keeps key 0 away from the mixer's fixed point at 0
 NOISE_DOMAIN = 0x6E6F_6973  # "nois": keeps noise row keys apart from green-list row keys
 
-H = TypeVar("H")  # int, numpy.ndarray (int64) or torch.Tensor (int64)
+H = TypeVar("H")  # int, numpy.ndarray (int64, or uint32) or torch.Tensor (int64)
 
 
 def premix(x: H) -> H:

@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from guard_server.defences.hashing import MULTIPLIERS, SHIFTS, premix, token_hash
+from guard_server.defences.hashing import MULTIPLIERS, SHIFTS, premix, token_hash, unit_from_bits
 
 CHUNK_ELEMENTS = 1 << 22  # 4 Mi cells: 16 MiB per int32 temporary
 FLOAT_BITS = 23  # (x + 0.5) / 2**23 is exact in float32 and strictly inside (0, 1)
@@ -118,8 +118,7 @@ def cell_hashes(keys: torch.Tensor, vocab: torch.Tensor) -> torch.Tensor:
 def negated_noise_(hashes: torch.Tensor, gaussian: torch.Tensor | None) -> torch.Tensor:
     """Minus standard Gumbel noise (normal where ``gaussian``) from cell hashes, float32."""
     bits = hashes.bitwise_right_shift_(_SHIFT).bitwise_and_((1 << FLOAT_BITS) - 1)
-    # (bits + 0.5) / 2**23, exactly: both terms and their sum are representable in float32
-    u = bits.to(torch.float32).mul_(1.0 / (1 << FLOAT_BITS)).add_(0.5 / (1 << FLOAT_BITS))
+    u = unit_from_bits(bits.to(torch.float32), FLOAT_BITS)
     if gaussian is None:
         return u.log_().neg_().log_()
     normal = torch.special.ndtri(u).neg_()
