@@ -1,4 +1,4 @@
-"""Cost of the vLLM plugin's ``apply()`` on one decoding step's logits, eager and compiled.
+"""Cost of the vLLM plugin's ``apply()`` per decoding step, with its watermark eager or compiled.
 
     .venv/bin/python -m benchmarks.plugin_apply                  # CPU, 256 x 152,064
     .venv/bin/python -m benchmarks.plugin_apply --device cuda    # on a GPU machine
@@ -20,7 +20,7 @@ from vllm import SamplingParams
 from vllm.v1.sample.logits_processor import BatchUpdate
 
 from guard_server.vllm_plugin import GuardLogitsProcessor
-from guard_server.vllm_plugin.transform import EAGER, Kernels, compiled_kernels
+from guard_server.vllm_plugin.transform import WatermarkKernel, add_watermark, compiled_watermark
 
 SCENARIOS: dict[str, dict[str, object]] = {
     "noise only": {"guard_noise_seed": 1, "guard_noise_sigma": 1.0},
@@ -37,10 +37,10 @@ SCENARIOS: dict[str, dict[str, object]] = {
 
 
 def _processor(
-    extra_args: dict[str, object], batch: int, device: torch.device, kernels: Kernels
+    extra_args: dict[str, object], batch: int, device: torch.device, add_green: WatermarkKernel
 ) -> GuardLogitsProcessor:
     processor = GuardLogitsProcessor(None, device, False)  # type: ignore[arg-type]
-    processor.kernels = kernels
+    processor.add_green = add_green
     added = [
         (i, SamplingParams(extra_args={**extra_args, "guard_noise_seed": i}), [1, 2], [3] * 10)
         for i in range(batch)
@@ -95,14 +95,14 @@ def main() -> None:
     device = torch.device(args.device)
     base = torch.randn(args.batch, args.vocab, generator=torch.Generator().manual_seed(0))
     base = (base * 3).to(device)
-    variants: dict[str, Kernels] = {"eager": EAGER}
+    variants: dict[str, WatermarkKernel] = {"eager": add_watermark}
     if not args.no_compile:
         began = time.perf_counter()
-        variants["compiled"] = compiled_kernels(device)
+        variants["compiled"] = compiled_watermark(device)
         print(f"torch.compile warm-up: {time.perf_counter() - began:.1f} s")
 
     floor = _time_ms(lambda x: x.copy_(base), base, args.warmup, args.repeats)
-    idle = _processor({}, args.batch, device, EAGER)
+    idle = _processor({}, args.batch, device, add_watermark)
     untouched = _time_ms(idle.apply, base, args.warmup, args.repeats)
     names = list(variants)
     print(
@@ -115,8 +115,8 @@ def main() -> None:
     print(f"| no guarded rows | {untouched:.4f} |" + " |" * (len(names) - 1))
     for scenario, extra_args in SCENARIOS.items():
         cells = []
-        for kernels in variants.values():
-            processor = _processor(extra_args, args.batch, device, kernels)
+        for add_green in variants.values():
+            processor = _processor(extra_args, args.batch, device, add_green)
             cells.append(_time_ms(processor.apply, base, args.warmup, args.repeats))
         print(f"| {scenario} | " + " | ".join(f"{ms:.2f}" for ms in cells) + " |")
 

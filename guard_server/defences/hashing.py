@@ -24,6 +24,7 @@ MULTIPLIERS = (0x21F0_AAAD, 0x735A_2D97)  # the mixer's two rounds: multiply, th
 SHIFTS = (16, 15, 15)  # the xor-shift before the first round and after each round
 _KEY_SALT = 0x9E37_79B9  # keeps key 0 away from the mixer's fixed point at 0
 NOISE_DOMAIN = 0x6E6F_6973  # "nois": keeps noise row keys apart from green-list row keys
+NOISE_WINDOW_BITS = 16  # a noise row reads its values from one of 2**16 windows of the table
 
 H = TypeVar("H")  # int, numpy.ndarray (int64, or uint32) or torch.Tensor (int64)
 
@@ -92,6 +93,20 @@ def noise_row_key(seed: H, step: H) -> H:
     request and mixes only the step in at each token.
     """
     return row_key(seed, NOISE_DOMAIN, step)
+
+
+def noise_window(key: H) -> H:
+    """Where a noise row's values start in the noise table: the top bits of its row key.
+
+    The noise of token ``v`` in that row is the table's entry ``noise_window(key) + v``.
+    """
+    return key >> (32 - NOISE_WINDOW_BITS)
+
+
+def noise_table_hash(index: H) -> H:
+    """The hash behind entry ``index`` of the noise table, a fixed public sequence: what is
+    keyed (by the server secret, through the request's seed) is which window a row reads."""
+    return mix32((index & MASK32) ^ NOISE_DOMAIN)
 
 
 def uniform_from_hash(h: H, bits: int = 32) -> H:

@@ -23,11 +23,12 @@ green-list bonus, then the forced bounds (top-k, min-p, then top-p over the surv
 masked to -inf stays so through penalties and temperature, so the bounds hold for the
 distribution vLLM samples from, whatever the watermark did.
 
-Noise is ``sigma * G(cell_hash(noise_row_key(seed, step), token_hash(v)))``: a pure function of
-(seed, step, token), so a request replays exactly, with no ``torch.Generator`` state. It does
-not depend on the prompt: the guard must derive ``guard_noise_seed`` per request (from the
-client key and the request's content), or one client would see the same noise at every step
-of every prompt and could estimate and subtract it.
+Noise is ``sigma`` times a window of V values of a fixed table of standard Gumbel (or normal)
+values, starting at ``noise_window(noise_row_key(seed, step))`` (``defences.hashing``): a pure
+function of (seed, step, token), so a request replays exactly, with no ``torch.Generator``
+state. It does not depend on the prompt: the guard must derive ``guard_noise_seed`` per request
+(from the client key and the request's content), or one client would see the same noise at
+every step of every prompt and could estimate and subtract it.
 
 Logprobs. The plugin never changes returned logprobs. Under vLLM's default
 ``--logprobs-mode raw_logprobs`` they are computed before any logits processor: the clean
@@ -37,14 +38,14 @@ cap the number of top logprobs at the tier's top-k. ``processed_logprobs`` is no
 show the watermark's green-list shifts directly, which makes the key easy to steal.
 
 Speed. A step's work is one host-side rekey (each guarded row's step or previous token,
-mixed into its per-request base key by numpy) and one pass over the guarded rows' cells for
-noise and watermark together, in int32 (``transform``). ``GUARD_PLUGIN_COMPILE=1`` fuses that
-pass with ``torch.compile`` at startup (about 20 s): faster in isolation on CPU, the more so
-the larger the vocabulary, but inside vLLM's CPU engine it gains nothing on the bundled
-teacher, whose steps are too small for anything but per-call costs to show
-(``benchmarks/plugin_apply.py``, docs/evaluation.md). On a GPU, where every eager op re-reads
-the [rows x vocabulary] tensors, fusing should matter most; that is not measured yet. The
-default is the eager transform.
+mixed into its per-request base key by numpy), one gather of the noise rows' windows, and one
+pass over the watermarked rows' cells that hashes them in int32 (``transform``).
+``GUARD_PLUGIN_COMPILE=1`` fuses that pass with ``torch.compile`` at startup: faster in
+isolation on CPU, the more so the larger the vocabulary, but inside vLLM's CPU engine it gains
+nothing on the bundled teacher, whose steps are too small for anything but per-call costs to
+show (``benchmarks/plugin_apply.py``, docs/evaluation.md). On a GPU, where every eager op
+re-reads the [rows x vocabulary] tensors, fusing should matter most; that is not measured yet.
+The default is the eager transform.
 """
 
 from __future__ import annotations
@@ -64,21 +65,23 @@ from guard_server.defences.hashing import (
     NOISE_DOMAIN,
     extend_key,
     green_threshold,
+    noise_window,
     premix,
     row_key,
 )
 from guard_server.vllm_plugin.params import GuardParams, parse
 from guard_server.vllm_plugin.transform import (
-    EAGER,
     BoundRows,
-    Kernels,
     NoiseRows,
     Rows,
+    VocabTables,
+    WatermarkKernel,
     WatermarkRows,
+    add_watermark,
     apply_guard,
-    compiled_kernels,
+    compiled_watermark,
+    noise_table_length,
     signed_threshold,
-    vocab_hashes,
 )
 
 if TYPE_CHECKING:
@@ -92,15 +95,15 @@ COMPILE_ENV = "GUARD_PLUGIN_COMPILE"
 _LIVE: weakref.WeakValueDictionary[int, GuardLogitsProcessor] = weakref.WeakValueDictionary()
 
 
-def _kernels(device: torch.device) -> Kernels:
-    """Compiled stages when ``GUARD_PLUGIN_COMPILE=1`` (compiled at startup), else eager."""
+def _watermark_kernel(device: torch.device) -> WatermarkKernel:
+    """The compiled watermark pass when ``GUARD_PLUGIN_COMPILE=1`` (compiled at startup)."""
     if os.environ.get(COMPILE_ENV, "0") != "1":
-        return EAGER
+        return add_watermark
     try:
-        return compiled_kernels(device)
+        return compiled_watermark(device)
     except Exception:  # a missing compiler must not take the engine down
-        log.exception("guard plugin: torch.compile failed, using the eager transform")
-        return EAGER
+        log.exception("guard plugin: torch.compile failed, using the eager watermark")
+        return add_watermark
 
 
 @dataclass(slots=True)
@@ -116,28 +119,35 @@ class _Request:
 class _Plan:
     """Per-stage rows and parameters for the current batch, built once per change.
 
-    The stages' keys are views of one int32 tensor, rekeyed at every step on the host:
-    ``premix(extend_key(base, part))``, the part being each noise row's step, then each
-    watermark row's previous token.
+    At every step, ``rekey`` computes on the host each noise row's window in the noise table
+    and each watermark row's premixed key, into buffers that the stages' tensors view (on CPU)
+    or are copied to (on other devices). Both come from ``extend_key(base, part)``, the part
+    being the noise row's step or the watermark row's previous token.
     """
 
     shape: tuple[int, int]  # the logits' (rows, vocabulary) it was built for
     noise_outputs: list[list[int]]  # the noise rows' output token lists
     wm_requests: list[_Request]
     bases: np.ndarray  # uint32: row_key(seed, NOISE_DOMAIN) per noise row, then row_key(wm_key)
-    keys_host: np.ndarray  # int32, the same length
-    keys: torch.Tensor  # keys_host on the logits' device (on CPU, the same memory)
+    kind_starts: np.ndarray  # int64 per noise row: where its kind's half of the table starts
+    windows_host: np.ndarray  # int64, one per noise row
+    keys_host: np.ndarray  # int32, one per watermark row
+    windows: torch.Tensor  # windows_host on the logits' device (on CPU, the same memory)
+    keys: torch.Tensor  # keys_host, likewise
     noise: NoiseRows | None
     watermark: WatermarkRows | None
     bounds: BoundRows | None
 
     def rekey(self) -> None:
-        """This step's row keys into ``keys_host``."""
+        """This step's noise windows and watermark keys into the host buffers."""
         previous = [
             r.output_ids[-1] if r.output_ids else r.last_prompt_token for r in self.wm_requests
         ]
         parts = np.array([*map(len, self.noise_outputs), *previous], dtype=np.uint32)
-        self.keys_host[:] = premix(extend_key(self.bases, parts)).view(np.int32)
+        keys = extend_key(self.bases, parts)
+        count = len(self.noise_outputs)
+        np.add(noise_window(keys[:count]), self.kind_starts, out=self.windows_host)
+        self.keys_host[:] = premix(keys[count:]).view(np.int32)
 
 
 class GuardLogitsProcessor(LogitsProcessor):
@@ -160,8 +170,8 @@ class GuardLogitsProcessor(LogitsProcessor):
         self.pin_memory = is_pin_memory
         self.requests: dict[int, _Request] = {}  # batch row -> guarded request
         self._plan: _Plan | None = None
-        self._vocab: torch.Tensor | None = None
-        self.kernels = _kernels(self.device)
+        self._tables: VocabTables | None = None
+        self.add_green = _watermark_kernel(self.device)
 
     def is_argmax_invariant(self) -> bool:
         """Noise and the watermark move the argmax, so greedy requests need ``apply()`` too."""
@@ -197,14 +207,15 @@ class GuardLogitsProcessor(LogitsProcessor):
         plan = self._plan
         if plan is None or plan.shape != tuple(logits.shape):
             plan = self._plan = self._build_plan(logits.shape[0], logits.shape[1], logits.device)
-        vocab = self._vocab
-        if vocab is None or vocab.shape[0] != logits.shape[1] or vocab.device != logits.device:
-            vocab = self._vocab = vocab_hashes(logits.shape[1], logits.device)
+        tables = self._tables
+        if tables is None or tables.hashes.shape[0] != logits.shape[1]:
+            tables = self._tables = VocabTables.build(logits.shape[1], logits.device)
         plan.rekey()
-        if plan.keys.device.type != "cpu":
-            host = torch.from_numpy(plan.keys_host)
-            plan.keys.copy_(host.pin_memory() if self.pin_memory else host, non_blocking=True)
-        return apply_guard(logits, vocab, plan.noise, plan.watermark, plan.bounds, self.kernels)
+        if logits.device.type != "cpu":
+            for host, target in ((plan.windows_host, plan.windows), (plan.keys_host, plan.keys)):
+                source = torch.from_numpy(host)
+                target.copy_(source.pin_memory() if self.pin_memory else source, non_blocking=True)
+        return apply_guard(logits, tables, plan.noise, plan.watermark, plan.bounds, self.add_green)
 
     def _build_plan(self, num_rows: int, vocab_size: int, device: torch.device) -> _Plan:
         rows = sorted(i for i in self.requests if i < num_rows)
@@ -224,28 +235,28 @@ class GuardLogitsProcessor(LogitsProcessor):
         seeds = np.array([r.params.noise_seed for _, r in noisy], dtype=np.int64)
         wm_keys = np.array([r.params.wm_key for _, r in marked], dtype=np.int64)
         bases = np.concatenate([row_key(seeds, NOISE_DOMAIN), row_key(wm_keys)]).astype(np.uint32)
-        keys_host = np.zeros(bases.shape, dtype=np.int32)
-        if device.type == "cpu":
-            keys = torch.from_numpy(keys_host)
-        else:
-            keys = torch.empty(keys_host.shape, dtype=torch.int32, device=device)
+        gaussian = np.array([r.params.noise_kind == "gaussian" for _, r in noisy], dtype=bool)
+        windows_host = np.zeros(len(noisy), dtype=np.int64)
+        keys_host = np.zeros(len(marked), dtype=np.int32)
+
+        def device_buffer(host: np.ndarray) -> torch.Tensor:
+            if device.type == "cpu":
+                return torch.from_numpy(host)
+            return torch.empty(host.shape, dtype=torch.from_numpy(host).dtype, device=device)
+
+        windows, keys = device_buffer(windows_host), device_buffer(keys_host)
         noise_rows = rows_of(noisy) if noisy else None
         noise = None
         if noisy:
-            kinds = [r.params.noise_kind == "gaussian" for _, r in noisy]
-            noise = NoiseRows(
-                noise_rows,
-                keys[: len(noisy)],
-                put([r.params.noise_sigma for _, r in noisy], torch.float32),
-                put(kinds, torch.bool) if any(kinds) else None,
-            )
+            sigma = put([r.params.noise_sigma for _, r in noisy], torch.float32)
+            noise = NoiseRows(noise_rows, windows, sigma)
         watermark = None
         if marked:
             same_rows = [i for i, _ in marked] == [i for i, _ in noisy]
             thresholds = [signed_threshold(green_threshold(r.params.wm_gamma)) for _, r in marked]
             watermark = WatermarkRows(
-                noise_rows if same_rows else rows_of(marked),  # the same object: one stage
-                keys[len(noisy) :],
+                noise_rows if same_rows else rows_of(marked),
+                keys,
                 put(thresholds, torch.int32),
                 put([r.params.wm_delta for _, r in marked], torch.float32),
             )
@@ -268,7 +279,10 @@ class GuardLogitsProcessor(LogitsProcessor):
             noise_outputs=[r.output_ids for _, r in noisy],
             wm_requests=[r for _, r in marked],
             bases=bases,
+            kind_starts=gaussian * np.int64(noise_table_length(vocab_size)),
+            windows_host=windows_host,
             keys_host=keys_host,
+            windows=windows,
             keys=keys,
             noise=noise,
             watermark=watermark,

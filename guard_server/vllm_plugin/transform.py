@@ -1,19 +1,20 @@
 """The guard's logits transform on selected rows, in torch: keyed noise, watermark, bounds.
 
 Each stage works on all its rows at once (never a loop over the vocabulary) and in place.
-Rows go through in chunks so that the hash temporaries stay small (``CHUNK_ELEMENTS``): vLLM
-sized its memory without this plugin's work in the sampler.
+Rows go through in chunks so that the temporaries stay small (``CHUNK_ELEMENTS``): vLLM sized
+its memory without this plugin's work in the sampler.
 
-The cell hash is ``defences.hashing``'s, computed on int32 tensors: a 32-bit value is held as
-the int32 with the same bits, products wrap modulo 2**32 (as they do in torch's CPU and CUDA
-kernels), and a logical right shift is an arithmetic one masked to the remaining bits. That
-moves half the bytes of the int64 form and multiplies about four times faster on CPU. Since
-the mixer's first step commutes with xor (``hashing.premix``), token hashes and row keys are
-premixed apart, outside the [rows x vocabulary] work.
+Noise is read, not computed: each vocabulary size gets one table of standard Gumbel values and
+one of standard normal values (``noise_table``), and a noise row adds sigma times a window of
+V consecutive values, starting where its keyed row key says (``hashing.noise_window``). Within
+a row the values are distinct entries of a hashed sequence; which window a row reads is the
+secret part. One gather per step replaces a hash of every cell.
 
-On a small model the plugin's cost is mostly per call, not per cell (the model's forward pass
-evicts the caches between two steps, so every call starts cold): noise and watermark on the
-same rows therefore hash all their cells in one pass.
+The watermark's cell hash is ``defences.hashing``'s, computed on int32 tensors: a 32-bit value
+is held as the int32 with the same bits, products wrap modulo 2**32 (as they do in torch's CPU
+and CUDA kernels), and a logical right shift is an arithmetic one masked to the remaining bits.
+Since the mixer's first step commutes with xor (``hashing.premix``), token hashes and row keys
+are premixed apart, outside the [rows x vocabulary] work.
 """
 
 from __future__ import annotations
@@ -27,9 +28,17 @@ from typing import Any
 import numpy as np
 import torch
 
-from guard_server.defences.hashing import MULTIPLIERS, SHIFTS, premix, token_hash, unit_from_bits
+from guard_server.defences.hashing import (
+    MULTIPLIERS,
+    NOISE_WINDOW_BITS,
+    SHIFTS,
+    noise_table_hash,
+    premix,
+    token_hash,
+    unit_from_bits,
+)
 
-CHUNK_ELEMENTS = 1 << 22  # 4 Mi cells: 16 MiB per int32 temporary
+CHUNK_ELEMENTS = 1 << 22  # 4 Mi cells: 16 MiB per temporary
 FLOAT_BITS = 23  # (x + 0.5) / 2**23 is exact in float32 and strictly inside (0, 1)
 _SHIFT = 32 - FLOAT_BITS
 _SIGN = -(1 << 31)  # xor with the sign bit maps unsigned order onto int32 order
@@ -40,6 +49,24 @@ def vocab_hashes(vocab_size: int, device: torch.device | str) -> torch.Tensor:
     """``premix(token_hash(v))`` for every token id, int32 on ``device``."""
     hashes = premix(token_hash(np.arange(vocab_size, dtype=np.uint32)))
     return torch.from_numpy(hashes.view(np.int32)).to(device)
+
+
+def noise_table_length(vocab_size: int) -> int:
+    """Values per noise kind: every window start, plus one window."""
+    return (1 << NOISE_WINDOW_BITS) + vocab_size
+
+
+def noise_table(vocab_size: int, device: torch.device | str) -> torch.Tensor:
+    """Every noise window as a row of a [2 L - V + 1, V] view (L = ``noise_table_length``).
+
+    The flat table holds L standard Gumbel values, then L standard normal values from the same
+    uniforms: Gumbel windows start below ``2 ** NOISE_WINDOW_BITS``, normal ones at L + that.
+    """
+    hashes = noise_table_hash(np.arange(noise_table_length(vocab_size), dtype=np.uint32))
+    bits = torch.from_numpy((hashes >> _SHIFT).astype(np.float32))  # exact: below 2**23
+    u = unit_from_bits(bits, FLOAT_BITS)
+    values = torch.cat([u.log().neg_().log_().neg_(), torch.special.ndtri(u)])
+    return values.to(device).unfold(0, vocab_size, 1)
 
 
 def signed_threshold(threshold: int) -> int:
@@ -62,12 +89,11 @@ class Rows:
 
 @dataclass(frozen=True, slots=True)
 class NoiseRows:
-    """Keyed noise: per-row keys (keyed by the step), scales, and kinds."""
+    """Keyed noise: each row's window in the noise table (keyed by the step), and its scale."""
 
     rows: Rows
-    keys: torch.Tensor  # int32 [R]: premix(noise_row_key(seed, step))
+    windows: torch.Tensor  # int64 [R]: a row of noise_table(), which also sets the kind
     sigma: torch.Tensor  # float32 [R]
-    gaussian: torch.Tensor | None  # bool [R]; None when every row uses Gumbel noise
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,15 +104,6 @@ class WatermarkRows:
     keys: torch.Tensor  # int32 [R]: premix(row_key(wm_key, prev_token))
     threshold: torch.Tensor  # int32 [R]: signed_threshold(green_threshold(gamma))
     delta: torch.Tensor  # float32 [R]
-
-
-@dataclass(frozen=True, slots=True)
-class NoiseAndWatermarkRows:
-    """Noise and the watermark on the same rows, run as one stage (one fused call compiled)."""
-
-    rows: Rows
-    noise: NoiseRows
-    watermark: WatermarkRows
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,42 +132,15 @@ def cell_hashes(keys: torch.Tensor, vocab: torch.Tensor) -> torch.Tensor:
     return x
 
 
-def negated_noise_(hashes: torch.Tensor, gaussian: torch.Tensor | None) -> torch.Tensor:
-    """Minus standard Gumbel noise (normal where ``gaussian``) from cell hashes, float32."""
-    bits = hashes.bitwise_right_shift_(_SHIFT).bitwise_and_((1 << FLOAT_BITS) - 1)
-    u = unit_from_bits(bits.to(torch.float32), FLOAT_BITS)
-    if gaussian is None:
-        return u.log_().neg_().log_()
-    normal = torch.special.ndtri(u).neg_()
-    return torch.where(gaussian[:, None], normal, u.log_().neg_().log_())
-
-
-def _add_noise(block: torch.Tensor, hashes: torch.Tensor, noise: NoiseRows) -> None:
-    block.addcmul_(negated_noise_(hashes, noise.gaussian), noise.sigma[:, None], value=-1)
-
-
-def _add_green(block: torch.Tensor, hashes: torch.Tensor, wm: WatermarkRows) -> None:
-    block.addcmul_(hashes.bitwise_xor_(_SIGN) < wm.threshold[:, None], wm.delta[:, None])
-
-
-def add_noise(block: torch.Tensor, noise: NoiseRows, vocab: torch.Tensor) -> None:
-    """``block += sigma * noise`` in place."""
-    _add_noise(block, cell_hashes(noise.keys, vocab), noise)
+def add_noise(block: torch.Tensor, noise: NoiseRows, table: torch.Tensor) -> None:
+    """``block += sigma * noise``, each row's noise a window of ``table``, in place."""
+    block.addcmul_(table.index_select(0, noise.windows), noise.sigma[:, None])
 
 
 def add_watermark(block: torch.Tensor, wm: WatermarkRows, vocab: torch.Tensor) -> None:
     """``block += delta`` on each row's green tokens, in place."""
-    _add_green(block, cell_hashes(wm.keys, vocab), wm)
-
-
-def add_noise_and_watermark(
-    block: torch.Tensor, stage: NoiseAndWatermarkRows, vocab: torch.Tensor
-) -> None:
-    """``add_noise`` then ``add_watermark`` on the same rows, hashing all cells at once."""
-    count = stage.noise.keys.shape[0]
-    hashes = cell_hashes(torch.cat([stage.noise.keys, stage.watermark.keys]), vocab)
-    _add_noise(block, hashes[:count], stage.noise)
-    _add_green(block, hashes[count:], stage.watermark)
+    hashes = cell_hashes(wm.keys, vocab).bitwise_xor_(_SIGN)
+    block.addcmul_(hashes < wm.threshold[:, None], wm.delta[:, None])
 
 
 def apply_bounds(block: torch.Tensor, bounds: BoundRows) -> None:
@@ -246,8 +236,6 @@ def _slice(stage: Any, lo: int, hi: int) -> Any:
             changes[field.name] = Rows(value.index[lo:hi], start)
         elif isinstance(value, torch.Tensor):
             changes[field.name] = value[lo:hi]
-        elif dataclasses.is_dataclass(value):  # a stage within a combined stage
-            changes[field.name] = _slice(value, lo, hi)
     return dataclasses.replace(stage, **changes)
 
 
@@ -267,72 +255,52 @@ def run_stage(logits: torch.Tensor, stage: Any, step: Callable[[torch.Tensor, An
             logits.index_copy_(0, index, block)
 
 
-@dataclass(frozen=True, slots=True)
-class Kernels:
-    """The hash-heavy stages: eager torch, or fused by ``compiled_kernels``."""
-
-    noise: Callable[[torch.Tensor, NoiseRows, torch.Tensor], None] = add_noise
-    watermark: Callable[[torch.Tensor, WatermarkRows, torch.Tensor], None] = add_watermark
-    noise_and_watermark: Callable[[torch.Tensor, NoiseAndWatermarkRows, torch.Tensor], None] = (
-        add_noise_and_watermark
-    )
+WatermarkKernel = Callable[[torch.Tensor, WatermarkRows, torch.Tensor], None]
 
 
-EAGER = Kernels()
+def compiled_watermark(device: torch.device | str) -> WatermarkKernel:
+    """``add_watermark`` fused into one pass by ``torch.compile``, warmed up for all shapes.
 
-
-def compiled_kernels(device: torch.device | str) -> Kernels:
-    """The stages compiled by ``torch.compile`` (one fused pass each), warmed up for all shapes.
-
-    Compiled noise may differ from eager noise in the last float bits (another ``log``), so
-    all replicas of a deployment should make the same choice.
+    Integer hashing and one add: its results are bit for bit the eager ones.
     """
-    kernels = Kernels(
-        noise=torch.compile(add_noise, dynamic=True),
-        watermark=torch.compile(add_watermark, dynamic=True),
-        noise_and_watermark=torch.compile(add_noise_and_watermark, dynamic=True),
-    )
+    kernel = torch.compile(add_watermark, dynamic=True)
     with torch.inference_mode():  # as vLLM calls logits processors: no recompiling there
-        _warm_up(kernels, device)
-    return kernels
+        vocab = vocab_hashes(64, device)
+        for count in (1, 2):  # dynamic shapes still specialize a dimension of size 1
+            rows = Rows(torch.arange(count, device=device), 0)
+            keys = torch.arange(count, dtype=torch.int32, device=device)
+            ones = torch.ones(count, device=device)
+            stage = WatermarkRows(rows, keys, keys.clone(), ones)  # distinct: no aliasing guard
+            kernel(torch.zeros(count, 64, device=device), stage, vocab)
+    return kernel
 
 
-def _warm_up(kernels: Kernels, device: torch.device | str) -> None:
-    """One call of each compiled stage per shape class and noise kind."""
-    vocab = vocab_hashes(64, device)
-    for count in (1, 2):  # dynamic shapes still specialize a dimension of size 1
-        rows = Rows(torch.arange(count, device=device), 0)
-        keys = torch.arange(count, dtype=torch.int32, device=device)
-        ones = torch.ones(count, device=device)
-        block = torch.zeros(count, 64, device=device)
-        watermark = WatermarkRows(rows, keys, keys + _SIGN, ones)
-        kernels.watermark(block, watermark, vocab)
-        for gaussian in (None, torch.ones(count, dtype=torch.bool, device=device)):
-            noise = NoiseRows(rows, keys.clone(), ones.clone(), gaussian)
-            kernels.noise(block, noise, vocab)
-            kernels.noise_and_watermark(block, NoiseAndWatermarkRows(rows, noise, watermark), vocab)
+@dataclass(frozen=True, slots=True)
+class VocabTables:
+    """What the stages read for one vocabulary size: token hashes and the noise windows."""
+
+    hashes: torch.Tensor  # vocab_hashes()
+    noise: torch.Tensor  # noise_table()
+
+    @classmethod
+    def build(cls, vocab_size: int, device: torch.device | str) -> VocabTables:
+        """Both tables for ``vocab_size`` on ``device``."""
+        return cls(vocab_hashes(vocab_size, device), noise_table(vocab_size, device))
 
 
 def apply_guard(
     logits: torch.Tensor,
-    vocab: torch.Tensor,
+    tables: VocabTables,
     noise: NoiseRows | None = None,
     watermark: WatermarkRows | None = None,
     bounds: BoundRows | None = None,
-    kernels: Kernels = EAGER,
+    add_green: WatermarkKernel = add_watermark,
 ) -> torch.Tensor:
-    """Noise, then watermark, then bounds, each on its own rows; in place, returns ``logits``.
-
-    Noise and watermark that share their ``Rows`` object run as one stage.
-    """
-    if noise is not None and watermark is not None and noise.rows is watermark.rows:
-        both = NoiseAndWatermarkRows(noise.rows, noise, watermark)
-        run_stage(logits, both, lambda block, part: kernels.noise_and_watermark(block, part, vocab))
-        noise = watermark = None
+    """Noise, then watermark, then bounds, each on its own rows; in place, returns ``logits``."""
     if noise is not None:
-        run_stage(logits, noise, lambda block, part: kernels.noise(block, part, vocab))
+        run_stage(logits, noise, lambda block, part: add_noise(block, part, tables.noise))
     if watermark is not None:
-        run_stage(logits, watermark, lambda block, part: kernels.watermark(block, part, vocab))
+        run_stage(logits, watermark, lambda block, part: add_green(block, part, tables.hashes))
     if bounds is not None:
         run_stage(logits, bounds, apply_bounds)
     return logits
