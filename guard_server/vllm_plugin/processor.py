@@ -245,17 +245,15 @@ class GuardLogitsProcessor(LogitsProcessor):
             return torch.empty(host.shape, dtype=torch.from_numpy(host).dtype, device=device)
 
         windows, keys = device_buffer(windows_host), device_buffer(keys_host)
-        noise_rows = rows_of(noisy) if noisy else None
         noise = None
         if noisy:
             sigma = put([r.params.noise_sigma for _, r in noisy], torch.float32)
-            noise = NoiseRows(noise_rows, windows, sigma)
+            noise = NoiseRows(rows_of(noisy), windows, sigma)
         watermark = None
         if marked:
-            same_rows = [i for i, _ in marked] == [i for i, _ in noisy]
             thresholds = [signed_threshold(green_threshold(r.params.wm_gamma)) for _, r in marked]
             watermark = WatermarkRows(
-                noise_rows if same_rows else rows_of(marked),
+                rows_of(marked),
                 keys,
                 put(thresholds, torch.int32),
                 put([r.params.wm_delta for _, r in marked], torch.float32),
