@@ -134,10 +134,11 @@ def test_default_tier_soft_targets_add_nothing_to_the_text_at_the_answer_digits(
 ) -> None:
     """Too small to train a student in a test: checks the targets a student would learn from.
 
-    At the answer's digits (what held-out accuracy is about) the text alone, a one-hot on
-    the emitted digit, is within 0.01 nats of the teacher's distribution. The trusted tier's
-    top-20 is the teacher's distribution itself; the default tier's hardened top-5 is
-    further from it than the text alone, so it adds nothing a student could use there.
+    At the answer's digits (what held-out accuracy is about) the teacher is near certain, so
+    the text alone, a one-hot on the emitted digit, is within 0.01 nats of its distribution,
+    and so is the trusted tier's top-20. The default tier returns a confident sampled digit's
+    value exact and squeezes the rest under it: a target within 0.001 nats of the text's own,
+    not the hardened values' confidence penalty (0.78 nats off, which helped a student).
     """
     trusted, default = tiers
     problems = task.make_problems(60, soft_label.TRAIN_SEED, "train")
@@ -149,14 +150,18 @@ def test_default_tier_soft_targets_add_nothing_to_the_text_at_the_answer_digits(
     _, default_kl = soft_label.target_divergence(truth, hardened, digits_only=True)
     assert text_kl < 0.01
     assert trusted_kl < 0.01
-    assert default_kl > text_kl + 0.3
+    assert abs(default_kl - text_kl) < 1e-3
+    _, everywhere_trusted_kl = soft_label.target_divergence(truth, truth)
+    _, everywhere_default_kl = soft_label.target_divergence(truth, hardened)
+    assert everywhere_default_kl > everywhere_trusted_kl + 0.05  # unsure openings: hardened
 
 
-def test_honest_clients_keep_their_answers_and_lose_calibration(
+def test_honest_clients_keep_their_answers_and_their_calibration(
     tiers: tuple[Target, Target],
 ) -> None:
+    """The answer's digits are confident, so the default tier returns their values exact."""
     problems = task.make_problems(100, seed=1, split="heldout")
     trusted, default = (honest_cost.measure(t, problems, 0.0) for t in tiers)
     assert trusted.accuracy == default.accuracy
     assert trusted.answer_ece < 0.05
-    assert default.answer_ece > trusted.answer_ece
+    assert default.answer_ece < 0.05

@@ -59,6 +59,15 @@ def test_bad_field_error_names_file_path_and_value(tmp_path: Path) -> None:
         (_tier(logprobs={"noise": {"scale": -1}}), "tiers.default.logprobs.noise.scale"),
         (_tier(logprobs={"quantize": {"mode": "round"}}), "'none', 'grid' or 'rank'"),
         (_tier(logprobs={"max_top": -2}), "tiers.default.logprobs.max_top"),
+        (_tier(logprobs={"exact_sampled_above": 0.5}), "greater than 0.5"),
+        (
+            _tier(logprobs={"exact_sampled_above": 0.9, "quantize": {"mode": "rank"}}),
+            "not with `quantize.mode: rank`",
+        ),
+        (
+            _tier(logprobs={"exact_sampled_above": 0.9, "noise": {"normalize": False}}),
+            "needs `noise.normalize: true`",
+        ),
         (_tier(bounds={"top_logprobs": {"max": 5}}), "'top_logprobs' cannot be bounded"),
         (_tier(seed="random"), "'allow', 'strip' or 'rekey'"),
         (_tier(logit_bias={"mode": "limit", "max_abs": 500}), "tiers.default.logit_bias.max_abs"),

@@ -51,10 +51,18 @@ def test_another_client_gets_other_noise(guard: GuardProcess) -> None:
     assert [tokens for tokens in alice] != [tokens for tokens in bob]
 
 
-def test_default_tier_values_are_hardened_as_promised(guard: GuardProcess) -> None:
+def _on_grid(value: float) -> bool:
+    return abs(value * 2 - round(value * 2)) < 1e-9  # the default tier's 0.5 grid
+
+
+def test_default_tier_values_are_hardened_as_promised(
+    guard: GuardProcess, trusted_client: openai.OpenAI
+) -> None:
     positions = _chat_logprobs(_sdk(guard, ALICE_KEY))
-    assert positions
-    for position in positions:
+    raw = [item.logprob for item in _trusted_chat(trusted_client).choices[0].logprobs.content]
+    assert positions and len(positions) == len(raw)
+    exact = 0
+    for position, raw_value in zip(positions, raw, strict=True):
         sampled_token, sampled_value = position[0]
         top = position[1:]
         assert 1 <= len(top) <= 5
@@ -62,15 +70,26 @@ def test_default_tier_values_are_hardened_as_promised(guard: GuardProcess) -> No
         assert all(math.isfinite(v) and v <= 0 for v in values)
         assert sum(math.exp(v) for v in values) <= 1 + 1e-9
         assert values == sorted(values, reverse=True)
-        assert all(abs(v * 2 - round(v * 2)) < 1e-9 for v in values)  # the 0.5 grid
         assert dict(top).get(sampled_token, sampled_value) == sampled_value
+        if math.exp(raw_value) >= 0.9:  # exact_sampled_above: 0.9
+            exact += 1
+            assert sampled_value == raw_value
+            assert top[0] == (sampled_token, sampled_value)
+            assert all(_on_grid(v) for v in values[1:])
+        else:
+            assert all(_on_grid(v) for v in values)
+    assert 0 < exact < len(positions)  # this answer has both kinds of position
+
+
+def _trusted_chat(trusted_client: openai.OpenAI, max_tokens: int = 24):
+    return trusted_client.chat.completions.create(
+        model="teacher", messages=MESSAGES, temperature=0, logprobs=True, top_logprobs=5,
+        max_tokens=max_tokens,
+    )  # fmt: skip
 
 
 def test_trusted_tier_gets_raw_values(trusted_client: openai.OpenAI) -> None:
-    reply = trusted_client.chat.completions.create(
-        model="teacher", messages=MESSAGES, temperature=0, logprobs=True, top_logprobs=5,
-        max_tokens=8,
-    )  # fmt: skip
+    reply = _trusted_chat(trusted_client, max_tokens=8)
     values = [
         top.logprob for item in reply.choices[0].logprobs.content for top in item.top_logprobs
     ]
@@ -89,8 +108,10 @@ def test_completions_logprobs_are_hardened_and_capped(guard: GuardProcess) -> No
         logprobs.tokens, logprobs.token_logprobs, logprobs.top_logprobs, strict=True
     ):
         assert len(top) <= 6
-        assert all(v <= 0 and abs(v * 2 - round(v * 2)) < 1e-9 for v in top.values())
         assert top.get(token, value) == value
+        others = [v for t, v in top.items() if t != token]
+        assert all(v <= 0 and _on_grid(v) for v in others)
+        assert _on_grid(value) or value >= math.log(0.9)  # hardened, or exact and confident
 
 
 @pytest.mark.parametrize(

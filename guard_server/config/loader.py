@@ -136,22 +136,27 @@ def _validate(model: type[_Model], data: dict[str, Any], path: Path) -> _Model:
         raise ConfigError("\n".join(lines)) from None
 
 
+def logprob_hardening(policy: LogprobPolicy) -> LogprobHardening:
+    """What a tier's logprob policy does to the values it returns."""
+    return LogprobHardening(
+        noise_scale=policy.noise.scale,
+        preserve_order=policy.noise.preserve_order,
+        normalize=policy.noise.normalize,
+        quantize=policy.quantize.mode,
+        grid_step=policy.quantize.step,
+        exact_above=policy.exact_sampled_above,
+    )
+
+
 def _resolve_tier(name: str, policy: TierPolicy) -> Tier:
     models = None if "*" in policy.models else frozenset(policy.models)
-    hardening = LogprobHardening(
-        noise_scale=policy.logprobs.noise.scale,
-        preserve_order=policy.logprobs.noise.preserve_order,
-        normalize=policy.logprobs.noise.normalize,
-        quantize=policy.logprobs.quantize.mode,
-        grid_step=policy.logprobs.quantize.step,
-    )
     return Tier(
         name=name,
         models=models,
         allowed_fields=expand_field_selectors(policy.allow_fields),
         bounds=dict(policy.bounds),
         logprobs=policy.logprobs,
-        hardening=hardening,
+        hardening=logprob_hardening(policy.logprobs),
         logit_bias=policy.logit_bias,
         seed=policy.seed,
         detection=policy.detection,

@@ -183,7 +183,25 @@ class LogprobPolicy(_Strict):
     on_exceed: Literal["clamp", "reject"] = "clamp"
     noise: LogprobNoise = LogprobNoise()
     quantize: LogprobQuantize = LogprobQuantize()
+    exact_sampled_above: Annotated[float, Field(gt=0.5, le=1)] | None = None
+    """The sampled token's own value comes back exact when its probability is at least this
+    (so it is the position's top token); the others are hardened into the mass it leaves."""
     allow_echo: bool = True
+
+    @model_validator(mode="after")
+    def _exact_needs_values(self) -> LogprobPolicy:
+        if self.exact_sampled_above is None:
+            return self
+        if self.quantize.mode == "rank":
+            raise ValueError(
+                "`exact_sampled_above` returns a value, so not with `quantize.mode: rank`"
+            )
+        if not self.noise.normalize:
+            raise ValueError(
+                "`exact_sampled_above` needs `noise.normalize: true` (the other values must fit "
+                "in the mass the exact one leaves)"
+            )
+        return self
 
 
 class LogitBiasPolicy(_Strict):

@@ -3,6 +3,11 @@
 Each position is processed alone and in constant time, so streaming costs the same per chunk.
 The noise for a value is a pure function of (request key, position, token): the same client
 asking the same prompt again gets the same numbers, so averaging repeats gains nothing.
+
+A policy may return the sampled token's own value exact when the model was confident in it
+(``exact_above``): honest users keep calibrated confidences where the model is near certain,
+and such a value tells a distiller little beyond the text, since a near-one-hot target is the
+text's own one-hot. The other values are hardened into the mass it leaves.
 """
 
 from __future__ import annotations
@@ -44,6 +49,9 @@ class LogprobHardening:
     normalize: bool = True
     quantize: Literal["none", "grid", "rank"] = "none"
     grid_step: float = 0.5
+    exact_above: float | None = None
+    """Return the sampled token's value exact when its probability is at least this (> 0.5,
+    so the token is the position's most likely one); ``None``: never."""
 
     @property
     def active(self) -> bool:
@@ -51,9 +59,17 @@ class LogprobHardening:
         return self.noise_scale > 0 or self.quantize != "none"
 
     def apply(
-        self, key: bytes, position: int, tokens: list[str], values: list[float]
+        self,
+        key: bytes,
+        position: int,
+        tokens: list[str],
+        values: list[float],
+        sampled: int | None = None,
     ) -> list[float]:
-        """The hardened values for one position's distinct tokens (same order as given)."""
+        """The hardened values for one position's distinct tokens (same order as given).
+
+        ``sampled`` is the index of the sampled token among ``tokens``, if it is there.
+        """
         live = [i for i, v in enumerate(values) if v > FLOOR]
         out = list(values)
         if self.quantize == "rank":
@@ -61,6 +77,12 @@ class LogprobHardening:
             for rank, i in enumerate(order):
                 out[i] = -float(rank)
             return out
+        room = 0.0  # log of the mass the hardened values may hold
+        if self._is_exact(values, sampled):
+            assert sampled is not None
+            live.remove(sampled)
+            out[sampled] = min(values[sampled], 0.0)
+            room = math.log1p(-math.exp(out[sampled])) if out[sampled] < 0 else -math.inf
         if self.noise_scale > 0:
             for i in live:
                 out[i] = values[i] + self.noise_scale * keyed_normal(key, position, tokens[i])
@@ -72,13 +94,19 @@ class LogprobHardening:
         if self.normalize and live:
             top = max(out[i] for i in live)
             total = top + math.log(sum(math.exp(out[i] - top) for i in live))
-            shift = max(total, 0.0)
+            shift = max(total - room, 0.0)
             for i in live:
-                out[i] = min(out[i] - shift, 0.0)
+                out[i] = max(min(out[i] - shift, 0.0), FLOOR)
         if self.quantize == "grid":
             step = self.grid_step
             for i in live:
-                out[i] = min(
-                    math.floor(out[i] / step) * step, 0.0
+                out[i] = max(
+                    min(math.floor(out[i] / step) * step, 0.0), FLOOR
                 )  # down: stays a sub-distribution
         return out
+
+    def _is_exact(self, values: list[float], sampled: int | None) -> bool:
+        """Whether the sampled token's value is returned as it is."""
+        if self.exact_above is None or sampled is None:
+            return False
+        return values[sampled] >= math.log(self.exact_above)

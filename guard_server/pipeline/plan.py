@@ -8,9 +8,9 @@ for ``block``.
 from __future__ import annotations
 
 from collections import OrderedDict
+from dataclasses import replace
 
 from guard_server.defences.decoy import digit_map
-from guard_server.defences.logprobs import LogprobHardening
 from guard_server.detection.scoring import ACTIONS
 from guard_server.errors import GuardError
 from guard_server.metrics import GuardMetrics
@@ -70,13 +70,7 @@ class Planner:
         elif (ctx.body.get(count_field) or 0) > perturb.max_top:
             ctx.body[count_field] = perturb.max_top
         base = tier.hardening
-        ctx.hardening = LogprobHardening(
-            noise_scale=max(base.noise_scale, perturb.noise_scale),
-            preserve_order=base.preserve_order,
-            normalize=base.normalize,
-            quantize=base.quantize,
-            grid_step=base.grid_step,
-        )
+        ctx.hardening = replace(base, noise_scale=max(base.noise_scale, perturb.noise_scale))
 
     def _track(self, client_id: str, action: str) -> None:
         previous = self._actions.pop(client_id, "pass")

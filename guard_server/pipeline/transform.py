@@ -79,10 +79,11 @@ def _key(ctx: RequestContext) -> bytes:
 
 
 def _harden_position(
-    ctx: RequestContext, position: int, values: dict[str, float]
+    ctx: RequestContext, position: int, values: dict[str, float], sampled: str | None
 ) -> dict[str, float]:
     tokens = list(values)
-    hardened = _hardening(ctx).apply(_key(ctx), position, tokens, list(values.values()))
+    index = tokens.index(sampled) if sampled is not None else None
+    hardened = _hardening(ctx).apply(_key(ctx), position, tokens, list(values.values()), index)
     return dict(zip(tokens, hardened, strict=True))
 
 
@@ -93,7 +94,7 @@ def _harden_chat(ctx: RequestContext, items: Any, start: int) -> int:
         values = {item["token"]: item["logprob"]}
         for entry in top:
             values.setdefault(entry["token"], entry["logprob"])
-        hardened = _harden_position(ctx, start + offset, values)
+        hardened = _harden_position(ctx, start + offset, values, item["token"])
         item["logprob"] = hardened[item["token"]]
         for entry in top:
             entry["logprob"] = hardened[entry["token"]]
@@ -113,7 +114,8 @@ def _harden_completion(ctx: RequestContext, logprobs: dict[str, Any], start: int
             values.setdefault(token, value)
         if not values:
             continue
-        hardened = _harden_position(ctx, start + offset, values)
+        sampled_token = token if value is not None else None
+        hardened = _harden_position(ctx, start + offset, values, sampled_token)
         if value is not None:
             sampled[offset] = hardened[token]
         if top:

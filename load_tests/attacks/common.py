@@ -24,6 +24,7 @@ from typing import Any
 import aiohttp
 import yaml
 
+from guard_server.config.loader import logprob_hardening
 from guard_server.config.schema import TierPolicy
 from guard_server.defences.logprobs import LogprobHardening
 from guard_server.pipeline.auth import hash_key
@@ -49,14 +50,7 @@ SECRET = b"attack-simulations-fixed-secret-0123456789abcdef"
 def default_hardening(policy_file: Path = POLICY_FILE, tier: str = "default") -> LogprobHardening:
     """The logprob hardening that ``tier`` of ``policy_file`` applies (as the guard builds it)."""
     data = yaml.safe_load(policy_file.read_text())
-    policy = TierPolicy.model_validate(data["tiers"][tier])
-    return LogprobHardening(
-        noise_scale=policy.logprobs.noise.scale,
-        preserve_order=policy.logprobs.noise.preserve_order,
-        normalize=policy.logprobs.noise.normalize,
-        quantize=policy.logprobs.quantize.mode,
-        grid_step=policy.logprobs.quantize.step,
-    )
+    return logprob_hardening(TierPolicy.model_validate(data["tiers"][tier]).logprobs)
 
 
 def tier_max_top(policy_file: Path = POLICY_FILE, tier: str = "default") -> int:

@@ -311,8 +311,9 @@ def hardened_what_if(
         for j in range(len(columns)):
             picked = list(dict.fromkeys([*order.tolist(), j]))
             tokens = [str(columns[c]) for c in picked]
-            values = hardening.apply(key, 0, tokens, [float(truth[i, c]) for c in picked])
-            out[i, j] = values[picked.index(j)]
+            forced = picked.index(j)  # the forced token is the sampled one
+            values = hardening.apply(key, 0, tokens, [float(truth[i, c]) for c in picked], forced)
+            out[i, j] = values[forced]
     return out
 
 

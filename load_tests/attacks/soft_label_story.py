@@ -73,7 +73,9 @@ def harden_offline(answers: Sequence[Answer], hardening: LogprobHardening, k: in
             kept = dict(sorted(top.items(), key=lambda item: -item[1])[:k])
             kept[token] = top[token]
             tokens = list(kept)
-            values = hardening.apply(key, position, tokens, [kept[t] for t in tokens])
+            values = hardening.apply(
+                key, position, tokens, [kept[t] for t in tokens], tokens.index(token)
+            )
             tops.append(dict(zip(tokens, values, strict=True)))
         out.append(Answer(answer.text, answer.tokens, tops))
     return out

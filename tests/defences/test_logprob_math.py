@@ -63,6 +63,41 @@ def test_noise_moves_values_and_order_can_be_released() -> None:
     assert sorted(out, reverse=True) != out  # with big noise the order changes
 
 
+CONFIDENT = LogprobHardening(noise_scale=1.0, quantize="grid", grid_step=0.5, exact_above=0.9)
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_a_confident_sampled_token_keeps_its_exact_value(seed: int) -> None:
+    rng = random.Random(seed)
+    p_sampled = rng.uniform(0.9, 0.9999)
+    rest = [rng.random() for _ in range(5)]
+    values = [math.log(p_sampled)] + [math.log((1 - p_sampled) * r / 1.5) for r in rest]
+    tokens = [f"t{i}" for i in range(len(values))]
+    sampled = rng.randrange(len(values))  # the sampled token may come anywhere in the list
+    values.insert(sampled, values.pop(0))
+    out = CONFIDENT.apply(b"k" * 32, seed, tokens, values, sampled)
+    assert out[sampled] == values[sampled]
+    others = [v for i, v in enumerate(out) if i != sampled]
+    assert all(abs(v / 0.5 - round(v / 0.5)) < 1e-9 for v in others)  # hardened
+    assert all(v < out[sampled] for v in others)
+    assert sum(math.exp(v) for v in out) <= 1 + 1e-9
+    by_original = sorted(range(len(values)), key=lambda i: -values[i])
+    assert [out[i] for i in by_original] == sorted(out, reverse=True)
+
+
+def test_an_unsure_sampled_token_is_hardened_like_the_rest() -> None:
+    tokens, values = ["a", "b", "c"], [math.log(0.85), math.log(0.1), math.log(0.05)]
+    unsure = CONFIDENT.apply(b"k" * 32, 3, tokens, values, 0)
+    plain = LogprobHardening(noise_scale=1.0, quantize="grid", grid_step=0.5)
+    assert unsure == plain.apply(b"k" * 32, 3, tokens, values)
+    assert unsure[0] != values[0]
+
+
+def test_a_certain_sampled_token_leaves_no_mass_to_the_others() -> None:
+    out = CONFIDENT.apply(b"k" * 32, 0, ["a", "b", "c"], [-12.0, 0.0, -15.0], 1)
+    assert out == [FLOOR, 0.0, FLOOR]
+
+
 def test_rank_mode_returns_minus_rank_and_floor_is_kept() -> None:
     policy = LogprobHardening(quantize="rank")
     out = policy.apply(b"k" * 32, 0, ["a", "b", "c", "d"], [-2.0, -0.5, FLOOR, -1.0])
