@@ -20,6 +20,9 @@ from typing import Literal
 
 # vLLM reports -inf as -9999.0: such values are left alone.
 FLOOR = -9999.0
+# An exact value is kept at or below this, so the others always have some mass to share:
+# vLLM's float32 reports a near-certain token as 0.0 when the rest hold under 2^-24.
+NEAR_ONE = math.log1p(-(2.0**-24))
 _TWO_64 = float(1 << 64)
 
 
@@ -81,8 +84,8 @@ class LogprobHardening:
         if self._is_exact(values, sampled):
             assert sampled is not None
             live.remove(sampled)
-            out[sampled] = min(values[sampled], 0.0)
-            room = math.log1p(-math.exp(out[sampled])) if out[sampled] < 0 else -math.inf
+            out[sampled] = min(values[sampled], NEAR_ONE)
+            room = math.log1p(-math.exp(out[sampled]))
         if self.noise_scale > 0:
             for i in live:
                 out[i] = values[i] + self.noise_scale * keyed_normal(key, position, tokens[i])

@@ -9,7 +9,7 @@ import statistics
 import pytest
 
 from guard_server.defences.keys import client_key, rekeyed_seed, request_key
-from guard_server.defences.logprobs import FLOOR, LogprobHardening, keyed_normal
+from guard_server.defences.logprobs import FLOOR, NEAR_ONE, LogprobHardening, keyed_normal
 
 SECRET = b"s" * 32
 
@@ -93,9 +93,12 @@ def test_an_unsure_sampled_token_is_hardened_like_the_rest() -> None:
     assert unsure[0] != values[0]
 
 
-def test_a_certain_sampled_token_leaves_no_mass_to_the_others() -> None:
-    out = CONFIDENT.apply(b"k" * 32, 0, ["a", "b", "c"], [-12.0, 0.0, -15.0], 1)
-    assert out == [FLOOR, 0.0, FLOOR]
+def test_a_certain_sampled_token_leaves_float32_room_to_the_others() -> None:
+    """vLLM reports 0.0 when the other tokens hold under 2^-24 of the mass."""
+    out = CONFIDENT.apply(b"k" * 32, 0, ["a", "b", "c"], [-17.0, 0.0, -19.0], 1)
+    assert out[1] == NEAR_ONE and -1e-7 < out[1] < 0
+    assert all(-30 < v <= math.log(2.0**-24) for v in (out[0], out[2]))
+    assert sum(math.exp(v) for v in out) <= 1 + 1e-12
 
 
 def test_rank_mode_returns_minus_rank_and_floor_is_kept() -> None:
