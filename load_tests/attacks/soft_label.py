@@ -5,9 +5,9 @@
 Collects the teacher's greedy answers to N training-split questions with the largest top-k
 logprobs each tier gives (trusted: 20 raw values; default: 5 hardened ones), then trains
 fresh students from scratch (``soft_student``, the lab's architecture and budget) on the
-first N answers: (a) on the answer tokens alone, (a') the same with label smoothing (the
-regulariser a text-only attacker has for free), (b) on the answer tokens plus the
-cross-entropy to the returned top-k distribution at every answer position. Prints held-out
+first N answers: (a) on the answer tokens alone, controls that use no logprobs (``VARIANTS``),
+(b) on the answer tokens plus the cross-entropy to the returned top-k distribution at every
+answer position. Prints held-out
 greedy exact match for each N; every student sees the same token sequences and batches.
 """
 
@@ -223,11 +223,12 @@ def _kl(p: dict[str, float], q: dict[str, float], floor: float) -> float:
     return float(np.sum(p_vec[live] * np.log(p_vec[live] / q_vec[live])))
 
 
-VARIANTS = ("text", "smoothed", "synthetic", "trusted", "default")
-"""Students per N: (a) text only; two controls that use no logprobs: (a') text with label
+VARIANTS = ("text", "smoothed", "synthetic", "doubled", "trusted", "default")
+"""Students per N: (a) text only; three controls that use no logprobs: (a') text with label
 smoothing, (a'') text plus a made-up soft target (the emitted token at the default tier's mean
-returned probability, the rest "any other token"); (b) text + trusted top-k logprobs; (b) text
-+ default (hardened) top-k logprobs."""
+returned probability, the rest "any other token"), (a''') the text counted twice (its own
+one-hot as the soft target: (b)'s loss were the returned values the text's); (b) text +
+trusted top-k logprobs; (b) text + default (hardened) top-k logprobs."""
 LABEL_SMOOTHING = 0.25
 """The control's smoothing: (b)'s loss puts weight 1 on the text and 1 on a hardened target
 whose top token holds about half the mass, i.e. about a quarter of the total off the label."""
@@ -317,12 +318,14 @@ def run_attack(
     examples["synthetic"] = [
         synthetic_example(e, facts["synthetic_top_p"]) for e in examples["trusted"]
     ]
+    examples["doubled"] = [synthetic_example(e, 1.0) for e in examples["trusted"]]
     log(f"collected: {json.dumps(facts)}")
     heldout = task.make_problems(eval_n, seed=1, split="heldout")
     recipes = {
         "text": ("trusted", 0.0, 0.0),
         "smoothed": ("trusted", 0.0, label_smoothing),
         "synthetic": ("synthetic", soft_weight, 0.0),
+        "doubled": ("doubled", soft_weight, 0.0),
         "trusted": ("trusted", soft_weight, 0.0),
         "default": ("default", soft_weight, 0.0),
     }
@@ -356,6 +359,7 @@ def markdown(rows: Sequence[Row], facts: dict) -> str:
         "text": "(a) text only",
         "smoothed": f"(a') text, label smoothing {facts['label_smoothing']}",
         "synthetic": f"(a'') text + made-up top-1 at p={facts['synthetic_top_p']:.2f}",
+        "doubled": "(a''') text counted twice",
         "trusted": f"(b) + trusted top-{k['trusted']} logprobs",
         "default": f"(b) + default top-{k['default']} logprobs",
     }
