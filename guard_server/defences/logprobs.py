@@ -81,8 +81,7 @@ class LogprobHardening:
                 out[i] = -float(rank)
             return out
         room = 0.0  # log of the mass the hardened values may hold
-        if self._is_exact(values, sampled):
-            assert sampled is not None
+        if sampled is not None and self._kept_exact(values[sampled]):
             live.remove(sampled)
             out[sampled] = min(values[sampled], NEAR_ONE)
             room = math.log1p(-math.exp(out[sampled]))
@@ -108,8 +107,6 @@ class LogprobHardening:
                 )  # down: stays a sub-distribution
         return out
 
-    def _is_exact(self, values: list[float], sampled: int | None) -> bool:
+    def _kept_exact(self, sampled_value: float) -> bool:
         """Whether the sampled token's value is returned as it is."""
-        if self.exact_above is None or sampled is None:
-            return False
-        return values[sampled] >= math.log(self.exact_above)
+        return self.exact_above is not None and sampled_value >= math.log(self.exact_above)
