@@ -122,9 +122,9 @@ def fresh_key_curve(
             positions = sorted({pos for pos, _ in row})
             for pos in positions:
                 tokens = [tok for p, tok in row if p == pos and (i, p, tok) in truth]
-                exact = [truth[(i, pos, t)] for t in tokens]
-                greedy = max(range(len(tokens)), key=exact.__getitem__)  # the sampled token
-                values = hardening.apply(key, pos, tokens, exact, greedy)
+                true_values = [truth[(i, pos, t)] for t in tokens]
+                greedy = max(range(len(tokens)), key=true_values.__getitem__)  # sampled token
+                values = hardening.apply(key, pos, tokens, true_values, greedy)
                 draw.update({(i, pos, t): v for t, v in zip(tokens, values, strict=True)})
         draws.append(draw)
     cells = sorted(draws[0])

@@ -7,8 +7,8 @@ logprobs each tier gives (trusted: 20 raw values; default: 5 hardened ones), the
 fresh students from scratch (``soft_student``, the lab's architecture and budget) on the
 first N answers: (a) on the answer tokens alone, controls that use no logprobs (``VARIANTS``),
 (b) on the answer tokens plus the cross-entropy to the returned top-k distribution at every
-answer position. Prints held-out
-greedy exact match for each N; every student sees the same token sequences and batches.
+answer position. Prints held-out greedy exact match for each N; every student sees the same
+token sequences and batches.
 """
 
 from __future__ import annotations
