@@ -61,13 +61,14 @@ class GenerationHandler:
         self.audit = audit
         self.endpoint = endpoint
         self.admitter = admitter
-        # The stages after authentication and body parsing, in order.
+        # The stages after authentication and body parsing, in order: what the request may
+        # ask for is settled before it is scored, and one plan is made before anything acts.
         self.stages: tuple[Stage, ...] = (
             validate_request,
-            scorer,
             apply_tier_policy,
-            admitter,
+            scorer,
             planner,
+            admitter,
         )
         self.path = _PATHS[endpoint]
         self.holder = holder
@@ -109,7 +110,8 @@ class GenerationHandler:
         ctx.body = parse_json_object(raw)
         for stage in self.stages:
             await stage(ctx)
-        upstream = request.app[UPSTREAMS].get(ctx.upstream_model or ctx.model)
+        assert ctx.plan is not None
+        upstream = request.app[UPSTREAMS].get(ctx.plan.upstream_model or ctx.model)
         payload = rewrite_for_upstream(ctx, upstream.served_model, upstream.settings.guard_plugin)
         headers = {**ctx.response_headers, **self._policy_headers(ctx)}
         if ctx.stream:

@@ -150,9 +150,10 @@ class GuardMetrics:
         )
         self.actions = Counter(
             "guard_actions",
-            "Actions the plan stage chose, by tier and action (pass, tighten, perturb, decoy, "
-            "block).",
-            ["tier", "action"],
+            "Actions the plan stage chose, by tier, action (pass, tighten, perturb, decoy, "
+            "block) and detection mode (in shadow mode: the action the score called for, "
+            "while the request was served as pass).",
+            ["tier", "action", "mode"],
             registry=r,
         )
         self.risk_score = Histogram(
@@ -164,8 +165,9 @@ class GuardMetrics:
         )
         self.flagged_clients = Gauge(
             "guard_flagged_clients",
-            "Clients whose current action is above pass, by action.",
-            ["action"],
+            "Clients whose current action is above pass, by action and detection mode (in "
+            "shadow mode: the action they would get).",
+            ["action", "mode"],
             registry=r,
             multiprocess_mode="livesum",
         )

@@ -64,6 +64,7 @@ class Client:
     id: str
     tier: Tier
     limits: LimitSpec
+    detection_mode: str = "enforce"  # the client's override, else its tier's
 
 
 @dataclass(frozen=True)
@@ -238,7 +239,9 @@ def load_settings(path: str | os.PathLike[str]) -> Settings:
         tier_limits = tier_policies[tier_name].limits
         overrides = entry.limits.model_dump(exclude_unset=True) if entry.limits else {}
         limits = LimitSpec(**{**tier_limits.model_dump(), **overrides})
-        client = Client(client_id, tiers[tier_name], limits)
+        tier = tiers[tier_name]
+        mode = entry.detection_mode or tier.detection.mode
+        client = Client(client_id, tier, limits, mode)
         for key_hash in entry.keys:
             digest_bytes = bytes.fromhex(key_hash.removeprefix("sha256:"))
             if digest_bytes in clients_by_key_hash:

@@ -305,10 +305,15 @@ class DistinctPromptsRamp(_Strict):
         return self
 
 
+DetectionMode = Literal["enforce", "shadow"]
+
+
 class DetectionPolicy(_Strict):
     """Extraction-risk scoring and the actions it drives."""
 
     enabled: bool = True
+    mode: DetectionMode = "enforce"
+    """``shadow``: score and record the action the score calls for, but serve as ``pass``."""
     thresholds: ActionThresholds = ActionThresholds()
     distinct_prompts: DistinctPromptsRamp = DistinctPromptsRamp()
     tighten_factor: Annotated[float, Field(gt=0, le=1)] = 0.25
@@ -355,6 +360,7 @@ class ClientEntry(_Strict):
     tier: str
     keys: Annotated[list[str], Field(min_length=1)]
     limits: RateLimits | None = None  # fields set here override the tier's
+    detection_mode: DetectionMode | None = None  # overrides the tier's detection.mode
 
     @field_validator("keys")
     @classmethod

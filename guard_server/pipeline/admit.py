@@ -1,4 +1,5 @@
-"""Admit: the client's rate limits (requests/min, tokens/min, concurrency), shared by replicas.
+"""Admit: the plan's block, then the plan's rate limits (requests/min, tokens/min,
+concurrency), shared by replicas.
 
 Tokens are reserved at admission from an estimate and settled against the real usage at
 completion, streams included. Settlement runs as its own task, so a cancelled request
@@ -61,24 +62,6 @@ def ratelimit_headers(limits: LimitSpec, admission: Admission) -> dict[str, str]
     return headers
 
 
-def effective_limits(ctx: RequestContext) -> LimitSpec:
-    """The client's limits, scaled down by the tier's tighten factor once its risk is high."""
-    assert ctx.client is not None
-    limits = ctx.client.limits
-    if ctx.assessment is None or ctx.assessment.action == "pass":
-        return limits
-    factor = ctx.client.tier.detection.tighten_factor
-
-    def scaled(value: int | None) -> int | None:
-        return None if value is None else max(1, int(value * factor))
-
-    return LimitSpec(
-        scaled(limits.requests_per_minute),
-        scaled(limits.tokens_per_minute),
-        scaled(limits.concurrent_requests),
-    )
-
-
 class Admitter:
     """The admission stage, holding the state store."""
 
@@ -92,8 +75,15 @@ class Admitter:
         self._settling: set[asyncio.Task[None]] = set()
 
     async def __call__(self, ctx: RequestContext) -> None:
-        assert ctx.client is not None
-        limits = effective_limits(ctx)
+        assert ctx.client is not None and ctx.plan is not None
+        if ctx.plan.action == "block":
+            raise GuardError(
+                403,
+                "This API key is suspended. Contact the API operator.",
+                type="permission_error",
+                code="access_suspended",
+            )
+        limits = ctx.plan.limits
         if limits.unlimited:
             return
         estimate = estimate_tokens(ctx)
@@ -131,9 +121,9 @@ class Admitter:
     def settle(self, ctx: RequestContext) -> None:
         """Release the slot and settle tokens, in a task of its own (survives cancellation)."""
         admission = ctx.admission
-        if ctx.client is None or admission is None or not admission.allowed:
+        if ctx.client is None or ctx.plan is None or admission is None or not admission.allowed:
             return
-        limits = effective_limits(ctx)
+        limits = ctx.plan.limits
         if ctx.prompt_tokens or ctx.completion_tokens:
             refund = admission.reserved_tokens - ctx.prompt_tokens - ctx.completion_tokens
         elif ctx.status != 200:

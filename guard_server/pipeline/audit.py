@@ -39,7 +39,8 @@ class AuditLog:
         """Record the decision taken for one authenticated request."""
         if self._logger is None or ctx.client is None:
             return
-        if self.settings.only_flagged and ctx.action == "pass":
+        plan = ctx.plan
+        if self.settings.only_flagged and (plan is None or plan.assessed == "pass"):
             return
         assessment = ctx.assessment
         record = {
@@ -49,7 +50,10 @@ class AuditLog:
             "endpoint": ctx.endpoint.value,
             "model": ctx.model,
             "status": ctx.status,
-            "action": ctx.action,
+            "action": plan.action if plan else None,
+            "assessed": plan.assessed if plan else None,
+            "mode": plan.mode if plan else None,
+            "reason": plan.reason if plan else None,
             "risk": assessment.score if assessment else None,
             "signals": assessment.signals() if assessment else {},
             "policy": [f"{action}={field}" for action, field in ctx.policy_actions],

@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from multidict import CIMultiDictProxy
 
 from guard_server.config.loader import Client, Settings
-from guard_server.defences.logprobs import LogprobHardening
 from guard_server.detection.scoring import Assessment
 from guard_server.openai_fields import Endpoint
 from guard_server.state.base import Admission
+
+if TYPE_CHECKING:
+    from guard_server.pipeline.plan import Plan
 
 
 @dataclass(slots=True)
@@ -36,15 +38,17 @@ class RequestContext:
     assessment: Assessment | None = None
     fingerprint: str = ""
     body_hash: str = ""
-    action: str = "pass"
-    hardening: LogprobHardening | None = None  # overrides the tier's (perturb action)
-    decoy_source: str | None = None
-    digit_map: dict[int, str] | None = None
-    upstream_model: str | None = None  # a decoy model answers instead
+    plan: Plan | None = None  # set once by the plan stage, read by every later one
     logprob_key: bytes | None = None
     logprob_positions: dict[int, int] = field(default_factory=dict)  # per choice, streams
     prompt_tokens: int = 0
     completion_tokens: int = 0
+
+    def note(self, action: str, field_name: str) -> None:
+        """Record a rewrite for ``x-guard-policy``, the audit log and the metrics (once)."""
+        entry = (action, field_name)
+        if entry not in self.policy_actions:
+            self.policy_actions.append(entry)
 
     @property
     def tier_name(self) -> str:

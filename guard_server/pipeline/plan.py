@@ -1,25 +1,116 @@
-"""Plan: turn the client's risk into an action: pass, tighten, perturb, decoy or block.
+"""Plan: turn the client's risk into one immutable decision for the request.
 
-``tighten`` is applied by the admission stage (smaller limits); this stage applies the rest:
-stronger logprob hardening from ``perturb`` on, decoy answers from ``decoy`` on, and a 403
-for ``block``.
+The plan holds everything the later stages act on: the action, the limits admission
+applies, the logprob cap and hardening, the sampling controls sent to the plugin and the
+decoy. Admission, the upstream rewrite, the response transform, the audit log and the
+metrics read only the plan, so all of them agree on what was done and why.
+
+In ``shadow`` detection mode the plan records the action the score calls for
+(``assessed``) and serves the request as ``pass``.
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
-from guard_server.defences.decoy import digit_map
-from guard_server.detection.scoring import ACTIONS
-from guard_server.errors import GuardError
+from guard_server.config.loader import Client
+from guard_server.defences.logprobs import LogprobHardening
+from guard_server.detection.scoring import ACTIONS, Assessment
 from guard_server.metrics import GuardMetrics
-from guard_server.openai_fields import Endpoint
 from guard_server.pipeline.context import RequestContext
-from guard_server.pipeline.policy import wants_logprobs
+from guard_server.pipeline.decoy import DecoyPlan, plan_decoy
+from guard_server.pipeline.sampling import SamplingPlan
+from guard_server.state.base import LimitSpec
 
 _RANK = {action: rank for rank, action in enumerate(ACTIONS)}
 _CAMPAIGN_SIGNAL = 0.2
+_REASON_SIGNALS = 3  # the largest contributions named in a plan's reason
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    """The one decision taken for a request. Read-only: no stage changes it."""
+
+    action: str  # what is done: pass, tighten, perturb, decoy or block
+    assessed: str  # what the risk score calls for (differs from `action` in shadow mode)
+    mode: str  # enforce or shadow
+    reason: str  # for operators: the score, its threshold and its largest signals
+    limits: LimitSpec
+    logprob_cap: int
+    hardening: LogprobHardening
+    sampling: SamplingPlan
+    decoy: DecoyPlan | None
+
+    @property
+    def upstream_model(self) -> str | None:
+        """The model that answers instead of the requested one (a decoy model), if any."""
+        return self.decoy.model if self.decoy is not None else None
+
+
+def make_plan(secret: bytes, client: Client, assessment: Assessment | None) -> Plan:
+    """The plan for one request of ``client`` at its current ``assessment``."""
+    tier = client.tier
+    detection = tier.detection
+    assessed = assessment.action if assessment is not None else "pass"
+    mode = client.detection_mode
+    action = assessed if mode == "enforce" else "pass"
+    rank = _RANK[action]
+    perturb = detection.perturb
+    logprob_cap = tier.logprobs.max_top
+    hardening = tier.hardening
+    sigma = tier.sampling.noise.sigma
+    if rank >= _RANK["perturb"]:
+        logprob_cap = min(logprob_cap, perturb.max_top)
+        hardening = replace(hardening, noise_scale=max(hardening.noise_scale, perturb.noise_scale))
+        sigma = max(sigma, perturb.sampling_sigma)
+    decoy = plan_decoy(secret, client) if action == "decoy" else None
+    if decoy is not None:
+        sigma = max(sigma, decoy.sigma)
+    return Plan(
+        action=action,
+        assessed=assessed,
+        mode=mode,
+        reason=_reason(client, assessment),
+        limits=client.limits if rank == 0 else _tightened(client.limits, detection.tighten_factor),
+        logprob_cap=logprob_cap,
+        hardening=hardening,
+        sampling=SamplingPlan(
+            noise_sigma=sigma,
+            noise_kind=tier.sampling.noise.kind,
+            bounds=tier.sampling.bounds,
+            watermark=tier.sampling.watermark,
+        ),
+        decoy=decoy,
+    )
+
+
+def _tightened(limits: LimitSpec, factor: float) -> LimitSpec:
+    def scaled(value: int | None) -> int | None:
+        return None if value is None else max(1, int(value * factor))
+
+    return LimitSpec(
+        scaled(limits.requests_per_minute),
+        scaled(limits.tokens_per_minute),
+        scaled(limits.concurrent_requests),
+    )
+
+
+def _reason(client: Client, assessment: Assessment | None) -> str:
+    """Why the plan is what it is, in words an operator can read in the audit log."""
+    if not client.tier.detection.enabled:
+        return "detection is off for this tier"
+    if assessment is None:
+        return "not scored (state backend unavailable)"
+    thresholds = client.tier.detection.thresholds.by_action
+    action = assessment.action
+    if action == "pass":
+        head = f"risk {assessment.score:.3f} < tighten {thresholds['tighten']:g}"
+    else:
+        head = f"risk {assessment.score:.3f} >= {action} {thresholds[action]:g}"
+    largest = sorted(assessment.contributions.items(), key=lambda item: -item[1])
+    named = ", ".join(f"{name} {value:.3f}" for name, value in largest[:_REASON_SIGNALS])
+    return f"{head} ({named})" if named else head
 
 
 class Planner:
@@ -27,61 +118,29 @@ class Planner:
 
     def __init__(self, metrics: GuardMetrics, max_tracked: int = 100_000) -> None:
         self.metrics = metrics
-        self._actions: OrderedDict[str, str] = OrderedDict()
+        self._actions: OrderedDict[str, tuple[str, str]] = OrderedDict()
         self._campaign_fingerprints: OrderedDict[str, None] = OrderedDict()
         self._max_tracked = max_tracked
 
     async def __call__(self, ctx: RequestContext) -> None:
         assert ctx.client is not None
         assessment = ctx.assessment
-        action = assessment.action if assessment else "pass"
-        ctx.action = action
-        self._track(ctx.client.id, action)
+        ctx.plan = make_plan(ctx.settings.secret, ctx.client, assessment)
+        self._track(ctx.client.id, ctx.plan.assessed, ctx.plan.mode)
         if assessment and assessment.contributions.get("campaign", 0) >= _CAMPAIGN_SIGNAL:
             self._note_campaign(ctx.fingerprint)
-        detection = ctx.client.tier.detection
-        if action == "block":
-            raise GuardError(
-                403,
-                "This API key is suspended. Contact the API operator.",
-                type="permission_error",
-                code="access_suspended",
-            )
-        if _RANK[action] >= _RANK["perturb"]:
-            self._perturb_logprobs(ctx)
-        if action == "decoy":
-            ctx.decoy_source = detection.decoy.source
-            if detection.decoy.source == "model":
-                ctx.upstream_model = detection.decoy.model
-            elif detection.decoy.source == "misinformation":
-                ctx.digit_map = digit_map(ctx.settings.secret, ctx.client.id)
-            self.metrics.decoys.labels(detection.decoy.source).inc()
 
-    def _perturb_logprobs(self, ctx: RequestContext) -> None:
-        assert ctx.client is not None
-        tier = ctx.client.tier
-        perturb = tier.detection.perturb
-        if not wants_logprobs(ctx):
-            return
-        count_field = "top_logprobs" if ctx.endpoint is Endpoint.CHAT else "logprobs"
-        if perturb.max_top == 0:
-            ctx.body.pop("logprobs", None)
-            ctx.body.pop("top_logprobs", None)
-        elif (ctx.body.get(count_field) or 0) > perturb.max_top:
-            ctx.body[count_field] = perturb.max_top
-        base = tier.hardening
-        ctx.hardening = replace(base, noise_scale=max(base.noise_scale, perturb.noise_scale))
-
-    def _track(self, client_id: str, action: str) -> None:
-        previous = self._actions.pop(client_id, "pass")
-        if previous != "pass":
-            self.metrics.flagged_clients.labels(previous).dec()
+    def _track(self, client_id: str, action: str, mode: str) -> None:
+        gauge = self.metrics.flagged_clients
+        previous = self._actions.pop(client_id, None)
+        if previous is not None:
+            gauge.labels(*previous).dec()
         if action != "pass":
-            self._actions[client_id] = action
-            self.metrics.flagged_clients.labels(action).inc()
+            self._actions[client_id] = (action, mode)
+            gauge.labels(action, mode).inc()
             if len(self._actions) > self._max_tracked:
                 _, dropped = self._actions.popitem(last=False)
-                self.metrics.flagged_clients.labels(dropped).dec()
+                gauge.labels(*dropped).dec()
 
     def _note_campaign(self, fingerprint: str) -> None:
         if fingerprint in self._campaign_fingerprints:

@@ -5,10 +5,10 @@ from __future__ import annotations
 import math
 
 from guard_server.config.schema import Bound
-from guard_server.defences.keys import rekeyed_seed
 from guard_server.errors import bad_request, model_not_found
 from guard_server.openai_fields import Endpoint
 from guard_server.pipeline.context import RequestContext
+from guard_server.pipeline.logprob_channel import check_tier_cap, wants_logprobs
 
 # -1 asks vLLM for every token's logprob: larger than any bound.
 _ALL_MEANS_UNBOUNDED = frozenset({"prompt_logprobs"})
@@ -30,16 +30,13 @@ async def apply_tier_policy(ctx: RequestContext) -> None:
             )
     if "vllm_xargs" in body:
         del body["vllm_xargs"]
-        ctx.policy_actions.append(("stripped", "vllm_xargs"))
+        ctx.note("stripped", "vllm_xargs")
     for name, bound in tier.bounds.items():
         targets = ("max_tokens", "max_completion_tokens") if name == "max_tokens" else (name,)
         for field in targets:
             _enforce_bound(ctx, field, bound)
-    _cap_logprobs(ctx)
+    check_tier_cap(ctx)
     _apply_logit_bias_policy(ctx)
-    _apply_seed_policy(ctx)
-    if tier.hardening.active and wants_logprobs(ctx):
-        ctx.policy_actions.append(("hardened", "logprobs"))
     max_tokens = tier.bounds.get("max_tokens")
     if (
         ctx.endpoint is Endpoint.CHAT
@@ -70,52 +67,7 @@ def _enforce_bound(ctx: RequestContext, field: str, bound: Bound) -> None:
             code="value_out_of_range",
         )
     ctx.body[field] = int(limit) if isinstance(value, int) else float(limit)
-    ctx.policy_actions.append(("clamped", field))
-
-
-def wants_logprobs(ctx: RequestContext) -> bool:
-    """Whether the request (as rewritten so far) asks for logprob values."""
-    value = ctx.body.get("logprobs")
-    if ctx.endpoint is Endpoint.CHAT:
-        return value is True
-    return value is not None
-
-
-def _cap_logprobs(ctx: RequestContext) -> None:
-    """Cap ``top_logprobs`` (chat) / ``logprobs`` (completions); 0 means no logprobs at all."""
-    assert ctx.client is not None
-    policy = ctx.client.tier.logprobs
-    body = ctx.body
-    count_field = "top_logprobs" if ctx.endpoint is Endpoint.CHAT else "logprobs"
-    count = body.get(count_field)
-    if policy.max_top == 0 and wants_logprobs(ctx):
-        if policy.on_exceed == "reject":
-            raise bad_request(
-                f"Logprobs are not available to tier `{ctx.client.tier.name}`.",
-                param="logprobs",
-                code="value_out_of_range",
-            )
-        body.pop("logprobs", None)
-        body.pop("top_logprobs", None)
-        ctx.policy_actions.append(("stripped", "logprobs"))
-        return
-    # Validation has typed the count as an int; -1 asks for the whole vocabulary.
-    if count is not None and (count == -1 or count > policy.max_top):
-        if policy.on_exceed == "reject":
-            raise bad_request(
-                f"`{count_field}` is {count}, above the maximum of {policy.max_top} "
-                f"allowed for tier `{ctx.client.tier.name}`.",
-                param=count_field,
-                code="value_out_of_range",
-            )
-        body[count_field] = policy.max_top
-        ctx.policy_actions.append(("clamped", count_field))
-    if body.get("echo") and wants_logprobs(ctx) and not policy.allow_echo:
-        raise bad_request(
-            "`echo` together with logprobs is not allowed for this tier.",
-            param="echo",
-            code="parameter_not_allowed",
-        )
+    ctx.note("clamped", field)
 
 
 def _apply_logit_bias_policy(ctx: RequestContext) -> None:
@@ -126,7 +78,7 @@ def _apply_logit_bias_policy(ctx: RequestContext) -> None:
         return
     if policy.mode == "strip":
         del ctx.body["logit_bias"]
-        ctx.policy_actions.append(("stripped", "logit_bias"))
+        ctx.note("stripped", "logit_bias")
         return
     if policy.mode == "reject":
         raise bad_request(
@@ -156,21 +108,7 @@ def _apply_logit_bias_policy(ctx: RequestContext) -> None:
             bias[token] = math.copysign(policy.max_abs, value)
             clamped = True
     if clamped:
-        ctx.policy_actions.append(("clamped", "logit_bias"))
-
-
-def _apply_seed_policy(ctx: RequestContext) -> None:
-    assert ctx.client is not None
-    mode = ctx.client.tier.seed
-    seed = ctx.body.get("seed")
-    if seed is None or mode == "allow":
-        return
-    if mode == "strip":
-        del ctx.body["seed"]
-        ctx.policy_actions.append(("stripped", "seed"))
-        return
-    ctx.body["seed"] = rekeyed_seed(ctx.settings.secret, ctx.client.id, ctx.body, seed)
-    ctx.policy_actions.append(("rekeyed", "seed"))
+        ctx.note("clamped", "logit_bias")
 
 
 def _is_number(value: object) -> bool:

@@ -1,4 +1,5 @@
-"""Record: metrics for one finished request (labels are bounded: tier, endpoint, status)."""
+"""Record: metrics for one finished request (labels are bounded: tier, endpoint, status,
+action, mode)."""
 
 from __future__ import annotations
 
@@ -15,8 +16,12 @@ def record(ctx: RequestContext, metrics: GuardMetrics) -> None:
     endpoint = ctx.endpoint.value
     child = metrics.child
     child(metrics.requests, tier, endpoint, str(ctx.status)).inc()
-    if ctx.client is not None:
-        child(metrics.actions, tier, ctx.action).inc()
+    plan = ctx.plan
+    if plan is not None:
+        # In shadow mode the action counted is the one the score called for.
+        child(metrics.actions, tier, plan.assessed, plan.mode).inc()
+        if plan.decoy is not None and ctx.status == 200:
+            child(metrics.decoys, plan.decoy.source).inc()
     for action, field in ctx.policy_actions:
         child(metrics.policy_actions, tier, action, field).inc()
     if ctx.client is not None and ctx.settings.config.metrics.client_label:

@@ -10,7 +10,7 @@ from guard_server.detection.features import RequestFeatures, extract_features
 from guard_server.detection.scoring import Assessment, assess
 from guard_server.metrics import GuardMetrics
 from guard_server.pipeline.context import RequestContext
-from guard_server.pipeline.policy import wants_logprobs
+from guard_server.pipeline.logprob_channel import wants_logprobs
 from guard_server.state.base import StateStore, StateUnavailable
 
 log = logging.getLogger(__name__)

@@ -15,6 +15,7 @@ from guard_server.metrics import GuardMetrics
 from guard_server.openai_fields import Endpoint
 from guard_server.pipeline.auth import authenticate
 from guard_server.pipeline.context import RequestContext
+from guard_server.pipeline.plan import Planner
 from guard_server.pipeline.policy import apply_tier_policy
 from guard_server.pipeline.rewrite import rewrite_for_upstream
 from guard_server.pipeline.score import FRESH_REQUESTS, REASSESS_EVERY, RiskScorer
@@ -39,6 +40,7 @@ async def _run(ctx: RequestContext) -> RequestContext:
     await authenticate(ctx)
     await validate_request(ctx)
     await apply_tier_policy(ctx)
+    await Planner(GuardMetrics(CollectorRegistry()))(ctx)
     return ctx
 
 
@@ -64,6 +66,9 @@ async def test_clamp_rewrites_and_notes_the_field() -> None:
     ctx = await _run(_ctx(_chat(logprobs=True, top_logprobs=-1)))
     assert ctx.body["top_logprobs"] == 5
     assert ("clamped", "top_logprobs") in ctx.policy_actions
+    rewrite_for_upstream(ctx, "m", guard_plugin=False)
+    assert ctx.policy_actions.count(("clamped", "top_logprobs")) == 1
+    assert ("hardened", "logprobs") in ctx.policy_actions
 
 
 async def test_temperature_below_minimum_is_rejected() -> None:
@@ -113,7 +118,9 @@ async def test_plugin_args_follow_the_tier_and_the_action() -> None:
     import dataclasses
 
     from guard_server.config.schema import SamplingPolicy
-    from guard_server.pipeline.plugin_args import plugin_args
+    from guard_server.detection.scoring import Assessment
+    from guard_server.pipeline.plan import make_plan
+    from guard_server.pipeline.sampling import plugin_args
 
     ctx = await _run(_ctx(_chat(temperature=1.0)))
     assert plugin_args(ctx) == {}
@@ -123,11 +130,12 @@ async def test_plugin_args_follow_the_tier_and_the_action() -> None:
     assert ctx.client is not None
     tier = dataclasses.replace(ctx.client.tier, sampling=sampling)
     ctx.client = dataclasses.replace(ctx.client, tier=tier)
+    ctx.plan = make_plan(SETTINGS.secret, ctx.client, None)
     args = plugin_args(ctx)
     assert args["guard_noise_sigma"] == 0.5 and args["guard_top_k"] == 20
     assert args["guard_wm_gamma"] == 0.25 and 0 <= args["guard_wm_key"] < 2**31
     assert plugin_args(ctx) == args  # the same request gets the same keys
-    ctx.action = "perturb"
+    ctx.plan = make_plan(SETTINGS.secret, ctx.client, Assessment(0.42, {}, "perturb"))
     assert plugin_args(ctx)["guard_noise_sigma"] == 1.0
     sent = orjson.loads(rewrite_for_upstream(ctx, "m", guard_plugin=True))
     assert sent["vllm_xargs"]["guard_noise_seed"] == args["guard_noise_seed"]

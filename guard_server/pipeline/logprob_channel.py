@@ -1,0 +1,160 @@
+"""The logprob channel, both halves: how many values a request may ask for (the tier's cap,
+then the plan's), and the hardening of the values that come back (keyed noise, order,
+normalization, grid), on whole responses and streamed chunks alike."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from guard_server.defences.keys import client_key, request_key
+from guard_server.errors import bad_request
+from guard_server.openai_fields import Endpoint
+from guard_server.pipeline.context import RequestContext
+
+
+def wants_logprobs(ctx: RequestContext) -> bool:
+    """Whether the request (as rewritten so far) asks for logprob values."""
+    value = ctx.body.get("logprobs")
+    if ctx.endpoint is Endpoint.CHAT:
+        return value is True
+    return value is not None
+
+
+def _count_field(ctx: RequestContext) -> str:
+    return "top_logprobs" if ctx.endpoint is Endpoint.CHAT else "logprobs"
+
+
+def _drop_logprobs(body: dict[str, Any]) -> None:
+    body.pop("logprobs", None)
+    body.pop("top_logprobs", None)
+
+
+def check_tier_cap(ctx: RequestContext) -> None:
+    """The tier policy's half: cap ``top_logprobs`` (chat) / ``logprobs`` (completions) at the
+    tier's ``max_top`` (0: no logprobs at all), clamping or rejecting as the tier says, and
+    refuse ``echo`` with logprobs unless the tier allows it."""
+    assert ctx.client is not None
+    policy = ctx.client.tier.logprobs
+    body = ctx.body
+    count_field = _count_field(ctx)
+    count = body.get(count_field)
+    if policy.max_top == 0 and wants_logprobs(ctx):
+        if policy.on_exceed == "reject":
+            raise bad_request(
+                f"Logprobs are not available to tier `{ctx.client.tier.name}`.",
+                param="logprobs",
+                code="value_out_of_range",
+            )
+        _drop_logprobs(body)
+        ctx.note("stripped", "logprobs")
+        return
+    # Validation has typed the count as an int; -1 asks for the whole vocabulary.
+    if count is not None and (count == -1 or count > policy.max_top):
+        if policy.on_exceed == "reject":
+            raise bad_request(
+                f"`{count_field}` is {count}, above the maximum of {policy.max_top} "
+                f"allowed for tier `{ctx.client.tier.name}`.",
+                param=count_field,
+                code="value_out_of_range",
+            )
+        body[count_field] = policy.max_top
+        ctx.note("clamped", count_field)
+    if body.get("echo") and wants_logprobs(ctx) and not policy.allow_echo:
+        raise bad_request(
+            "`echo` together with logprobs is not allowed for this tier.",
+            param="echo",
+            code="parameter_not_allowed",
+        )
+
+
+class LogprobChannel:
+    """The plan's logprob cap on the way up; hardened values on the way back."""
+
+    def request(self, ctx: RequestContext, body: dict[str, Any], guard_plugin: bool) -> None:
+        """Lower the count to the plan's cap (a perturbed client's is smaller than the tier's)."""
+        if not wants_logprobs(ctx):
+            return
+        plan = ctx.plan
+        assert plan is not None
+        count_field = _count_field(ctx)
+        if plan.logprob_cap == 0:
+            _drop_logprobs(body)
+            ctx.note("stripped", "logprobs")
+            return
+        if (body.get(count_field) or 0) > plan.logprob_cap:
+            body[count_field] = plan.logprob_cap
+            ctx.note("clamped", count_field)
+        if plan.hardening.active:
+            ctx.note("hardened", "logprobs")
+
+    def response(self, ctx: RequestContext, choices: list[Any], streaming: bool) -> None:
+        """Harden every returned value in place."""
+        assert ctx.plan is not None
+        if not ctx.plan.hardening.active:
+            return
+        for choice in choices:
+            logprobs = choice.get("logprobs")
+            if not logprobs:
+                continue
+            index = choice.get("index", 0)
+            start = ctx.logprob_positions.get(index, 0) if streaming else 0
+            if ctx.endpoint is Endpoint.CHAT:
+                count = _harden_chat(ctx, logprobs.get("content") or (), start)
+            else:
+                count = _harden_completion(ctx, logprobs, start)
+            ctx.logprob_positions[index] = start + count
+
+
+def _key(ctx: RequestContext) -> bytes:
+    if ctx.logprob_key is None:
+        assert ctx.client is not None
+        material = ctx.body.get("messages" if ctx.endpoint is Endpoint.CHAT else "prompt")
+        base = client_key(ctx.settings.secret, "logprob-noise", ctx.client.id)
+        ctx.logprob_key = request_key(base, material)
+    return ctx.logprob_key
+
+
+def _harden_position(
+    ctx: RequestContext, position: int, values: dict[str, float], sampled: str | None
+) -> dict[str, float]:
+    tokens = list(values)
+    index = tokens.index(sampled) if sampled is not None else None
+    assert ctx.plan is not None
+    hardened = ctx.plan.hardening.apply(_key(ctx), position, tokens, list(values.values()), index)
+    return dict(zip(tokens, hardened, strict=True))
+
+
+def _harden_chat(ctx: RequestContext, items: Any, start: int) -> int:
+    count = 0
+    for offset, item in enumerate(items):
+        top = item.get("top_logprobs") or []
+        values = {item["token"]: item["logprob"]}
+        for entry in top:
+            values.setdefault(entry["token"], entry["logprob"])
+        hardened = _harden_position(ctx, start + offset, values, item["token"])
+        item["logprob"] = hardened[item["token"]]
+        for entry in top:
+            entry["logprob"] = hardened[entry["token"]]
+        count += 1
+    return count
+
+
+def _harden_completion(ctx: RequestContext, logprobs: dict[str, Any], start: int) -> int:
+    tokens = logprobs.get("tokens") or []
+    sampled = logprobs.get("token_logprobs") or []
+    tops = logprobs.get("top_logprobs") or []
+    for offset, token in enumerate(tokens):
+        top = tops[offset] if offset < len(tops) else None
+        value = sampled[offset] if offset < len(sampled) else None
+        values = dict(top) if top else {}
+        if value is not None:
+            values.setdefault(token, value)
+        if not values:
+            continue
+        sampled_token = token if value is not None else None
+        hardened = _harden_position(ctx, start + offset, values, sampled_token)
+        if value is not None:
+            sampled[offset] = hardened[token]
+        if top:
+            tops[offset] = {t: hardened[t] for t in top}
+    return len(tokens)
