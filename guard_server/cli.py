@@ -15,6 +15,8 @@ from pathlib import Path
 
 from guard_server.config.loader import ConfigError, Settings, load_settings
 from guard_server.pipeline.auth import hash_key
+from guard_server.upstream.bundled_teacher import MODELS
+from guard_server.upstream.smollm2 import ModelUnavailable
 
 DEFAULT_CONFIG = Path("policies/guard.yaml")
 DEMO_KEY = "sk-guard-demo"
@@ -30,6 +32,12 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", help="listen address (overrides server.host)")
     serve.add_argument("--port", type=int, help="listen port (overrides server.port)")
     serve.add_argument("--workers", type=int, help="worker processes (overrides server.workers)")
+    serve.add_argument(
+        "--teacher",
+        choices=("arithmetic", "smollm2"),
+        help="the managed model to serve when no upstream is configured "
+        "(overrides bundled_teacher.model; smollm2 needs scripts/install-smollm2.sh)",
+    )
     serve.add_argument("--log-level", default="INFO")
     check = commands.add_parser("check-config", help="validate a config and its policy files")
     check.add_argument("file", type=Path)
@@ -70,6 +78,15 @@ def main(argv: list[str] | None = None) -> int:
         server = settings.config.server.model_copy(update={"workers": args.workers})
         config = settings.config.model_copy(update={"server": server})
         settings = dataclasses.replace(settings, config=config)
+    if args.teacher is not None:
+        if settings.config.upstreams:
+            print(
+                f"error: {args.config} configures upstreams; --teacher picks the model that "
+                "serve runs itself when there are none",
+                file=sys.stderr,
+            )
+            return 2
+        settings = _with_teacher(settings, args.teacher)
     if settings.config.server.workers > 1 and "PROMETHEUS_MULTIPROC_DIR" not in os.environ:
         # Must be set before prometheus-client is first imported (by the runner).
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="guard-metrics-")
@@ -88,10 +105,17 @@ def main(argv: list[str] | None = None) -> int:
                 server.port if args.port is None else args.port,
                 lambda base_url: _print_banner(base_url, settings),
             )
-    except ConfigError as exc:
+    except (ConfigError, ModelUnavailable) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     return 0
+
+
+def _with_teacher(settings: Settings, model: str) -> Settings:
+    """``settings`` with ``bundled_teacher.model`` replaced (``serve --teacher``)."""
+    teacher = settings.config.bundled_teacher.model_copy(update={"model": model})
+    config = settings.config.model_copy(update={"bundled_teacher": teacher})
+    return dataclasses.replace(settings, config=config)
 
 
 def _check_config(path: Path) -> int:
@@ -172,10 +196,13 @@ def _hash_key(from_stdin: bool) -> int:
 def _print_banner(base_url: str, settings: Settings) -> None:
     model = settings.model_names[0]
     question = "What is 12 + 7?"
-    if not settings.config.upstreams:
+    teacher = settings.config.bundled_teacher
+    if not settings.config.upstreams and teacher.model == "arithmetic":
         from guard_server.teacher.task import make_problems
 
         question = make_problems(1, seed=7, split="heldout")[0].question
+    elif not settings.config.upstreams:
+        question = MODELS[teacher.model].sample_question
     print(
         f"""
 guard-server is listening on {base_url}  (model: {model})

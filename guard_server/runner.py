@@ -51,7 +51,7 @@ def serve(settings: Settings, host: str, port: int, on_ready) -> None:  # type: 
     if not upstreams:
         teacher = start_bundled_teacher(config.bundled_teacher)
         upstreams = {
-            config.bundled_teacher.model_name: teacher_upstream(config.bundled_teacher, teacher)
+            config.bundled_teacher.public_name: teacher_upstream(config.bundled_teacher, teacher)
         }
     try:
         if workers == 1:

@@ -55,10 +55,11 @@ def write_config(directory: Path, upstream_urls: list[str], **overrides: Any) ->
 class GuardProcess:
     """``guard-server serve`` in a child process, as an operator would run it."""
 
-    def __init__(self, config: Path, log_path: Path) -> None:
+    def __init__(self, config: Path, log_path: Path, extra_args: list[str] | None = None) -> None:
         self.config = config
         self.port = free_port()
         self.log_path = log_path
+        self.extra_args = extra_args or []
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -73,7 +74,7 @@ class GuardProcess:
         with open(self.log_path, "ab") as log:
             self.process = subprocess.Popen(
                 [sys.executable, "-m", "guard_server", "serve", "--config", str(self.config),
-                 "--port", str(self.port)],
+                 "--port", str(self.port), *self.extra_args],
                 stdout=log, stderr=subprocess.STDOUT, cwd=REPO,
                 env={**os.environ, "PYTHONUNBUFFERED": "1"},
             )  # fmt: skip

@@ -90,7 +90,7 @@ class Settings:
         """Public model names, in configuration order."""
         if self.config.upstreams:
             return list(self.config.upstreams)
-        return [self.config.bundled_teacher.model_name]
+        return [self.config.bundled_teacher.public_name]
 
 
 def _read_yaml(path: Path, allow_empty: bool = True) -> tuple[Any, bytes]:
@@ -213,7 +213,7 @@ def load_settings(path: str | os.PathLike[str]) -> Settings:
                 raise ConfigError(f"{policy_path}: clients.{client_id}: client defined twice")
             client_entries[client_id] = (entry, policy_path)
 
-    model_names = list(config.upstreams) or [config.bundled_teacher.model_name]
+    model_names = list(config.upstreams) or [config.bundled_teacher.public_name]
     for tier in tiers.values():
         decoy_model = tier.detection.decoy.model
         if decoy_model is not None and decoy_model not in model_names:

@@ -99,13 +99,21 @@ class MetricsSettings(_Strict):
 
 
 class BundledTeacherSettings(_Strict):
-    """How `serve` runs the bundled teacher when no upstream is configured."""
+    """How `serve` runs a managed model on vLLM when no upstream is configured."""
 
-    model_name: str = "teacher"
+    # `arithmetic`: the bundled teacher (in the package); `smollm2`: SmolLM2-135M-Instruct,
+    # converted by scripts/install-smollm2.sh (guard_server.upstream.smollm2).
+    model: Literal["arithmetic", "smollm2"] = "arithmetic"
+    model_name: str | None = None  # the public model name; default: `teacher` / `smollm2`
     port: Annotated[int, Field(ge=0, le=65535)] = 0
     startup_timeout_s: Annotated[float, Field(gt=0)] = 300.0
     max_logprobs: Annotated[int, Field(ge=0)] = 20
     plugin: bool = True  # load guard_server.vllm_plugin into the managed vLLM
+
+    @property
+    def public_name(self) -> str:
+        """The model name clients send."""
+        return self.model_name or ("teacher" if self.model == "arithmetic" else self.model)
 
 
 class AdminSettings(_Strict):

@@ -43,6 +43,8 @@ class VllmProcess:
         *,
         port: int = 0,
         max_logprobs: int = 20,
+        max_model_len: int = 256,
+        dtype: str = "float32",
         extra_args: list[str] | None = None,
         log_path: str | Path | None = None,
         env: dict[str, str] | None = None,
@@ -51,6 +53,8 @@ class VllmProcess:
         self.served_model_name = served_model_name
         self.port = port or free_port()
         self.max_logprobs = max_logprobs
+        self.max_model_len = max_model_len
+        self.dtype = dtype
         self.extra_args = extra_args or []
         self.log_path = Path(log_path) if log_path else None
         self.env = env or {}
@@ -69,8 +73,8 @@ class VllmProcess:
             "--served-model-name", self.served_model_name,
             "--host", "127.0.0.1",
             "--port", str(self.port),
-            "--dtype", "float32",
-            "--max-model-len", "256",
+            "--dtype", self.dtype,
+            "--max-model-len", str(self.max_model_len),
             "--max-logprobs", str(self.max_logprobs),
             "--disable-log-stats",
             *self.extra_args,
