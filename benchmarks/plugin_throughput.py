@@ -1,6 +1,6 @@
 """vLLM decode throughput with the guard plugin absent, loaded but inactive, and active.
 
-    .venv/bin/python -m benchmarks.plugin_throughput --model guard_server/teacher/model
+    .venv/bin/python -m benchmarks.plugin_throughput [--model arithmetic|smollm2|DIR]
 
 Two vLLM servers on the same model, started by this command: one with the plugin (it loads
 by entry point) and one without it (the entry point is shadowed, see ``_without_plugin``).
@@ -19,11 +19,13 @@ import json
 import statistics
 import tempfile
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import aiohttp
 
 from guard_server.teacher import task
+from guard_server.upstream.bundled_teacher import MODELS, TEACHER_DIR
 from guard_server.upstream.vllm_process import VllmProcess
 
 XARGS = {
@@ -34,6 +36,43 @@ XARGS = {
     "guard_wm_gamma": 0.25,
     "guard_wm_delta": 2.0,
 }
+
+
+SMOLLM2_CHAT = (
+    "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging "
+    "Face<|im_end|>\n<|im_start|>user\n{}<|im_end|>\n<|im_start|>assistant\n"
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Workload:
+    """What to serve, how, and what to ask it."""
+
+    model_dir: Path
+    prompts: list[str]
+    max_model_len: int = 256
+    env: dict[str, str] = field(default_factory=dict)
+
+
+def workload(model: str, count: int) -> Workload:
+    """``arithmetic`` and ``smollm2`` are the managed models (SmolLM2: open-ended chat
+    prompts, context 2,048, 2 GiB of KV cache); anything else is a model directory, asked the
+    arithmetic teacher's questions."""
+    if model == "smollm2":
+        from guard_server.upstream import smollm2
+        from load_tests.realmodel.questions import open_prompts
+
+        spec = MODELS["smollm2"]
+        pool = open_prompts("train")
+        return Workload(
+            smollm2.ensure_model(),
+            [SMOLLM2_CHAT.format(pool[i % len(pool)]) for i in range(count)],
+            spec.max_model_len,
+            {"VLLM_CPU_KVCACHE_SPACE": str(spec.kv_cache_gib)},
+        )
+    problems = task.make_problems(count, seed=3, split="heldout")
+    directory = TEACHER_DIR if model == "arithmetic" else Path(model)
+    return Workload(directory, [task.completion_prompt(p.question) for p in problems])
 
 
 async def one_round(url: str, prompts: list[str], max_tokens: int, active: bool) -> float:
@@ -74,7 +113,9 @@ def _without_plugin(directory: Path) -> dict[str, str]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--model", type=Path, default=Path("guard_server/teacher/model"))
+    parser.add_argument(
+        "--model", default="arithmetic", help="arithmetic, smollm2, or a model directory"
+    )
     parser.add_argument("--concurrency", type=int, default=64)
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=3, help="rounds per mode (alternating)")
@@ -86,16 +127,23 @@ def main(argv: list[str] | None = None) -> int:
         "for a while, which slows the other one's round",
     )
     args = parser.parse_args(argv)
-    problems = task.make_problems(args.concurrency, seed=3, split="heldout")
-    prompts = [task.completion_prompt(p.question) for p in problems]
+    work = workload(args.model, args.concurrency)
+    prompts = work.prompts
     workdir = Path(tempfile.mkdtemp(prefix="plugin-throughput-"))
     servers = {
-        "with": VllmProcess(args.model, "teacher", log_path=workdir / "with.log"),
-        "without": VllmProcess(
-            args.model,
+        "with": VllmProcess(
+            work.model_dir,
             "teacher",
+            max_model_len=work.max_model_len,
+            log_path=workdir / "with.log",
+            env=work.env,
+        ),
+        "without": VllmProcess(
+            work.model_dir,
+            "teacher",
+            max_model_len=work.max_model_len,
             log_path=workdir / "without.log",
-            env=_without_plugin(workdir / "shadow"),
+            env={**work.env, **_without_plugin(workdir / "shadow")},
         ),
     }
     modes = {"absent": "without", "inactive": "with", "active": "with"}
@@ -123,6 +171,7 @@ def main(argv: list[str] | None = None) -> int:
     print(
         json.dumps(
             {
+                "model": args.model,
                 "concurrency": args.concurrency,
                 "max_tokens": args.max_tokens,
                 "rounds": args.rounds,

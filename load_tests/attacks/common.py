@@ -195,7 +195,12 @@ def vllm_process(model_dir: Path, log_path: Path, max_logprobs: int = 20) -> Vll
 
 
 def write_guard_config(
-    directory: Path, vllm_url: str, port: int, *, detection: bool = False
+    directory: Path,
+    vllm_url: str,
+    port: int,
+    *,
+    detection: bool = False,
+    served_model: str = MODEL,
 ) -> Path:
     """A guard config with the repo's tiers, the demo clients and two more default-tier keys.
 
@@ -218,7 +223,11 @@ def write_guard_config(
     config = {
         "server": {"host": "127.0.0.1", "port": port},
         "upstreams": {
-            MODEL: {"urls": [vllm_url], "timeouts": {"connect": 5, "read": 120, "total": 600}}
+            MODEL: {
+                "urls": [vllm_url],
+                "served_model": served_model,
+                "timeouts": {"connect": 5, "read": 120, "total": 600},
+            }
         },
         "secret": {"file": str(directory / "secret")},
         "policies": ["tiers.yaml", "clients.yaml"],
@@ -304,8 +313,12 @@ def running_stack(
     vllm_url: str | None = None,
     detection: bool = False,
     workdir: Path | None = None,
+    served_model: str = MODEL,
 ) -> Iterator[Stack]:
-    """Start vLLM (unless ``vllm_url`` is given) and a guard in front of it; stop both after."""
+    """Start vLLM (unless ``vllm_url`` is given) and a guard in front of it; stop both after.
+
+    ``served_model``: the name a reused vLLM serves the model under (clients still say
+    ``teacher``)."""
     with contextlib.ExitStack() as stack:
         if workdir is None:
             workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="attacks-")))
@@ -319,7 +332,9 @@ def running_stack(
             vllm_url = vllm.url
         port = _free_port()
         guard = GuardServer(
-            write_guard_config(workdir, vllm_url, port, detection=detection),
+            write_guard_config(
+                workdir, vllm_url, port, detection=detection, served_model=served_model
+            ),
             port,
             workdir / "guard.log",
         )
@@ -338,6 +353,11 @@ def add_stack_arguments(ap: argparse.ArgumentParser) -> None:
         help="keep extraction scoring on (default: off, to measure the logprob policy alone)",
     )
     ap.add_argument("--workdir", type=Path, default=None, help="keep logs and configs here")
+    ap.add_argument(
+        "--served-model",
+        default=MODEL,
+        help="the model name the reused vLLM serves (e.g. smollm2 for the real-model lab's)",
+    )
 
 
 def stack_from_args(args: argparse.Namespace) -> contextlib.AbstractContextManager[Stack]:
@@ -345,7 +365,11 @@ def stack_from_args(args: argparse.Namespace) -> contextlib.AbstractContextManag
     if args.vllm_url is None and not (args.model_dir / "config.json").exists():
         raise SystemExit(f"no model at {args.model_dir}: pass --model-dir or --vllm-url")
     return running_stack(
-        args.model_dir, vllm_url=args.vllm_url, detection=args.detection, workdir=args.workdir
+        args.model_dir,
+        vllm_url=args.vllm_url,
+        detection=args.detection,
+        workdir=args.workdir,
+        served_model=args.served_model,
     )
 
 

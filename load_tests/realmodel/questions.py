@@ -335,3 +335,36 @@ def items() -> list[Item]:
                      f"The {unit} after {current} is", (following,))
             )  # fmt: skip
     return out
+
+
+TOPICS = [
+    "a lighthouse keeper", "autumn in a forest", "a busy market", "learning to swim",
+    "a rainy afternoon", "the first day of school", "a lost dog", "baking bread",
+    "a trip to the mountains", "an old library", "a city at night", "a garden in spring",
+    "a train journey", "a small fishing village", "a snowy morning", "a birthday party",
+    "a visit to a museum", "a broken bicycle", "a new neighbour", "a summer festival",
+    "the ocean at dawn", "a family dinner", "a friendly robot", "a secret map",
+    "a music lesson", "a football match", "a long walk home", "a thunderstorm",
+    "a picnic by a lake", "an old photograph", "a desert road", "a child's first drawing",
+    "a bakery at dawn", "a quiet café", "the moon landing", "a beekeeper",
+    "a farmer's year", "a mountain cabin", "a night sky full of stars", "a ship in a storm",
+    "a young inventor", "a talking parrot", "a forgotten key", "a winter market",
+    "a bus driver", "a tree house", "a river crossing", "a chess game",
+    "an island holiday", "a kite on a windy day", "a bridge builder", "a clockmaker",
+    "a school play", "a firefighter", "a jungle expedition", "a postman's route",
+    "a street musician", "a dragon who is afraid of the dark", "a camping trip",
+    "a grandmother's recipe",
+]  # fmt: skip
+TEMPLATES = [
+    "Write a short story about {}.",
+    "Describe {} in a few sentences.",
+    "Write a short poem about {}.",
+    "Tell me something interesting about {}.",
+]
+
+
+def open_prompts(split: str) -> list[str]:
+    """Open-ended prompts (free text, real entropy): ``train`` uses the first 45 topics,
+    ``heldout`` the other 15; every topic with each of the four templates."""
+    topics = TOPICS[:45] if split == "train" else TOPICS[45:]
+    return [template.format(topic) for topic in topics for template in TEMPLATES]
