@@ -11,9 +11,10 @@ on the tokens its data uses) learns from the first N answers, samples answers to
 held-out prompts at T = 1, and ``guard-server trace``'s test scores them against every key
 (the client named when p x keys < 1e-6).
 
-``--soft-label`` adds the soft-label comparison on the clean client's answers: a student of
-the text only (a) against a student of the text plus the returned top-5 (b), scored by their
-held-out NLL of the teacher's own answers to held-out prompts.
+``--soft-label`` adds the soft-label comparison at the largest N: a student of the default
+tier's text only (a) against one of the text plus the returned top-5 (b), and the same pair
+from the trusted tier (exact values), scored by their held-out NLL of the teacher's own
+answers (trusted tier, T = 1) to the held-out prompts.
 """
 
 from __future__ import annotations
@@ -114,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
             }
 
         collected = {}
-        for client in ("attacker", "clean"):
+        for client in ("attacker", "clean", *(("trusted",) if args.soft_label else ())):
             cache = workdir / f"collected-{client}.json"
             if cache.exists():
                 collected[client] = json.loads(cache.read_text())
@@ -123,15 +124,46 @@ def main(argv: list[str] | None = None) -> int:
                     lab.base_url, client, train_prompts, max_tokens=args.max_tokens, logprobs=5
                 )
                 cache.write_text(json.dumps(collected[client]))
-            report(f"trace/{client}_collected", traced([a["text"] for a in collected[client]]))
+            if client != "trusted":
+                texts = [a["text"] for a in collected[client]]
+                report(f"trace/{client}_collected", traced(texts))
         reference = generate(
             lab.base_url, "trusted", heldout, max_tokens=args.max_tokens, temperature=1.0
         )
         heldout_examples = examples(tokenizer, index, heldout, reference)
+        if args.soft_label:
+            trusted = examples(tokenizer, index, train_prompts, collected["trusted"])
+
+        def soft_labels(
+            default_data: list[st.Example], trusted_data: list[st.Example]
+        ) -> dict[str, Any]:
+            """(a) text only [the clean student above], (b) text + the default tier's top-5;
+            (a') and (b') the same from the trusted tier (exact values)."""
+            cfg = st.StudentConfig(steps=args.steps, batch=args.batch)
+            vocab = st.build_vocab(
+                tokenizer, [*default_data, *trusted_data, *heldout_examples], heldout
+            )
+            out: dict[str, Any] = {
+                "with_soft_labels": [
+                    sum(e.soft is not None for e in default_data),
+                    sum(e.soft is not None for e in trusted_data),
+                ]
+            }
+            runs = {
+                "a_default_text": (default_data, False),
+                "b_default_text_top5": (default_data, True),
+                "a_trusted_text": (trusted_data, False),
+                "b_trusted_text_top5": (trusted_data, True),
+            }
+            for name, (data, soft) in runs.items():
+                net = st.train(data, vocab, cfg, soft=soft)
+                out[name] = round(st.nll(net, vocab, heldout_examples), 3)
+            return out
+
         for client in ("attacker", "clean"):
             data = examples(tokenizer, index, train_prompts, collected[client])
             for n in sizes:
-                vocab = st.build_vocab(tokenizer, data[:n], heldout)
+                vocab = st.build_vocab(tokenizer, [*data[:n], *heldout_examples], heldout)
                 cfg = st.StudentConfig(steps=args.steps, batch=args.batch)
                 net = st.train(data[:n], vocab, cfg)
                 texts = st.generate(net, vocab, tokenizer, heldout, max_new_tokens=args.max_tokens)
@@ -146,19 +178,8 @@ def main(argv: list[str] | None = None) -> int:
                         "trace": traced(texts),
                     },
                 )
-                if args.soft_label and client == "clean":
-                    with_soft = sum(e.soft is not None for e in data[:n])
-                    soft_net = st.train(data[:n], vocab, cfg, soft=True)
-                    report(
-                        f"soft_label/{n}",
-                        {
-                            "examples_with_soft_labels": with_soft,
-                            "text_only_nll": results[f"student/{client}/{n}"]["heldout_nll"],
-                            "text_plus_default_top5_nll": round(
-                                st.nll(soft_net, vocab, heldout_examples), 3
-                            ),
-                        },
-                    )
+                if args.soft_label and client == "clean" and n == sizes[-1]:
+                    report(f"soft_label/{n}", soft_labels(data[:n], trusted[:n]))
     return 0
 
 

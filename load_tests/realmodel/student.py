@@ -205,8 +205,8 @@ def generate(
 
 @torch.no_grad()
 def nll(model: LlamaForCausalLM, vocab: Vocab, examples: Sequence[Example]) -> float:
-    """Mean NLL per answer token (nats) on held-out examples; tokens outside the student's
-    vocabulary count as log(1 / vocabulary) + 10 (a penalty for having no id)."""
+    """Mean NLL per answer token (nats) on held-out examples (build the vocabulary with them:
+    a token without an id counts as log(vocabulary) + 10)."""
     total, count = 0.0, 0
     for example in examples:
         prompt = vocab.encode(example.prompt)

@@ -50,5 +50,5 @@ def smollm2_lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[stack.Lab]
 def sdk(lab: stack.Lab, client: str) -> openai.OpenAI:
     """The official SDK as one of the lab's clients."""
     return openai.OpenAI(
-        base_url=lab.base_url, api_key=stack.key(client), max_retries=0, timeout=120
+        base_url=lab.base_url, api_key=stack.key(client), max_retries=0, timeout=300
     )

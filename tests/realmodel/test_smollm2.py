@@ -7,6 +7,7 @@ goes through the official openai SDK.
 from __future__ import annotations
 
 import math
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import openai
@@ -31,14 +32,6 @@ OPEN_PROMPTS = [
     "Tell me about the history of bread.",
     "Describe a walk through a forest in autumn.",
     "Why do people keep pets? Give some reasons.",
-    "Write a short poem about the moon.",
-    "Explain why the sky changes colour at sunset.",
-    "Describe a busy market in a small town.",
-    "What should someone pack for a camping trip?",
-    "Write a diary entry of a cat.",
-    "Explain how plants grow from seeds.",
-    "Describe the sound of rain on a roof.",
-    "Tell me about a day in the life of a baker.",
 ]
 
 
@@ -145,12 +138,16 @@ def test_plugin_noise_changes_greedy_answers_and_repeats_exactly(smollm2_lab: st
 
 
 def _stories(lab: stack.Lab, client: str) -> list[str]:
+    """Eight answers of up to 64 tokens at T = 1, seeded (the text repeats run to run)."""
     client_sdk = sdk(lab, client)
-    return [
-        _chat(client_sdk, prompt, temperature=1, max_tokens=96, seed=i).choices[0].message.content
-        or ""
-        for i, prompt in enumerate(OPEN_PROMPTS)
-    ]
+
+    def one(indexed: tuple[int, str]) -> str:
+        i, prompt = indexed
+        reply = _chat(client_sdk, prompt, temperature=1, max_tokens=64, seed=i)
+        return reply.choices[0].message.content or ""
+
+    with ThreadPoolExecutor(8) as pool:
+        return list(pool.map(one, enumerate(OPEN_PROMPTS)))
 
 
 def test_watermark_on_real_text_names_its_client_and_no_one_else(smollm2_lab: stack.Lab) -> None:
@@ -160,7 +157,7 @@ def test_watermark_on_real_text_names_its_client_and_no_one_else(smollm2_lab: st
     marked = trace(settings, tokenize(_stories(smollm2_lab, "attacker"), tokenizer), 0.25, 1e-6)
     by_client = {s.client: s.score for s in marked.scores}
     assert marked.named == "attacker", by_client["attacker"]
-    assert by_client["attacker"].z > 5
+    assert by_client["attacker"].z > 5  # measured about 14 on ~400 tokens (docs/evaluation.md)
     others = [s.z for c, s in by_client.items() if c != "attacker"]
     assert max(abs(z) for z in others) < 4.5
     clean = trace(settings, tokenize(_stories(smollm2_lab, "clean"), tokenizer), 0.25, 1e-6)
