@@ -33,6 +33,7 @@ SIGMAS = (0.25, 0.5, 1.0, 2.0)
 DELTAS = (1.0, 2.0, 4.0)
 GAMMA = 0.25
 BYSTANDERS = 22
+STARTUP_TIMEOUT_S = 900.0
 
 
 def _tiers() -> dict[str, dict[str, Any]]:
@@ -82,7 +83,12 @@ def write_config(directory: Path, vllm_url: str | None, vllm_port: int = 0) -> P
         "policies": [str(directory / "policy.yaml")],
     }
     if vllm_url is None:
-        config["bundled_teacher"] = {"model": "smollm2", "port": vllm_port}
+        # A first start compiles the model: minutes on a busy 2-core machine.
+        config["bundled_teacher"] = {
+            "model": "smollm2",
+            "port": vllm_port,
+            "startup_timeout_s": STARTUP_TIMEOUT_S,
+        }
     else:
         timeouts = {"connect": 2, "read": 300, "total": 900}
         config["upstreams"] = {

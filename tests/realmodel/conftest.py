@@ -20,7 +20,7 @@ from guard_server.upstream.vllm_process import free_port
 from load_tests.realmodel import stack
 from tests.processes import GuardProcess
 
-START_TIMEOUT_S = 600.0
+START_TIMEOUT_S = stack.STARTUP_TIMEOUT_S + 60
 
 
 @pytest.fixture(scope="session")
