@@ -17,7 +17,7 @@ from guard_server.config.loader import load_settings
 from guard_server.trace import tokenize, trace
 from guard_server.upstream import smollm2
 from load_tests.realmodel import stack
-from load_tests.realmodel.questions import items
+from load_tests.realmodel.questions import Item, items
 from tests.realmodel.conftest import sdk
 
 pytestmark = pytest.mark.smollm2
@@ -105,26 +105,28 @@ def test_default_tier_refuses_the_logit_recovery_requests(smollm2_lab: stack.Lab
 
 
 def _continuations(client: str, lab: stack.Lab, n: int) -> list[str]:
-    http = httpx.Client(
-        base_url=lab.base_url, headers={"Authorization": f"Bearer {stack.key(client)}"}, timeout=120
-    )
-    out = []
-    for item in QUESTIONS[:n]:
-        body = {
-            "model": stack.MODEL,
-            "messages": [
-                {"role": "user", "content": item.question},
-                {"role": "assistant", "content": item.stem},
-            ],
-            "continue_final_message": True,
-            "add_generation_prompt": False,
-            "max_tokens": 8,
-            "temperature": 0,
-        }
-        response = http.post("/chat/completions", json=body)
-        response.raise_for_status()
-        out.append(response.json()["choices"][0]["message"]["content"])
-    return out
+    """Greedy continuations of the first ``n`` questions' stems (8 tokens), in order."""
+    headers = {"Authorization": f"Bearer {stack.key(client)}"}
+    with httpx.Client(base_url=lab.base_url, headers=headers, timeout=300) as http:
+
+        def one(item: Item) -> str:
+            body = {
+                "model": stack.MODEL,
+                "messages": [
+                    {"role": "user", "content": item.question},
+                    {"role": "assistant", "content": item.stem},
+                ],
+                "continue_final_message": True,
+                "add_generation_prompt": False,
+                "max_tokens": 8,
+                "temperature": 0,
+            }
+            response = http.post("/chat/completions", json=body)
+            response.raise_for_status()
+            return response.json()["choices"][0]["message"]["content"]
+
+        with ThreadPoolExecutor(8) as pool:
+            return list(pool.map(one, QUESTIONS[:n]))
 
 
 def test_plugin_noise_changes_greedy_answers_and_repeats_exactly(smollm2_lab: stack.Lab) -> None:
