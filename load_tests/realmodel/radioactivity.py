@@ -15,6 +15,8 @@ held-out prompts at T = 1, and ``guard-server trace``'s test scores them against
 tier's text only (a) against one of the text plus the returned top-5 (b), and the same pair
 from the trusted tier (exact values), scored by their held-out NLL of the teacher's own
 answers (trusted tier, T = 1) to the held-out prompts.
+
+Collected answers are kept in ``--workdir`` and reused by a later run with the same one.
 """
 
 from __future__ import annotations
@@ -127,9 +129,14 @@ def main(argv: list[str] | None = None) -> int:
             if client != "trusted":
                 texts = [a["text"] for a in collected[client]]
                 report(f"trace/{client}_collected", traced(texts))
-        reference = generate(
-            lab.base_url, "trusted", heldout, max_tokens=args.max_tokens, temperature=1.0
-        )
+        cache = workdir / "reference-heldout.json"
+        if cache.exists():
+            reference = json.loads(cache.read_text())
+        else:
+            reference = generate(
+                lab.base_url, "trusted", heldout, max_tokens=args.max_tokens, temperature=1.0
+            )
+            cache.write_text(json.dumps(reference))
         heldout_examples = examples(tokenizer, index, heldout, reference)
         if args.soft_label:
             trusted = examples(tokenizer, index, train_prompts, collected["trusted"])
