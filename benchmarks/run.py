@@ -40,8 +40,18 @@ from benchmarks.loadgen import summary_ms
 from benchmarks.profile_summary import summarize
 from benchmarks.report import render_markdown
 from guard_server.pipeline.auth import hash_key
+from guard_server.testing import (
+    DEFAULT_POLICY,
+    REPO,
+    ChildProcess,
+    GuardProcess,
+    RedisProcess,
+    child_setup,
+    free_port,
+    vllm_process,
+    write_config,
+)
 
-REPO = procs.REPO
 DEFAULT_OUT = REPO / "benchmarks" / "results"
 BENCH_VENV = REPO / ".bench-venv"
 SECRET_ENV = "GUARD_BENCH_SECRET"
@@ -136,7 +146,7 @@ class Service:
 
     name: str
     url: str
-    proc: procs.Proc
+    proc: ChildProcess
     workers: int = 1
     backend: str = ""
 
@@ -148,18 +158,18 @@ class Bench:
     options: Options
     layout: Layout
     work: Path
-    running: list[procs.Proc] = field(default_factory=list)
+    running: list[ChildProcess] = field(default_factory=list)
     results: dict[str, Any] = field(default_factory=dict)
     services: dict[str, Service] = field(default_factory=dict)
     bodies: dict[str, Path] = field(default_factory=dict)
 
     # ---------------------------------------------------------------- processes
 
-    def start(self, proc: procs.Proc) -> procs.Proc:
-        self.running.append(proc.start())
+    def start(self, proc: ChildProcess) -> ChildProcess:
+        self.running.append(proc.spawn())
         return proc
 
-    def stop(self, proc: procs.Proc) -> None:
+    def stop(self, proc: ChildProcess) -> None:
         proc.stop()
         with contextlib.suppress(ValueError):
             self.running.remove(proc)
@@ -233,33 +243,44 @@ class Bench:
     def write_guard_config(
         self, name: str, upstream: str, policies: list[Path], state: dict[str, Any]
     ) -> Path:
-        config = {
-            "server": {"host": "127.0.0.1", "port": 0},
-            "upstreams": {"teacher": {"urls": [upstream]}},
-            "secret": {"env": SECRET_ENV},
-            "state": state,
-            "policies": [str(p) for p in policies],
-        }
-        path = self.work / f"{name}.yaml"
-        path.write_text(yaml.safe_dump(config, sort_keys=False))
-        return path
+        return write_config(
+            self.work,
+            [upstream],
+            policies=policies,
+            name=f"{name}.yaml",
+            secret={"env": SECRET_ENV},
+            state=state,
+        )
+
+    def guard(
+        self, config: Path, log_path: Path, cpus: set[int] | None, workers: int
+    ) -> GuardProcess:
+        """``guard-server serve`` as an operator runs it, with the benchmark's secret."""
+        return GuardProcess(
+            config,
+            log_path,
+            workers=workers,
+            log_level="WARNING",
+            env={SECRET_ENV: SECRET},
+            cpus=cpus,
+            name=f"guard ({workers} worker(s))",
+        )
 
     # ---------------------------------------------------------------- services
 
     def start_services(self) -> None:
         layout = self.layout
-        upstream_port = procs.free_port()
+        upstream_port = free_port()
         upstream = self.start(
             procs.fake_upstream(upstream_port, self.log("fake_upstream"), layout.load)
         )
         up_url = f"http://127.0.0.1:{upstream_port}"
         self.services["direct"] = Service("fake upstream (direct)", up_url, upstream)
-        redis_port = procs.free_port()
-        redis = self.start(procs.redis_server(redis_port, self.log("redis"), layout.load))
-        self.services["redis"] = Service("redis", f"redis://127.0.0.1:{redis_port}", redis)
-        policies = [REPO / "policies" / "default.yaml", self.write_policy()]
+        redis = RedisProcess(log_path=self.log("redis"), cpus=layout.load)
+        self.start(redis)
+        self.services["redis"] = Service("redis", f"redis://127.0.0.1:{redis.port}", redis)
+        policies = [DEFAULT_POLICY, self.write_policy()]
         prefix = f"bench{os.getpid()}"
-        redis_url = f"redis://127.0.0.1:{redis_port}/0"
         # One process per setup, so that no setup runs warm on another's requests.
         guards = {
             "g_pass": ("memory", 1),
@@ -268,18 +289,16 @@ class Bench:
             "g_redis": ("redis", 1),
             "g_2w": ("redis", 2),
         }
-        env = {SECRET_ENV: SECRET}
         for name, (backend, workers) in guards.items():
             state = {}
             if backend == "redis":
-                state = {"backend": "redis", "redis_url": redis_url, "key_prefix": prefix + name}
+                state = {"backend": "redis", "redis_url": redis.url, "key_prefix": prefix + name}
             config = self.write_guard_config(name, up_url, policies, state)
-            port = procs.free_port()
             cpus = layout.guard if workers == 1 else layout.every
-            proc = self.start(procs.guard(config, port, self.log(name), cpus, workers, env))
+            proc = self.start(self.guard(config, self.log(name), cpus, workers))
             self.services[name] = Service(
                 f"guard {name.removeprefix('g_')} ({workers}w {backend})",
-                f"http://127.0.0.1:{port}",
+                proc.url,
                 proc,
                 workers,
                 backend,
@@ -288,7 +307,7 @@ class Bench:
             self.services["litellm"] = self.start_litellm(up_url)
             self.results["litellm_started_at"] = time.monotonic()
         upstream.wait_http(up_url + "/health", 30)
-        procs.wait_redis(redis_port)
+        redis.wait_up()
         for name in guards:
             service = self.services[name]
             service.proc.wait_http(service.url + "/readyz", 60)
@@ -308,7 +327,7 @@ class Bench:
 
     def start_upstream_only(self) -> None:
         """Just the fake upstream (for the phases that start their own guards)."""
-        port = procs.free_port()
+        port = free_port()
         upstream = self.start(
             procs.fake_upstream(port, self.log("fake_upstream"), self.layout.load)
         )
@@ -333,7 +352,7 @@ class Bench:
         }
         path = self.work / "litellm.yaml"
         path.write_text(yaml.safe_dump(config, sort_keys=False))
-        port = procs.free_port()
+        port = free_port()
         argv = [
             str(BENCH_VENV / "bin" / "litellm"), "--config", str(path), "--host", "127.0.0.1",
             "--port", str(port), "--num_workers", "1",
@@ -344,7 +363,9 @@ class Bench:
             "LITELLM_LOG": "ERROR",
             "DISABLE_SCHEMA_UPDATE": "True",
         }
-        proc = procs.Proc("litellm", argv, self.log("litellm"), self.layout.guard, env, self.work)
+        proc = ChildProcess(
+            "litellm", argv, self.log("litellm"), env=env, cwd=self.work, cpus=self.layout.guard
+        )
         self.start(proc)
         self.results["litellm_command"] = " ".join(argv)
         return Service("LiteLLM proxy 1 worker", f"http://127.0.0.1:{port}", proc)
@@ -371,13 +392,13 @@ class Bench:
 
     def measured(self, watch: list[Service], run: Callable[[], dict[str, Any]]) -> dict[str, Any]:
         """Run ``run`` while counting the CPU of ``watch`` and of the rest of the machine."""
-        before = [s.proc.cpu_seconds() for s in watch]
+        before = [procs.cpu_seconds(s.proc) for s in watch]
         own = procs.own_cpu_seconds()
         busy = procs.system_busy_seconds()
         started = time.monotonic()
         row = run()
         wall = time.monotonic() - started
-        used = [s.proc.cpu_seconds() - b for s, b in zip(watch, before, strict=True)]
+        used = [procs.cpu_seconds(s.proc) - b for s, b in zip(watch, before, strict=True)]
         other = (procs.system_busy_seconds() - busy) - (procs.own_cpu_seconds() - own)
         row["cpu_cores"] = {s.name: round(u / wall, 2) for s, u in zip(watch, used, strict=True)}
         row["other_load_cores"] = round(max(0.0, other) / wall, 2)
@@ -439,7 +460,7 @@ class Bench:
 
 def phase_upstream_capacity(bench: Bench) -> dict[str, Any]:
     """The fake upstream alone on the guard's CPU, loaded by wrk from the load CPUs."""
-    port = procs.free_port()
+    port = free_port()
     proc = bench.start(
         procs.fake_upstream(port, bench.log("upstream_capacity"), bench.layout.guard)
     )
@@ -736,7 +757,7 @@ def record_profile(
         "--gil", "--nolineno", "--format", fmt, "-o", str(path),
     ]  # fmt: skip
     spy_proc = subprocess.Popen(
-        argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, preexec_fn=procs.die_with_parent
+        argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, preexec_fn=child_setup()
     )
     try:
         time.sleep(0.3)
@@ -800,7 +821,7 @@ def phase_profile(bench: Bench) -> dict[str, Any]:
 def _scale_policy(work: Path, clients: int) -> Path:
     """A policy file with ``clients`` clients (only sha256 hashes) on one tier: the shipped
     default tier plus limits, so each client has a risk profile and a bucket."""
-    default = yaml.safe_load((REPO / "policies" / "default.yaml").read_text())["tiers"]["default"]
+    default = yaml.safe_load(DEFAULT_POLICY.read_text())["tiers"]["default"]
     tier = {**default, "limits": BIG_LIMITS}
     path = work / f"scale-policy-{clients}.yaml"
     import hashlib
@@ -814,7 +835,7 @@ def _scale_policy(work: Path, clients: int) -> Path:
     return path
 
 
-def _wait_line(proc: procs.Proc, prefix: str, timeout_s: float, nth: int = 1) -> dict[str, Any]:
+def _wait_line(proc: ChildProcess, prefix: str, timeout_s: float, nth: int = 1) -> dict[str, Any]:
     """The JSON of the ``nth`` line of the process's log starting with ``prefix``."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
@@ -836,19 +857,19 @@ def phase_scale(bench: Bench) -> dict[str, Any]:
         started = time.monotonic()
         policy = _scale_policy(bench.work, clients)
         config = bench.write_guard_config(f"scale-{clients}", up.url, [policy], {})
-        port = procs.free_port()
+        port = free_port()
         in_process = clients > o.http_populate_max
         argv = [
             sys.executable, "-m", "benchmarks.scale_guard", "--config", str(config),
             "--port", str(port), "--populate", str(clients if in_process else 0),
         ]  # fmt: skip
         proc = bench.start(
-            procs.Proc(
+            ChildProcess(
                 f"scale guard {clients}",
                 argv,
                 bench.log(f"scale_{clients}"),
-                bench.layout.guard,
-                {SECRET_ENV: SECRET},
+                env={SECRET_ENV: SECRET},
+                cpus=bench.layout.guard,
             )
         )
         try:
@@ -966,27 +987,23 @@ def phase_scale(bench: Bench) -> dict[str, Any]:
 
 def phase_vllm(bench: Bench) -> dict[str, Any]:
     """The guard in front of real vLLM (CPU) on the bundled teacher, when its weights exist."""
+    from guard_server.teacher import MODEL_DIR
     from guard_server.teacher.task import completion_prompt, make_problems
-    from guard_server.upstream.bundled_teacher import TEACHER_DIR
-    from guard_server.upstream.vllm_process import VllmProcess
 
-    model_dir = bench.options.vllm_model or TEACHER_DIR
+    model_dir = bench.options.vllm_model or MODEL_DIR
     if not (model_dir / "config.json").exists():
         return {"skipped": f"no model at {model_dir} (config.json missing: not trained yet)"}
     o = bench.options
-    vllm = VllmProcess(model_dir, "teacher", log_path=bench.log("vllm"))
+    vllm = vllm_process(model_dir, bench.log("vllm"))
     vllm.start()
     guard = None
     try:
         startup = vllm.wait_healthy(600)
-        policies = [REPO / "policies" / "default.yaml", bench.write_policy()]
+        policies = [DEFAULT_POLICY, bench.write_policy()]
         config = bench.write_guard_config("guard-vllm", vllm.url, policies, {})
-        port = procs.free_port()
-        guard = bench.start(
-            procs.guard(config, port, bench.log("guard_vllm"), None, 1, {SECRET_ENV: SECRET})
-        )
-        url = f"http://127.0.0.1:{port}"
-        guard.wait_http(url + "/readyz", 60)
+        guard = bench.start(bench.guard(config, bench.log("guard_vllm"), None, 1))
+        url = guard.url
+        guard.wait_ready()
         prompt = completion_prompt(make_problems(1, 5, "heldout")[0].question)
         body = bench.work / "body_vllm.json"
         body.write_text(

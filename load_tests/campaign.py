@@ -10,7 +10,6 @@ import heapq
 import json
 import os
 import secrets
-import socket
 import time
 from collections import defaultdict, deque
 from dataclasses import asdict, dataclass, field, replace
@@ -24,16 +23,22 @@ import yaml
 from guard_server.config.schema import TierPolicy
 from guard_server.detection.scoring import ACTIONS
 from guard_server.pipeline.auth import hash_key
-from guard_server.teacher import task
-from guard_server.upstream.bundled_teacher import TEACHER_DIR
-from load_tests.attacks.common import GuardServer
+from guard_server.teacher import MODEL_DIR, task
+from guard_server.testing import (
+    DEFAULT_POLICY,
+    GuardProcess,
+    free_port,
+    running_vllm,
+    vllm_process,
+    write_config,
+)
 from load_tests.simulators import Query, Reply, Simulator, attackers, honest_population, reply_text
 from load_tests.simulators.attackers import LowAndSlow
 
 REPO = Path(__file__).resolve().parents[1]
-DEFAULT_POLICY = REPO / "policies" / "default.yaml"
 ADMIN_KEY = "sk-campaign-admin"
 PORTS = range(8600, 8700)
+"""The ports set aside for the campaign's vLLM and guards."""
 NOMINAL_LIMITS = {"requests_per_minute": 60, "tokens_per_minute": 20_000}
 """The static per-client limits of the campaign tier, in simulated time (scaled by the
 compression factor in the generated policy, since the guard's clock is real time)."""
@@ -149,38 +154,16 @@ def write_guard_config(
     (directory / "policy.yaml").write_text(yaml.safe_dump(policy, sort_keys=False))
     secret = directory / "secret"
     secret.write_text(secrets.token_hex(32))
-    config = {
-        "server": {"host": "127.0.0.1", "port": 0, "reload_interval_s": 5},
-        "upstreams": {
-            "teacher": {
-                "urls": [vllm_url],
-                "timeouts": {"connect": 5, "read": 60, "total": 120},
-                "max_connections": 512,
-            }
-        },
-        "secret": {"file": str(secret)},
-        "admin": {"key_hash": hash_key(ADMIN_KEY)},
-        "audit": {"path": str(directory / "audit.jsonl"), "max_bytes": 2_000_000_000},
-        "policies": [str(directory / "policy.yaml")],
-    }
-    path = directory / "guard.yaml"
-    path.write_text(yaml.safe_dump(config, sort_keys=False))
-    return path
-
-
-# --------------------------------------------------------------------------- processes
-
-
-def free_port_in(ports: range = PORTS) -> int:
-    """A free port on 127.0.0.1 from ``ports``."""
-    for port in ports:
-        with socket.socket() as sock:
-            try:
-                sock.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return port
-    raise RuntimeError(f"no free port in {ports.start}-{ports.stop - 1}")
+    return write_config(
+        directory,
+        [vllm_url],
+        policies=[directory / "policy.yaml"],
+        upstream={"timeouts": {"connect": 5, "read": 60, "total": 120}, "max_connections": 512},
+        server={"reload_interval_s": 5},
+        secret={"file": str(secret)},
+        admin={"key_hash": hash_key(ADMIN_KEY)},
+        audit={"path": str(directory / "audit.jsonl"), "max_bytes": 2_000_000_000},
+    )
 
 
 # --------------------------------------------------------------------------- the driver
@@ -671,17 +654,14 @@ def run_phase(
     clients = [c for sim in sims for c in sim.clients]
     config = write_guard_config(directory, vllm_url, clients, phase, cfg)
     (directory / "audit.jsonl").unlink(missing_ok=True)
-    guard = GuardServer(config, free_port_in(), directory / "guard.log").start()
     thresholds = campaign_thresholds(cfg.thresholds)
-    try:
+    with GuardProcess(config, directory / "guard.log", port=free_port(PORTS)) as guard:
         print(f"[{phase}] guard on {guard.url}; driving {len(sims)} actors", flush=True)
         started = time.monotonic()
         driver = Driver(guard.url, cfg.compression, cfg.deadline_real_s)
         outcomes = asyncio.run(asyncio.wait_for(driver.run(sims), cfg.deadline_real_s + 180.0))
         real_s = time.monotonic() - started
         admin = asyncio.run(admin_reports(guard.url, clients))
-    finally:
-        guard.stop()
     unmatched = attach_audit(outcomes, directory / "audit.jsonl", thresholds)
     by_actor: dict[str, list[Outcome]] = defaultdict(list)
     for outcome in outcomes:
@@ -957,21 +937,6 @@ def markdown(meta: dict[str, Any], summaries: dict[str, dict[str, Any]]) -> str:
 # --------------------------------------------------------------------------- command
 
 
-def start_vllm(teacher: Path, out: Path) -> Any:
-    """Real vLLM on the teacher, on a port of the campaign's range."""
-    from guard_server.upstream.vllm_process import VllmProcess
-
-    process = VllmProcess(teacher, "teacher", port=free_port_in(), log_path=out / "vllm.log")
-    process.start()
-    try:
-        seconds = process.wait_healthy(600)
-    except BaseException:
-        process.stop()
-        raise
-    print(f"vLLM on {process.url} healthy after {seconds:.0f} s", flush=True)
-    return process
-
-
 def main(argv: list[str] | None = None) -> None:
     """Run the campaign's phases, train the students, write the report."""
     ap = argparse.ArgumentParser(
@@ -1010,7 +975,7 @@ def main(argv: list[str] | None = None) -> None:
         help="train students on the pairs a previous run saved in --out",
     )
     ap.add_argument("--vllm-url", help="use this vLLM instead of starting one")
-    ap.add_argument("--teacher", type=Path, default=TEACHER_DIR, help="model dir (and tokenizer)")
+    ap.add_argument("--teacher", type=Path, default=MODEL_DIR, help="model dir (and tokenizer)")
     ap.add_argument("--out", type=Path, default=REPO / "runs" / "campaign")
     args = ap.parse_args(argv)
 
@@ -1071,10 +1036,11 @@ def run_phases(
     meta: dict[str, Any],
 ) -> list[PhaseResult]:
     """Run the phases (starting vLLM unless ``vllm_url`` is given) and save each one."""
-    vllm = None
-    try:
+    with contextlib.ExitStack() as running:
         if vllm_url is None:
-            vllm = start_vllm(teacher, out)
+            vllm = vllm_process(teacher, out / "vllm.log", ports=PORTS)
+            seconds = running.enter_context(running_vllm(vllm))
+            print(f"vLLM on {vllm.url} healthy after {seconds:.0f} s", flush=True)
             vllm_url = vllm.url
         results = []
         for phase in phases:
@@ -1082,9 +1048,6 @@ def run_phases(
             save_phase(result, meta, out)
             results.append(result)
         return results
-    finally:
-        if vllm is not None:
-            vllm.stop()
 
 
 if __name__ == "__main__":

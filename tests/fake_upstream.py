@@ -8,7 +8,7 @@ import time
 
 from aiohttp import web
 
-from guard_server.upstream.vllm_process import free_port
+from guard_server.testing import free_port
 
 
 def _chunk(text: str) -> bytes:

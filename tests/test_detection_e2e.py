@@ -13,7 +13,7 @@ import yaml
 
 from guard_server.pipeline.auth import hash_key
 from guard_server.teacher.task import make_problems
-from tests.processes import POLICIES, TRUSTED_KEY, GuardProcess, write_config
+from guard_server.testing import POLICIES, TRUSTED_KEY, GuardProcess, write_test_config
 
 ADMIN_KEY = "sk-admin-test"
 ATTACKER_KEY = "sk-test-attacker"
@@ -43,7 +43,8 @@ def _guard(
     }
     if audit is not None:
         overrides["audit"] = {"path": str(audit)}
-    return GuardProcess(write_config(tmp_path, [vllm_url], **overrides), tmp_path / "g.log").start()
+    config = write_test_config(tmp_path, [vllm_url], **overrides)
+    return GuardProcess(config, tmp_path / "g.log").start()
 
 
 def _report(guard: GuardProcess, client: str) -> dict:
