@@ -150,6 +150,19 @@ class Bench:
         path.write_text(json.dumps(specs))
         return path
 
+    def write_service_targets(self, name: str, plan: list[tuple[str, str, str, str]]) -> Path:
+        """:meth:`write_targets` for ``plan``: (label, service, client key, body) each."""
+        specs = [
+            {
+                "name": label,
+                "url": self.services[service].url,
+                "key": self.key_for(self.services[service], key),
+                "body_file": str(self.bodies[body]),
+            }
+            for label, service, key, body in plan
+        ]
+        return self.write_targets(name, specs)
+
     def write_guard_config(
         self, name: str, upstream: str, policies: list[Path], state: dict[str, Any]
     ) -> Path:

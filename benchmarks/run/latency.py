@@ -14,36 +14,28 @@ def phase_latency(bench: Bench) -> dict[str, Any]:
     """Concurrency 1, targets interleaved request by request (same moments, same noise)."""
     bench.wait_litellm()
     plan = [
-        ("direct (fake upstream)", "direct", "pass"),
-        ("guard pass-through", "g_pass", "pass"),
-        ("guard default policy", "g_default", "default"),
-        ("guard default + limits, memory", "g_limits", "limited"),
-        ("guard default + limits, redis", "g_redis", "limited"),
-        ("guard pass-through, 2 workers", "g_2w", "pass"),
-        ("guard default + limits, 2 workers (redis)", "g_2w", "limited"),
+        ("direct (fake upstream)", "direct", "pass", "chat"),
+        ("guard pass-through", "g_pass", "pass", "chat"),
+        ("guard default policy", "g_default", "default", "chat"),
+        ("guard default + limits, memory", "g_limits", "limited", "chat"),
+        ("guard default + limits, redis", "g_redis", "limited", "chat"),
+        ("guard pass-through, 2 workers", "g_2w", "pass", "chat"),
+        ("guard default + limits, 2 workers (redis)", "g_2w", "limited", "chat"),
     ]
     if "litellm" in bench.services:
-        plan.append(("LiteLLM proxy", "litellm", "pass"))
-    specs = [
-        {
-            "name": label,
-            "url": bench.services[name].url,
-            "key": bench.key_for(bench.services[name], key),
-            "body_file": str(bench.bodies["chat"]),
-        }
-        for label, name, key in plan
-    ]
+        plan.append(("LiteLLM proxy", "litellm", "pass", "chat"))
+    targets = bench.write_service_targets("latency", plan)
     n = bench.options.latency_requests
     data = loadgen.python_client(
         "paired",
-        ["--targets", str(bench.write_targets("latency", specs)), "--requests", str(n),
+        ["--targets", str(targets), "--requests", str(n),
          "--max-seconds", str(max(30.0, n * 0.1))],
         bench.layout.load,
         timeout_s=max(90.0, n * 0.2),
     )  # fmt: skip
     direct = data["latency_s"][plan[0][0]]
     rows = []
-    for label, _, _ in plan:
+    for label, *_ in plan:
         values = data["latency_s"][label]
         row: dict[str, Any] = {"label": label, **summary_ms(values)}
         if label != plan[0][0]:
@@ -68,19 +60,11 @@ def phase_stream_timing(bench: Bench) -> dict[str, Any]:
     ]
     if "litellm" in bench.services:
         plan.append(("LiteLLM proxy", "litellm", "pass", "stream_long"))
-    specs = [
-        {
-            "name": label,
-            "url": bench.services[name].url,
-            "key": bench.key_for(bench.services[name], key),
-            "body_file": str(bench.bodies[body]),
-        }
-        for label, name, key, body in plan
-    ]
+    targets = bench.write_service_targets("stream", plan)
     n = bench.options.stream_requests
     data = loadgen.python_client(
         "stream",
-        ["--targets", str(bench.write_targets("stream", specs)), "--requests", str(n),
+        ["--targets", str(targets), "--requests", str(n),
          "--max-seconds", str(max(30.0, n * 0.3))],
         bench.layout.load,
         timeout_s=max(90.0, n * 0.5),
