@@ -139,6 +139,7 @@ class Service:
     proc: procs.Proc
     workers: int = 1
     backend: str = ""
+    metrics_url: str = ""  # guards: /metrics on its own port
 
 
 @dataclass
@@ -231,10 +232,16 @@ class Bench:
         return path
 
     def write_guard_config(
-        self, name: str, upstream: str, policies: list[Path], state: dict[str, Any]
+        self,
+        name: str,
+        upstream: str,
+        policies: list[Path],
+        state: dict[str, Any],
+        metrics_port: int = 0,
     ) -> Path:
         config = {
             "server": {"host": "127.0.0.1", "port": 0},
+            "metrics": {"port": metrics_port},
             "upstreams": {"teacher": {"urls": [upstream]}},
             "secret": {"env": SECRET_ENV},
             "state": state,
@@ -273,7 +280,8 @@ class Bench:
             state = {}
             if backend == "redis":
                 state = {"backend": "redis", "redis_url": redis_url, "key_prefix": prefix + name}
-            config = self.write_guard_config(name, up_url, policies, state)
+            metrics_port = procs.free_port()
+            config = self.write_guard_config(name, up_url, policies, state, metrics_port)
             port = procs.free_port()
             cpus = layout.guard if workers == 1 else layout.every
             proc = self.start(procs.guard(config, port, self.log(name), cpus, workers, env))
@@ -283,6 +291,7 @@ class Bench:
                 proc,
                 workers,
                 backend,
+                f"http://127.0.0.1:{metrics_port}/metrics",
             )
         if self.options.litellm:
             self.services["litellm"] = self.start_litellm(up_url)
@@ -1363,7 +1372,7 @@ def _guard_metrics(bench: Bench) -> dict[str, Any]:
     for name, service in bench.services.items():
         if not name.startswith("g_"):
             continue
-        with urllib.request.urlopen(service.url + "/metrics", timeout=10) as response:
+        with urllib.request.urlopen(service.metrics_url, timeout=10) as response:
             text = response.read().decode()
         counts: dict[str, float] = {}
         for line in text.splitlines():

@@ -151,6 +151,7 @@ def write_guard_config(
     secret.write_text(secrets.token_hex(32))
     config = {
         "server": {"host": "127.0.0.1", "port": 0, "reload_interval_s": 5},
+        "metrics": {"port": 0},  # its own port, any free one: nothing here reads it
         "upstreams": {
             "teacher": {
                 "urls": [vllm_url],

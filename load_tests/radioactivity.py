@@ -136,6 +136,7 @@ def write_config(directory: Path, vllm_url: str, delta: float = 2.0) -> Path:
     policy_path.write_text(yaml.safe_dump(policy))
     config = {
         "server": {"host": "127.0.0.1", "port": 0},
+        "metrics": {"port": 0},  # its own port, any free one: nothing here reads it
         "secret": {"env": SECRET_ENV},
         "upstreams": {
             "teacher": {

@@ -29,6 +29,7 @@ def write_config(directory: Path, upstream_urls: list[str], **overrides: Any) ->
     """Write a guard config for the repo's policies in front of ``upstream_urls``."""
     config: dict[str, Any] = {
         "server": {"host": "127.0.0.1", "port": 0, "reload_interval_s": 0.2},
+        "metrics": {"port": free_port()},  # /metrics is never on the API port by default
         "upstreams": {
             "teacher": {
                 "urls": upstream_urls,
@@ -103,8 +104,16 @@ class GuardProcess:
         assert self.process is not None
         self.process.send_signal(signum)
 
-    def metrics(self) -> str:
-        with urllib.request.urlopen(self.url + "/metrics", timeout=5) as response:
+    @property
+    def metrics_url(self) -> str:
+        """Where this guard serves ``/metrics``: its metrics port, else the API port."""
+        port = (yaml.safe_load(self.config.read_text()).get("metrics") or {}).get("port")
+        return f"http://127.0.0.1:{port}/metrics" if port else self.url + "/metrics"
+
+    def metrics(self, token: str | None = None) -> str:
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        request = urllib.request.Request(self.metrics_url, headers=headers)
+        with urllib.request.urlopen(request, timeout=5) as response:
             return response.read().decode()
 
     def log(self) -> str:

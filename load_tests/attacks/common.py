@@ -222,6 +222,7 @@ def write_guard_config(
     (directory / "secret").write_bytes(SECRET)
     config = {
         "server": {"host": "127.0.0.1", "port": port},
+        "metrics": {"port": 0},  # its own port, any free one: nothing here reads it
         "upstreams": {
             MODEL: {
                 "urls": [vllm_url],
