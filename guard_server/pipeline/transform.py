@@ -1,5 +1,6 @@
-"""Transform the upstream's answer on its way back: the public model name, usage accounting
-and every defence's response half. Works on whole responses and on streamed chunks alike."""
+"""Transform the upstream's answer on its way back: the public model name and system
+fingerprint, usage accounting and every defence's response half. Works on whole responses
+and on streamed chunks alike."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from typing import Any
 
 from guard_server.pipeline.context import RequestContext
 from guard_server.pipeline.defences import DEFENCES
+from guard_server.pipeline.fingerprint import system_fingerprint
 
 
 def _take_usage(ctx: RequestContext, payload: dict[str, Any]) -> None:
@@ -14,6 +16,15 @@ def _take_usage(ctx: RequestContext, payload: dict[str, Any]) -> None:
     if isinstance(usage, dict):
         ctx.prompt_tokens = int(usage.get("prompt_tokens") or 0)
         ctx.completion_tokens = int(usage.get("completion_tokens") or 0)
+
+
+def _stamp(ctx: RequestContext, payload: dict[str, Any]) -> None:
+    """The public model name, and the configured ``system_fingerprint`` where vLLM set one."""
+    payload["model"] = ctx.model
+    if "system_fingerprint" in payload:
+        payload["system_fingerprint"] = system_fingerprint(
+            ctx.settings, ctx.model, payload["system_fingerprint"]
+        )
 
 
 def _defend(ctx: RequestContext, choices: Any, streaming: bool) -> None:
@@ -24,7 +35,7 @@ def _defend(ctx: RequestContext, choices: Any, streaming: bool) -> None:
 
 def transform_response(ctx: RequestContext, body: dict[str, Any]) -> None:
     """Rewrite a whole (non-streaming) response in place."""
-    body["model"] = ctx.model
+    _stamp(ctx, body)
     _take_usage(ctx, body)
     _defend(ctx, body.get("choices"), streaming=False)
 
@@ -35,7 +46,7 @@ def transform_chunk(ctx: RequestContext, chunk: dict[str, Any]) -> bool:
         _take_usage(ctx, chunk)
         if not ctx.client_wants_usage:
             return False
-    chunk["model"] = ctx.model
+    _stamp(ctx, chunk)
     _defend(ctx, chunk.get("choices"), streaming=True)
     return True
 
