@@ -47,18 +47,36 @@ def _duration(seconds: float) -> str:
     return f"{int(minutes)}m{rest:.0f}s" if minutes else f"{rest:.3g}s"
 
 
-def ratelimit_headers(limits: LimitSpec, admission: Admission) -> dict[str, str]:
-    """``x-ratelimit-*`` headers like OpenAI's."""
+def ratelimit_headers(
+    advertised: LimitSpec, applied: LimitSpec, admission: Admission
+) -> dict[str, str]:
+    """``x-ratelimit-*`` headers like OpenAI's, the same for a flagged client as for any.
+
+    ``limit`` is the client's configured (``advertised``) limit even while a tightened one
+    (``applied``) is enforced. ``remaining`` is what that limit would have left after the
+    same spending (the tight bucket's level plus the difference of the two limits), so it
+    falls by one request, and by the tokens used, exactly as an unflagged client's does;
+    ``reset`` follows from the shown values as for any client. Only a refusal shows the
+    enforced bucket's true level (near 0), as a 429 always does. What stays observable is
+    what no header can hide: the 429 comes earlier, and the bucket refills at the tightened
+    rate.
+    """
     headers: dict[str, str] = {}
-    for kind, limit, remaining in (
-        ("requests", limits.requests_per_minute, admission.remaining_requests),
-        ("tokens", limits.tokens_per_minute, admission.remaining_tokens),
-    ):
-        if limit is None or remaining is None:
+    for kind, shown_limit, limit, remaining in (
+        ("requests", advertised.requests_per_minute, applied.requests_per_minute,
+         admission.remaining_requests),
+        ("tokens", advertised.tokens_per_minute, applied.tokens_per_minute,
+         admission.remaining_tokens),
+    ):  # fmt: skip
+        if shown_limit is None or limit is None or remaining is None:
             continue
-        headers[f"x-ratelimit-limit-{kind}"] = str(limit)
-        headers[f"x-ratelimit-remaining-{kind}"] = str(max(0, math.floor(remaining)))
-        headers[f"x-ratelimit-reset-{kind}"] = _duration((limit - remaining) * 60 / limit)
+        shown = remaining
+        if admission.exceeded != kind:
+            shown += max(0, shown_limit - limit)
+        shown = min(max(shown, 0.0), float(shown_limit))
+        headers[f"x-ratelimit-limit-{kind}"] = str(shown_limit)
+        headers[f"x-ratelimit-remaining-{kind}"] = str(math.floor(shown))
+        headers[f"x-ratelimit-reset-{kind}"] = _duration((shown_limit - shown) * 60 / shown_limit)
     return headers
 
 
@@ -103,7 +121,7 @@ class Admitter:
             ) from None
         self.metrics.state_up.set(1)
         ctx.admission = admission
-        headers = ratelimit_headers(limits, admission)
+        headers = ratelimit_headers(ctx.plan.advertised, limits, admission)
         ctx.response_headers.update(headers)
         if admission.allowed:
             return

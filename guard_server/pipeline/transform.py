@@ -27,17 +27,17 @@ def _stamp(ctx: RequestContext, payload: dict[str, Any]) -> None:
         )
 
 
-def _defend(ctx: RequestContext, choices: Any, streaming: bool) -> None:
-    if choices:
+def _defend(ctx: RequestContext, payload: dict[str, Any], streaming: bool) -> None:
+    if payload.get("choices") or payload.get("prompt_logprobs"):
         for defence in DEFENCES:
-            defence.response(ctx, choices, streaming)
+            defence.response(ctx, payload, streaming)
 
 
 def transform_response(ctx: RequestContext, body: dict[str, Any]) -> None:
     """Rewrite a whole (non-streaming) response in place."""
     _stamp(ctx, body)
     _take_usage(ctx, body)
-    _defend(ctx, body.get("choices"), streaming=False)
+    _defend(ctx, body, streaming=False)
 
 
 def transform_chunk(ctx: RequestContext, chunk: dict[str, Any]) -> bool:
@@ -47,7 +47,7 @@ def transform_chunk(ctx: RequestContext, chunk: dict[str, Any]) -> bool:
         if not ctx.client_wants_usage:
             return False
     _stamp(ctx, chunk)
-    _defend(ctx, chunk.get("choices"), streaming=True)
+    _defend(ctx, chunk, streaming=True)
     return True
 
 
