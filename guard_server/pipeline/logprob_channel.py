@@ -120,12 +120,23 @@ def _key(ctx: RequestContext) -> bytes:
     return ctx.logprob_key
 
 
+def _listed_chat(item: dict[str, Any], top: list[dict[str, Any]]) -> bool:
+    """Whether a chat position's sampled token is among its top ones."""
+    return any(entry["token"] == item["token"] for entry in top)
+
+
+def _listed_completion(ctx: RequestContext, token: str, top: dict[str, float] | None) -> bool:
+    """Whether a completion position's sampled token is among the top ones asked for: vLLM
+    adds it after them (one entry more) when it is not."""
+    return not top or len(top) <= (ctx.body.get("logprobs") or 0) or token != list(top)[-1]
+
+
 def _harden_position(
     ctx: RequestContext,
     position: int,
     values: dict[str, float],
     sampled: str | None,
-    sampled_listed: bool = True,
+    sampled_listed: bool,
 ) -> dict[str, float]:
     """One position's hardened values; with a ``ranked`` plan, in the order to list them.
     ``sampled_listed``: whether the sampled token is among the top ones asked for."""
@@ -146,18 +157,20 @@ def _harden_position(
 
 
 def _harden_chat(ctx: RequestContext, items: Any, start: int) -> int:
+    assert ctx.plan is not None
+    ranked = ctx.plan.hardening.ranked is not None
     count = 0
     for offset, item in enumerate(items):
         top = item.get("top_logprobs") or []
         values = {item["token"]: item["logprob"]}
         for entry in top:
             values.setdefault(entry["token"], entry["logprob"])
-        listed = any(entry["token"] == item["token"] for entry in top)
+        listed = not ranked or _listed_chat(item, top)
         hardened = _harden_position(ctx, start + offset, values, item["token"], listed)
         item["logprob"] = hardened[item["token"]]
         for entry in top:
             entry["logprob"] = hardened[entry["token"]]
-        if top and ctx.plan is not None and ctx.plan.hardening.ranked is not None:
+        if top and ranked:
             order = list(hardened)
             top.sort(key=lambda entry: order.index(entry["token"]))
         count += 1
@@ -165,6 +178,8 @@ def _harden_chat(ctx: RequestContext, items: Any, start: int) -> int:
 
 
 def _harden_completion(ctx: RequestContext, logprobs: dict[str, Any], start: int) -> int:
+    assert ctx.plan is not None
+    ranked = ctx.plan.hardening.ranked is not None
     tokens = logprobs.get("tokens") or []
     sampled = logprobs.get("token_logprobs") or []
     tops = logprobs.get("top_logprobs") or []
@@ -177,8 +192,7 @@ def _harden_completion(ctx: RequestContext, logprobs: dict[str, Any], start: int
         if not values:
             continue
         sampled_token = token if value is not None else None
-        # vLLM lists the sampled token after the top ones when it is not among them.
-        listed = not top or len(top) <= (ctx.body.get("logprobs") or 0) or token != list(top)[-1]
+        listed = not ranked or _listed_completion(ctx, token, top)
         hardened = _harden_position(ctx, start + offset, values, sampled_token, listed)
         if value is not None:
             sampled[offset] = hardened[token]
