@@ -235,6 +235,11 @@ def load_settings(path: str | os.PathLike[str]) -> Settings:
         for tier in tiers.values()
         if tier.detection.decoy.source == "model" and tier.detection.decoy.model
     }
+    if decoy_models and decoy_models >= set(model_names):
+        raise ConfigError(
+            "every configured model is a decoy model (detection.decoy.model): "
+            "clients would have no model to call"
+        )
     for tier in tiers.values():
         decoy_model = tier.detection.decoy.model
         if decoy_model is not None and decoy_model not in model_names:

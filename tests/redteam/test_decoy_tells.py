@@ -290,3 +290,19 @@ def test_the_decoy_model_is_neither_listed_nor_callable(decoy_model_guard: Guard
     sdk = _sdk(guard, "routed")
     sdk.completions.create(model="teacher", prompt="hi", max_tokens=1, logprobs=5)
     assert sdk.completions.create(model="teacher", prompt="hi", max_tokens=1).model == "teacher"
+
+
+def test_a_decoy_model_cannot_be_offered(tmp_path: Path) -> None:
+    from guard_server.config.loader import ConfigError, load_settings
+
+    decoy = {"thresholds": THRESHOLDS, "decoy": {"source": "model", "model": "small"}}
+    for models, problem in ((["small"], "is a decoy model"), (["*"], "every configured model")):
+        upstreams = {"small": {"urls": ["http://127.0.0.1:9"]}}
+        if models == ["small"]:
+            upstreams["big"] = {"urls": ["http://127.0.0.1:9"]}
+        tier = {"models": models, "detection": decoy}
+        (tmp_path / "p.yaml").write_text(yaml.safe_dump({"tiers": {"t": tier}}))
+        config = {"upstreams": upstreams, "policies": ["p.yaml"]}
+        (tmp_path / "g.yaml").write_text(yaml.safe_dump(config))
+        with pytest.raises(ConfigError, match=problem):
+            load_settings(tmp_path / "g.yaml")
