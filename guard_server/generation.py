@@ -160,10 +160,10 @@ class GenerationHandler:
             if response.status != 200:
                 raise await _mapped_error(response, ctx, self.metrics)
             out = web.StreamResponse(headers={**_SSE_HEADERS, **headers})
-            writer = ClientWriter(request, out, ctx.settings.config.server.write_timeout_s)
             try:
                 await out.prepare(request)
                 ctx.status = 200
+                writer = ClientWriter(request, out, ctx.settings.config.server.write_timeout_s)
                 await self._pump(ctx, response, writer)
                 await writer.finish()
             except ConnectionResetError:
@@ -227,37 +227,39 @@ class ClientWriter:
     """
 
     def __init__(self, request: web.Request, out: web.StreamResponse, timeout_s: float) -> None:
-        self._request = request
+        transport = request.transport
+        if transport is None:
+            raise ConnectionResetError("the client went away")
+        self._transport = transport
+        self._protocol = request.protocol
+        self._high = transport.get_write_buffer_limits()[1]
         self._out = out
         self._timeout_s = timeout_s
 
-    async def write(self, data: bytes) -> None:
-        """Send ``data``; raise :class:`SlowClient` when the client does not take it in time."""
-        transport = self._request.transport
-        if transport is not None and not self._request.protocol.writing_paused:
-            high = transport.get_write_buffer_limits()[1]
-            if transport.get_write_buffer_size() + len(data) <= high:
-                await self._out.write(data)  # cannot wait: the buffer stays under its mark
-                return
+    def write(self, data: bytes) -> Awaitable[None]:
+        """Send ``data``; the awaitable raises :class:`SlowClient` when the client does not
+        take it in time. (Not a coroutine itself: the common case adds no frame.)"""
+        if (
+            not self._protocol.writing_paused
+            and self._transport.get_write_buffer_size() + len(data) <= self._high
+        ):
+            return self._out.write(data)  # cannot wait: the buffer stays under its mark
+        return self._bounded(self._out.write(data))
+
+    async def _bounded(self, write: Awaitable[None]) -> None:
         try:
             async with asyncio.timeout(self._timeout_s):
-                await self._out.write(data)
+                await write
         except TimeoutError:
             raise SlowClient from None
 
     async def finish(self) -> None:
         """End the stream (this flushes: bounded like a write)."""
-        try:
-            async with asyncio.timeout(self._timeout_s):
-                await self._out.write_eof()
-        except TimeoutError:
-            raise SlowClient from None
+        await self._bounded(self._out.write_eof())
 
     def abort(self) -> None:
         """Drop the client's connection without flushing what it never read."""
-        transport = self._request.transport
-        if transport is not None:
-            transport.abort()
+        self._transport.abort()
 
 
 async def _read_body(request: web.Request, ctx: RequestContext) -> bytes:
