@@ -79,6 +79,7 @@ def write_config(directory: Path, vllm_url: str | None, vllm_port: int = 0) -> P
     (directory / "policy.yaml").write_text(yaml.safe_dump(policy))
     config: dict[str, Any] = {
         "server": {"host": "127.0.0.1", "port": 0},
+        "metrics": {"port": 0},  # its own port, any free one: nothing here reads it
         "secret": {"env": SECRET_ENV},
         "policies": [str(directory / "policy.yaml")],
     }
