@@ -52,32 +52,33 @@ def ratelimit_headers(
 ) -> dict[str, str]:
     """``x-ratelimit-*`` headers like OpenAI's, the same for a flagged client as for any.
 
-    ``limit`` is the client's configured (``advertised``) limit even while a tightened one
-    (``applied``) is enforced. ``remaining`` is what that limit would have left after the
-    same spending (the tight bucket's level plus the difference of the two limits), so it
-    falls by one request, and by the tokens used, exactly as an unflagged client's does;
-    ``reset`` follows from the shown values as for any client. Only a refusal shows the
-    enforced bucket's true level (near 0), as a 429 always does. What stays observable is
-    what no header can hide: the 429 comes earlier, and the bucket refills at the tightened
-    rate.
+    While a tightened limit (``applied``) is enforced, the headers show the client's
+    configured one (``advertised``) and the level of the store's bucket at that rate
+    (``Admission.shown_*``): it falls by one request, and by the tokens used, and refills,
+    exactly as an unflagged client's bucket does, and it starts and ends where the enforced
+    bucket was, so nothing jumps. Only a refusal shows the enforced bucket's level (near 0),
+    as any 429 does: that the 429 comes early is the one thing no header can hide.
     """
     headers: dict[str, str] = {}
-    for kind, shown_limit, limit, remaining in (
+    for kind, limit, enforced, shown, remaining in (
         ("requests", advertised.requests_per_minute, applied.requests_per_minute,
-         admission.remaining_requests),
+         admission.shown_requests, admission.remaining_requests),
         ("tokens", advertised.tokens_per_minute, applied.tokens_per_minute,
-         admission.remaining_tokens),
+         admission.shown_tokens, admission.remaining_tokens),
     ):  # fmt: skip
-        if shown_limit is None or limit is None or remaining is None:
+        if limit is None or enforced is None or remaining is None:
             continue
-        shown = remaining
-        if admission.exceeded != kind:
-            shown += max(0, shown_limit - limit)
-        shown = min(max(shown, 0.0), float(shown_limit))
-        headers[f"x-ratelimit-limit-{kind}"] = str(shown_limit)
-        headers[f"x-ratelimit-remaining-{kind}"] = str(math.floor(shown))
-        headers[f"x-ratelimit-reset-{kind}"] = _duration((shown_limit - shown) * 60 / shown_limit)
+        level = remaining if shown is None or admission.exceeded == kind else shown
+        level = min(max(level, 0.0), float(limit))
+        headers[f"x-ratelimit-limit-{kind}"] = str(limit)
+        headers[f"x-ratelimit-remaining-{kind}"] = str(math.floor(level))
+        headers[f"x-ratelimit-reset-{kind}"] = _duration((limit - level) * 60 / limit)
     return headers
+
+
+def _shown(advertised: LimitSpec, applied: LimitSpec) -> LimitSpec | None:
+    """The limits the headers show when they differ from the enforced ones (tightened)."""
+    return None if advertised == applied else advertised
 
 
 class Admitter:
@@ -107,7 +108,12 @@ class Admitter:
         estimate = estimate_tokens(ctx)
         try:
             admission = await self.store.admit(
-                f"c:{ctx.client.id}", limits, estimate, uuid.uuid4().hex, self.slot_ttl_s
+                f"c:{ctx.client.id}",
+                limits,
+                estimate,
+                uuid.uuid4().hex,
+                self.slot_ttl_s,
+                _shown(ctx.plan.advertised, limits),
             )
         except StateUnavailable as exc:
             self._state_failed(exc)
@@ -149,14 +155,22 @@ class Admitter:
         else:
             refund = 0  # usage unknown (stream cut short): keep the reservation
         task = asyncio.get_running_loop().create_task(
-            self._settle(f"c:{ctx.client.id}", limits, admission.slot, refund)
+            self._settle(
+                f"c:{ctx.client.id}",
+                limits,
+                admission.slot,
+                refund,
+                _shown(ctx.plan.advertised, limits),
+            )
         )
         self._settling.add(task)
         task.add_done_callback(self._settling.discard)
 
-    async def _settle(self, scope: str, limits: LimitSpec, slot: str, refund: int) -> None:
+    async def _settle(
+        self, scope: str, limits: LimitSpec, slot: str, refund: int, shown: LimitSpec | None
+    ) -> None:
         try:
-            await self.store.settle(scope, limits, slot, refund)
+            await self.store.settle(scope, limits, slot, refund, shown)
         except StateUnavailable as exc:
             self._state_failed(exc)  # the slot expires by itself
 
