@@ -21,6 +21,7 @@ def _start_serve(tmp_path: Path) -> tuple[GuardProcess, int, str]:
     config = yaml.safe_load((POLICIES / "guard.yaml").read_text())
     config["policies"] = [str(POLICIES / name) for name in config["policies"]]
     config["bundled_teacher"] = {"port": vllm_port}
+    config["metrics"] = {"port": free_port()}
     path = tmp_path / "guard.yaml"
     path.write_text(yaml.safe_dump(config))
     process = GuardProcess(path, tmp_path / "guard.log").spawn()

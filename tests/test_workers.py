@@ -53,7 +53,8 @@ def test_two_workers_share_limits_and_metrics(
                     headers={"Authorization": f"Bearer {KEY}"},
                 )
                 statuses.append(response.status_code)
-            text = client.get(f"http://127.0.0.1:{port}/metrics").text
+            metrics_port = yaml.safe_load(config.read_text())["metrics"]["port"]
+            text = client.get(f"http://127.0.0.1:{metrics_port}/metrics").text
         assert statuses.count(200) in (20, 21)  # one may refill in the test's seconds
         assert statuses.count(429) == 40 - statuses.count(200)
         assert metric_value(text, "guard_requests_total", status="200") == statuses.count(200)

@@ -384,8 +384,8 @@ def guard_metrics(bench: Bench) -> dict[str, Any]:
     for name, service in bench.services.items():
         if not name.startswith("g_"):
             continue
-        with urllib.request.urlopen(service.url + "/metrics", timeout=10) as response:
-            text = response.read().decode()
+        assert isinstance(service.proc, GuardProcess)
+        text = service.proc.metrics()  # on the guard's own metrics port
         counts: dict[str, float] = {}
         for line in text.splitlines():
             if line.startswith(("guard_requests_total{", "guard_actions_total{")):

@@ -10,7 +10,7 @@ from typing import Any
 import yaml
 
 from guard_server.teacher import MODEL_DIR, SERVED_MODEL_NAME
-from guard_server.testing.child import REPO
+from guard_server.testing.child import REPO, free_port
 
 POLICIES = REPO / "policies"
 """The repository's policy presets."""
@@ -53,7 +53,10 @@ def write_config(
     Each of ``sections`` is a top-level section of the config: a mapping extends (and
     overrides keys of) the section there is, anything else replaces it.
     """
-    config: dict[str, Any] = {"server": {"host": "127.0.0.1", "port": 0}}
+    config: dict[str, Any] = {
+        "server": {"host": "127.0.0.1", "port": 0},
+        "metrics": {"port": free_port()},  # its own port; the default 9464 would collide
+    }
     if upstream_urls:
         config["upstreams"] = {model: {"urls": list(upstream_urls), **(upstream or {})}}
     config["policies"] = [str(p) for p in policies]

@@ -8,6 +8,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Self
 
+import yaml
+
 from guard_server.testing.child import ChildProcess, free_port
 
 
@@ -66,9 +68,17 @@ class GuardProcess(ChildProcess):
         """Block until ``/readyz`` answers: an upstream is healthy."""
         self.wait_http(self.url + "/readyz", timeout_s)
 
-    def metrics(self) -> str:
-        """The Prometheus text of ``/metrics``."""
-        with urllib.request.urlopen(self.url + "/metrics", timeout=5) as response:
+    @property
+    def metrics_url(self) -> str:
+        """Where this guard serves ``/metrics``: its metrics port, else the API port."""
+        port = (yaml.safe_load(self.config.read_text()).get("metrics") or {}).get("port")
+        return f"http://127.0.0.1:{port}/metrics" if port else self.url + "/metrics"
+
+    def metrics(self, token: str | None = None) -> str:
+        """The Prometheus text of ``/metrics`` (``token``: when it is on the API port)."""
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        request = urllib.request.Request(self.metrics_url, headers=headers)
+        with urllib.request.urlopen(request, timeout=5) as response:
             return response.read().decode()
 
     def __enter__(self) -> Self:
