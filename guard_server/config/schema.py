@@ -24,6 +24,7 @@ class ServerSettings(_Strict):
     host: str = "127.0.0.1"
     port: Annotated[int, Field(ge=0, le=65535)] = 8080
     max_body_bytes: Annotated[int, Field(ge=1024)] = 1_048_576
+    body_timeout_s: Annotated[float, Field(gt=0)] = 30.0
     policy_header: bool = True
     reload_interval_s: Annotated[float, Field(gt=0)] = 2.0
     drain_timeout_s: Annotated[float, Field(ge=0)] = 60.0
