@@ -21,6 +21,7 @@ from guard_server.openai_fields import Endpoint
 from guard_server.pipeline.admit import Admitter
 from guard_server.pipeline.audit import AuditLog
 from guard_server.pipeline.auth import authenticate
+from guard_server.pipeline.canonicalize import canonicalize
 from guard_server.pipeline.context import RequestContext
 from guard_server.pipeline.plan import Planner
 from guard_server.pipeline.policy import apply_tier_policy
@@ -62,10 +63,12 @@ class GenerationHandler:
         self.endpoint = endpoint
         self.admitter = admitter
         # The stages after authentication and body parsing, in order: what the request may
-        # ask for is settled before it is scored, and one plan is made before anything acts.
+        # ask for is settled before it is scored, what the model will see of it is taken once
+        # (every key and count derives from that), and one plan is made before anything acts.
         self.stages: tuple[Stage, ...] = (
             validate_request,
             apply_tier_policy,
+            canonicalize,
             scorer,
             planner,
             admitter,

@@ -20,6 +20,7 @@ from guard_server.detection.scoring import ACTIONS, Assessment
 from guard_server.metrics import GuardMetrics
 from guard_server.pipeline.context import RequestContext
 from guard_server.pipeline.decoy import DecoyPlan, plan_decoy
+from guard_server.pipeline.logprob_channel import constraint_of
 from guard_server.pipeline.sampling import SamplingPlan
 from guard_server.state.base import LimitSpec
 
@@ -48,8 +49,11 @@ class Plan:
         return self.decoy.model if self.decoy is not None else None
 
 
-def make_plan(secret: bytes, client: Client, assessment: Assessment | None) -> Plan:
-    """The plan for one request of ``client`` at its current ``assessment``."""
+def make_plan(
+    secret: bytes, client: Client, assessment: Assessment | None, constrained: bool = False
+) -> Plan:
+    """The plan for one request of ``client`` at its current ``assessment``. Under
+    constrained decoding (``constrained``) no logprob value comes back exact."""
     tier = client.tier
     detection = tier.detection
     assessed = assessment.action if assessment is not None else "pass"
@@ -59,6 +63,8 @@ def make_plan(secret: bytes, client: Client, assessment: Assessment | None) -> P
     perturb = detection.perturb
     logprob_cap = tier.logprobs.max_top
     hardening = tier.hardening
+    if constrained and hardening.exact_above is not None:
+        hardening = replace(hardening, exact_above=None)
     sigma = tier.sampling.noise.sigma
     if rank >= _RANK["perturb"]:
         logprob_cap = min(logprob_cap, perturb.max_top)
@@ -125,7 +131,8 @@ class Planner:
     async def __call__(self, ctx: RequestContext) -> None:
         assert ctx.client is not None
         assessment = ctx.assessment
-        ctx.plan = make_plan(ctx.settings.secret, ctx.client, assessment)
+        constrained = constraint_of(ctx.endpoint, ctx.body) is not None
+        ctx.plan = make_plan(ctx.settings.secret, ctx.client, assessment, constrained)
         self._track(ctx.client.id, ctx.plan.assessed, ctx.plan.mode)
         if assessment and assessment.contributions.get("campaign", 0) >= _CAMPAIGN_SIGNAL:
             self._note_campaign(ctx.fingerprint)

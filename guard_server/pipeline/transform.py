@@ -7,6 +7,7 @@ from typing import Any
 
 from guard_server.pipeline.context import RequestContext
 from guard_server.pipeline.defences import DEFENCES
+from guard_server.pipeline.logprob_channel import harden_prompt_logprobs
 
 
 def _take_usage(ctx: RequestContext, payload: dict[str, Any]) -> None:
@@ -26,6 +27,8 @@ def transform_response(ctx: RequestContext, body: dict[str, Any]) -> None:
     """Rewrite a whole (non-streaming) response in place."""
     body["model"] = ctx.model
     _take_usage(ctx, body)
+    if body.get("prompt_logprobs"):  # chat's, for the whole response (vLLM refuses it on streams)
+        harden_prompt_logprobs(ctx, 0, body["prompt_logprobs"])
     _defend(ctx, body.get("choices"), streaming=False)
 
 

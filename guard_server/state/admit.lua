@@ -1,11 +1,13 @@
 -- Atomic admission for one scope: refill both token buckets, drop expired concurrency
 -- slots, and consume only if every limit passes. Time is Redis' own, shared by replicas.
 -- KEYS[1]: bucket hash {r, t, ts}   KEYS[2]: sorted set of slots scored by expiry (ms)
--- ARGV: rpm, tpm, concurrency (0 = unlimited), tokens, slot id, slot ttl (ms)
+-- ARGV: rpm, tpm, concurrency (0 = unlimited), tokens, slot id, slot ttl (ms), requests
+--       (a batch costs one request per prompt)
 local now_parts = redis.call('TIME')
 local now = tonumber(now_parts[1]) * 1000 + math.floor(tonumber(now_parts[2]) / 1000)
 local rpm, tpm, conc = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
 local want, slot, ttl = tonumber(ARGV[4]), ARGV[5], tonumber(ARGV[6])
+local cost = tonumber(ARGV[7]) or 1
 
 local saved = redis.call('HMGET', KEYS[1], 'r', 't', 'ts')
 local requests, tokens, updated = tonumber(saved[1]), tonumber(saved[2]), tonumber(saved[3])
@@ -23,9 +25,10 @@ if conc > 0 then
 end
 
 local needed = math.min(want, tpm)
+local needed_requests = math.min(cost, rpm)
 local verdict, retry_ms = 'ok', 0
-if rpm > 0 and requests < 1 then
-  verdict, retry_ms = 'requests', (1 - requests) * 60000 / rpm
+if rpm > 0 and requests < needed_requests then
+  verdict, retry_ms = 'requests', (needed_requests - requests) * 60000 / rpm
 elseif tpm > 0 and tokens < needed then
   verdict, retry_ms = 'tokens', (needed - tokens) * 60000 / tpm
 elseif conc > 0 and in_flight >= conc then
@@ -34,7 +37,7 @@ elseif conc > 0 and in_flight >= conc then
 end
 
 if verdict == 'ok' then
-  if rpm > 0 then requests = requests - 1 end
+  if rpm > 0 then requests = requests - cost end
   if tpm > 0 then tokens = tokens - want end
   if conc > 0 then
     redis.call('ZADD', KEYS[2], now + ttl, slot)

@@ -46,7 +46,13 @@ class RedisStore(StateStore):
         return [f"{tag}:bucket", f"{tag}:slots"]
 
     async def admit(
-        self, scope: str, spec: LimitSpec, tokens: int, slot: str, slot_ttl_s: float
+        self,
+        scope: str,
+        spec: LimitSpec,
+        tokens: int,
+        slot: str,
+        slot_ttl_s: float,
+        requests: int = 1,
     ) -> Admission:
         args = [
             spec.requests_per_minute or 0,
@@ -55,6 +61,7 @@ class RedisStore(StateStore):
             tokens,
             slot,
             int(slot_ttl_s * 1000),
+            requests,
         ]
         try:
             verdict, requests, left, in_flight, retry_ms = await self._admit(
@@ -98,13 +105,13 @@ class RedisStore(StateStore):
         ttl_ms = int(IDLE_TTL_S * 1000)
         client_call = (
             self._observe_client.sha, 2, *self._risk_keys(client),
-            features.prompt_hash, features.fingerprint, int(features.wants_logprobs),
-            int(features.max_top), int(features.logit_bias), SHARE_ALPHA, GAP_ALPHA,
-            HALF_LIFE_S, ttl_ms,
+            features.fingerprint, int(features.wants_logprobs), int(features.max_top),
+            int(features.logit_bias), SHARE_ALPHA, GAP_ALPHA, HALF_LIFE_S, ttl_ms,
+            *features.prompt_hashes,
         )  # fmt: skip
         campaign_call = (
             self._observe_campaign.sha, 3, *self._campaign_keys(features.fingerprint),
-            client, features.prompt_hash, int(features.max_top), SHARE_ALPHA, ttl_ms,
+            client, int(features.max_top), SHARE_ALPHA, ttl_ms, *features.prompt_hashes,
         )  # fmt: skip
         try:
             mine, shared = await self._evalsha_pipeline(client_call, campaign_call)
