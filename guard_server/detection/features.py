@@ -18,6 +18,9 @@ from guard_server.openai_fields import Endpoint
 
 _NUMBER = re.compile(r"\d+")
 _TEMPLATE_HEAD = 16  # characters of the last turn's template in the fingerprint
+_NORMALIZED_CHARS = 4096
+"""Characters of a turn normalized for the fingerprint: a script's scaffolding shows in a
+turn's head, and the work per request stays bounded whatever the size of the body."""
 # Request fields that describe *how* a client's software asks, not *what* it asks.
 _STYLE_FIELDS = (
     "max_tokens", "max_completion_tokens", "temperature", "top_p", "top_k", "n", "stop",
@@ -54,14 +57,15 @@ def _template_head(text: str) -> str:
     """``template_of(text)[:16]``, normalizing only as much of a long text as it needs."""
     head = template_of(text[: 2 * _TEMPLATE_HEAD])
     if len(head) <= _TEMPLATE_HEAD and len(text) > 2 * _TEMPLATE_HEAD:
-        head = template_of(text)  # digits or spaces collapsed it: normalize it all
+        head = template_of(text[:_NORMALIZED_CHARS])  # digits or spaces collapsed it
     return head[:_TEMPLATE_HEAD]
 
 
 class ScaffoldLines:
     """The normalized form of earlier turns (system prompts and few-shot turns repeat), as
     8-byte digests keyed by a 16-byte hash of the turn: every entry has the same small size,
-    so the cache is bounded in bytes (about 200 bytes an entry) whatever the texts."""
+    so the cache is bounded in bytes (about 200 bytes an entry) whatever the texts. A turn
+    is normalized on its first ``_NORMALIZED_CHARS`` characters."""
 
     def __init__(self, max_entries: int = 4096) -> None:
         self.max_entries = max_entries
@@ -78,7 +82,8 @@ class ScaffoldLines:
         key = hasher.digest()
         line = self._lines.get(key)
         if line is None:
-            line = self._lines[key] = _digest(f"{role}:{template_of(text)}".encode())
+            template = template_of(text[:_NORMALIZED_CHARS])
+            line = self._lines[key] = _digest(f"{role}:{template}".encode())
             if len(self._lines) > self.max_entries:
                 self._lines.popitem(last=False)
         else:
