@@ -85,6 +85,8 @@ _ROLE_KEYS: dict[str, frozenset[str]] = {
     "developer": frozenset({"tools"}),
 }
 _STRING_KEYS = frozenset({"name", "task", "reasoning", "reasoning_content", "tool_call_id"})
+_NULLABLE_KEYS = frozenset({"content", "task", "reasoning", "reasoning_content", "tool_call_id"})
+_NULLABLE_KEYS |= frozenset({"tool_calls", "tools"})  # vLLM's types take null for these
 _TOOL_CALL_KEYS = frozenset({"id", "type", "function"})
 _FUNCTION_KEYS = frozenset({"name", "arguments"})
 
@@ -181,7 +183,8 @@ def check_messages(messages: list[Any]) -> None:
         if unused:
             raise _ignored_keys_error(where, unused)
         for key in _STRING_KEYS & message.keys():
-            if message[key] is not None and not isinstance(message[key], str):
+            value = message[key]
+            if not isinstance(value, str) and (value is not None or key not in _NULLABLE_KEYS):
                 raise bad_request(f"{where}.{key} must be a string.", param=f"{where}.{key}")
         content = message.get("content")
         if isinstance(content, list):

@@ -94,10 +94,8 @@ def renderings(draw: st.DrawFn, conversation: list[tuple[str, list[str]]]) -> di
         message: dict[str, Any] = {"role": role, "content": content}
         if draw(st.booleans()):
             message = {"content": content, "role": role}  # key order
-        if draw(st.booleans()):
-            message["name"] = None  # a null vLLM skips
         if role == "assistant" and draw(st.booleans()):
-            message["tool_calls"] = None
+            message["tool_calls"] = None  # a null vLLM skips
         messages.append(message)
     body: dict[str, Any] = {"model": "teacher", "messages": messages}
     extras = draw(
