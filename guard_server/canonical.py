@@ -84,6 +84,7 @@ _ROLE_KEYS: dict[str, frozenset[str]] = {
     "tool": frozenset({"tool_call_id"}),
     "developer": frozenset({"tools"}),
 }
+_KEYS_OF_ROLE = {role: _ANY_ROLE_KEYS | keys for role, keys in _ROLE_KEYS.items()}
 _STRING_KEYS = frozenset({"name", "task", "reasoning", "reasoning_content", "tool_call_id"})
 _NULLABLE_KEYS = frozenset({"content", "task", "reasoning", "reasoning_content", "tool_call_id"})
 _NULLABLE_KEYS |= frozenset({"tool_calls", "tools"})  # vLLM's types take null for these
@@ -177,16 +178,17 @@ def check_messages(messages: list[Any]) -> None:
     ``messages`` is a non-empty list of objects with a string ``role``.
     """
     for index, message in enumerate(messages):
+        content = message.get("content")
+        if len(message) <= 2 and isinstance(content, str) and "content" in message:
+            continue  # role and a string content: the usual case
         where = f"messages[{index}]"
-        used = _ANY_ROLE_KEYS | _ROLE_KEYS.get(message["role"], frozenset())
-        unused = _unused(message, used)
-        if unused:
-            raise _ignored_keys_error(where, unused)
+        used = _KEYS_OF_ROLE.get(message["role"], _ANY_ROLE_KEYS)
+        if not message.keys() <= used:
+            raise _ignored_keys_error(where, _unused(message, used))
         for key in _STRING_KEYS & message.keys():
             value = message[key]
             if not isinstance(value, str) and (value is not None or key not in _NULLABLE_KEYS):
                 raise bad_request(f"{where}.{key} must be a string.", param=f"{where}.{key}")
-        content = message.get("content")
         if isinstance(content, list):
             for part_index, part in enumerate(content):
                 _check_part(f"{where}.content[{part_index}]", part)
@@ -216,7 +218,7 @@ def first_disallowed_part(messages: list[dict[str, Any]], allowed: frozenset[str
 # --------------------------------------------------------------------------- the input
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # built per request, and a frozen __init__ costs 4x: treat as read-only
 class CanonicalInput:
     """What vLLM will see of one request, reduced to what the guard keys and counts on."""
 
@@ -281,38 +283,55 @@ def _rendered_content(content: Any) -> str | list[Any]:
     return ["\n".join(texts), *items]
 
 
-def _template_inputs(message: dict[str, Any]) -> dict[str, Any]:
-    """The keys of a message besides role and content that vLLM hands the template."""
-    extra = {k: v for k, v in message.items() if k not in ("role", "content") and v is not None}
-    reasoning = extra.pop("reasoning_content", None)
-    if reasoning is not None:
-        extra.setdefault("reasoning", reasoning)
-    return extra
+def _template_inputs(messages: list[dict[str, Any]]) -> list[dict[str, Any]] | None:
+    """The keys of each message besides role and content that vLLM hands the template
+    (None when there are none)."""
+    if all(len(message) <= 2 for message in messages):  # role and content only: the usual case
+        return None
+    inputs = []
+    for message in messages:
+        extra = {k: v for k, v in message.items() if k not in ("role", "content")}
+        extra = {k: v for k, v in extra.items() if v is not None}
+        reasoning = extra.pop("reasoning_content", None)
+        if reasoning is not None:
+            extra.setdefault("reasoning", reasoning)
+        inputs.append(extra)
+    return inputs if any(inputs) else None
 
 
-def _shaping(endpoint: Endpoint, body: dict[str, Any]) -> dict[str, Any]:
-    """The prompt-shaping options the request sets to something other than vLLM's default."""
-    defaults = _PROMPT_DEFAULTS[endpoint]
-    return {
-        name: value
-        for name in PROMPT_FIELDS - {"model", "messages", "prompt"}
-        if (value := body.get(name)) is not None and defaults.get(name) != value
-    }
+_SHAPING_FIELDS = PROMPT_FIELDS - {"model", "messages", "prompt"}
+_ENDPOINT_NAMES = {endpoint: endpoint.value for endpoint in Endpoint}  # Enum.value is slow
 
 
 def canonical_input(endpoint: Endpoint, body: dict[str, Any]) -> CanonicalInput:
     """Map a validated request body to its canonical model input."""
-    shaping = _shaping(endpoint, body)
-    head = [endpoint.value, body["model"], shaping]
-    template = {name: body[name] for name in TEMPLATE_FIELDS if body.get(name) is not None}
-    sampling = {name: body[name] for name in SAMPLING_FIELDS if body.get(name) is not None}
+    defaults = _PROMPT_DEFAULTS[endpoint]
+    shaping: dict[str, Any] = {}
+    template: dict[str, Any] = {}
+    sampling: dict[str, Any] = {}
+    for name, value in body.items():
+        if value is None:
+            continue
+        if name in SAMPLING_FIELDS:
+            sampling[name] = value
+        elif name in _SHAPING_FIELDS:
+            if defaults.get(name) != value:  # a default spelled out changes nothing
+                shaping[name] = value
+        elif name in TEMPLATE_FIELDS:
+            template[name] = value
+    head = [_ENDPOINT_NAMES[endpoint], body["model"], shaping]
     n = body.get("n") or 1
     if endpoint is Endpoint.CHAT:
         messages = body["messages"]
         turns = tuple((m["role"], _rendered_content(m.get("content"))) for m in messages)
         identities: tuple[bytes, ...] = (_digest(_dumps([*head, turns])),)
-        template["messages"] = [_template_inputs(m) for m in messages]
-        texts = tuple((role, _as_text(content)) for role, content in turns)
+        inputs = _template_inputs(messages)
+        if inputs is not None:
+            template["messages"] = inputs
+        texts = tuple(
+            (role, content if isinstance(content, str) else _as_text(content))
+            for role, content in turns
+        )
         prompt_texts: tuple[str, ...] = ()
     else:
         prompts = prompt_list(body["prompt"])
