@@ -41,7 +41,7 @@ from guard_server.pipeline.policy import apply_tier_policy
 from guard_server.pipeline.rewrite import rewrite_for_upstream
 from guard_server.pipeline.sampling import SamplingPlan, plugin_args
 from guard_server.pipeline.validate import validate_request
-from tests.processes import DEMO_KEY, POLICIES
+from guard_server.testing import DEMO_KEY, POLICIES
 
 SETTINGS = load_settings(POLICIES / "guard.yaml")
 ROLES = ("system", "user", "assistant", "developer", "narrator")
@@ -158,7 +158,7 @@ _ANSWER = [
 
 def _hardened(ctx: RequestContext) -> list[Any]:
     choices = copy.deepcopy(_ANSWER)
-    LogprobChannel().response(ctx, choices, streaming=False)
+    LogprobChannel().response(ctx, {"choices": choices}, streaming=False)
     return choices
 
 

@@ -1,9 +1,10 @@
 """Plan: turn the client's risk into one immutable decision for the request.
 
 The plan holds everything the later stages act on: the action, the limits admission
-applies, the logprob cap and hardening, the sampling controls sent to the plugin and the
-decoy. Admission, the upstream rewrite, the response transform, the audit log and the
-metrics read only the plan, so all of them agree on what was done and why.
+applies (and the client's own, which its headers show), the logprob cap and hardening, the
+sampling controls sent to the plugin and the decoy. Admission, the upstream rewrite, the
+response transform, the audit log and the metrics read only the plan, so all of them agree
+on what was done and why.
 
 In ``shadow`` detection mode the plan records the action the score calls for
 (``assessed``) and serves the request as ``pass``.
@@ -37,8 +38,9 @@ class Plan:
     assessed: str  # what the risk score calls for (differs from `action` in shadow mode)
     mode: str  # enforce or shadow
     reason: str  # for operators: the score, its threshold and its largest signals
-    limits: LimitSpec
-    logprob_cap: int
+    limits: LimitSpec  # what admission applies (tightened from `tighten` on)
+    advertised: LimitSpec  # what x-ratelimit-limit-* shows: the client's configured limits
+    logprob_cap: int  # the tier's: a flagged client gets as many values back as any other
     hardening: LogprobHardening
     sampling: SamplingPlan
     decoy: DecoyPlan | None
@@ -50,9 +52,14 @@ class Plan:
 
 
 def make_plan(
-    secret: bytes, client: Client, assessment: Assessment | None, constrained: bool = False
+    secret: bytes,
+    client: Client,
+    assessment: Assessment | None,
+    identities: tuple[bytes, ...] = (b"",),
+    constrained: bool = False,
 ) -> Plan:
-    """The plan for one request of ``client`` at its current ``assessment``. Under
+    """The plan for one request of ``client`` at its current ``assessment``. ``identities``
+    (the canonical identity of each prompt) key the misinformation decoy's digit maps; under
     constrained decoding (``constrained``) no logprob value comes back exact."""
     tier = client.tier
     detection = tier.detection
@@ -67,10 +74,15 @@ def make_plan(
         hardening = replace(hardening, exact_above=None)
     sigma = tier.sampling.noise.sigma
     if rank >= _RANK["perturb"]:
-        logprob_cap = min(logprob_cap, perturb.max_top)
-        hardening = replace(hardening, noise_scale=max(hardening.noise_scale, perturb.noise_scale))
+        # Same count back as any client of the tier (a smaller one would tell): only the
+        # first `max_top` keep their rank, the rest come back in a keyed order, all noisier.
+        hardening = replace(
+            hardening,
+            noise_scale=max(hardening.noise_scale, perturb.noise_scale),
+            ranked=perturb.max_top,
+        )
         sigma = max(sigma, perturb.sampling_sigma)
-    decoy = plan_decoy(secret, client) if action == "decoy" else None
+    decoy = plan_decoy(secret, client, identities) if action == "decoy" else None
     if decoy is not None:
         sigma = max(sigma, decoy.sigma)
     return Plan(
@@ -79,6 +91,7 @@ def make_plan(
         mode=mode,
         reason=_reason(client, assessment),
         limits=client.limits if rank == 0 else _tightened(client.limits, detection.tighten_factor),
+        advertised=client.limits,
         logprob_cap=logprob_cap,
         hardening=hardening,
         sampling=SamplingPlan(
@@ -131,8 +144,11 @@ class Planner:
     async def __call__(self, ctx: RequestContext) -> None:
         assert ctx.client is not None
         assessment = ctx.assessment
+        assert ctx.canonical is not None
         constrained = constraint_of(ctx.endpoint, ctx.body) is not None
-        ctx.plan = make_plan(ctx.settings.secret, ctx.client, assessment, constrained)
+        ctx.plan = make_plan(
+            ctx.settings.secret, ctx.client, assessment, ctx.canonical.identities, constrained
+        )
         self._track(ctx.client.id, ctx.plan.assessed, ctx.plan.mode)
         if assessment and assessment.contributions.get("campaign", 0) >= _CAMPAIGN_SIGNAL:
             self._note_campaign(ctx.fingerprint)

@@ -18,7 +18,7 @@ from guard_server.pipeline.context import RequestContext
 from guard_server.pipeline.plan import Planner
 from guard_server.pipeline.policy import apply_tier_policy
 from guard_server.pipeline.validate import validate_request
-from tests.processes import DEMO_KEY, POLICIES
+from guard_server.testing import DEMO_KEY, POLICIES
 
 SETTINGS = load_settings(POLICIES / "guard.yaml")
 

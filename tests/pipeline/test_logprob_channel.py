@@ -102,14 +102,20 @@ async def test_prompt_logprobs_are_hardened_under_the_prompt_key() -> None:
     assert bodies[0][2]["224"]["logprob"] == raw[2]["224"]["logprob"]
 
 
-async def test_a_perturbed_plan_caps_prompt_logprobs_too() -> None:
+async def test_a_perturbed_plan_keeps_the_tiers_prompt_logprobs_count() -> None:
+    """A flagged client asks vLLM for what any client of its tier would: a smaller count, or
+    a note an unflagged client does not get, would tell it that it is flagged."""
     from guard_server.detection.scoring import Assessment
     from guard_server.pipeline.plan import make_plan
 
-    ctx = await _with_prompt_logprobs("q")
-    assert ctx.client is not None
-    ctx.plan = make_plan(b"s" * 32, ctx.client, Assessment(0.42, {}, "perturb"))
-    body = copy.deepcopy(ctx.body)
-    ctx.body = body
-    rewrite_for_upstream(ctx, "teacher", guard_plugin=False)
-    assert body["prompt_logprobs"] == 1 and ("clamped", "prompt_logprobs") in ctx.policy_actions
+    notes = []
+    for assessment in (None, Assessment(0.42, {}, "perturb")):
+        ctx = await _with_prompt_logprobs("q")
+        assert ctx.client is not None
+        ctx.plan = make_plan(b"s" * 32, ctx.client, assessment)
+        body = copy.deepcopy(ctx.body)
+        ctx.body = body
+        rewrite_for_upstream(ctx, "teacher", guard_plugin=False)
+        assert body["prompt_logprobs"] == 2
+        notes.append(ctx.policy_actions)
+    assert notes[0] == notes[1]

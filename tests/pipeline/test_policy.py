@@ -12,8 +12,8 @@ from guard_server.config.schema import DEFAULT_BOUNDS, TierPolicy
 from guard_server.errors import GuardError
 from guard_server.openai_fields import Endpoint
 from guard_server.pipeline.admit import estimate_tokens
+from guard_server.testing import TRUSTED_KEY
 from tests.pipeline.helpers import context, planned, planned_for_client
-from tests.processes import TRUSTED_KEY
 
 
 def _chat(**fields: Any) -> dict[str, Any]:

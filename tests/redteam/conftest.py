@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from guard_server.pipeline.auth import hash_key
-from tests.processes import POLICIES, GuardProcess, write_config
+from guard_server.testing import POLICIES, GuardProcess, write_test_config
 
 ADMIN_KEY = "sk-rt-admin"
 KEYS = {
@@ -50,7 +50,7 @@ def rt_guard(vllm_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterato
     clients["rt-limited"]["limits"] = {"requests_per_minute": 6}
     policy = directory / "redteam.yaml"
     policy.write_text(yaml.safe_dump({"tiers": _tiers(), "clients": clients}))
-    config = write_config(
+    config = write_test_config(
         directory,
         [vllm_url],
         server={"host": "127.0.0.1", "port": 0, "body_timeout_s": BODY_TIMEOUT_S},
@@ -93,6 +93,6 @@ def profile(guard: GuardProcess, client: str) -> dict[str, Any]:
 
 def upstream_calls(guard: GuardProcess) -> float:
     """How many requests this guard has sent to vLLM (its upstream-latency histogram count)."""
-    from tests.processes import metric_value
+    from guard_server.testing import metric_value
 
     return metric_value(guard.metrics(), "guard_upstream_duration_seconds_count")

@@ -19,7 +19,7 @@ import openai
 import pytest
 
 from guard_server.teacher.task import completion_prompt, make_problems
-from tests.processes import GuardProcess
+from guard_server.testing import GuardProcess
 from tests.redteam.conftest import profile, sdk, upstream_calls
 
 PROMPTS = [completion_prompt(p.question) for p in make_problems(64, seed=41, split="heldout")]

@@ -10,7 +10,7 @@ import socket
 import time
 from collections.abc import Iterable
 
-from tests.processes import GuardProcess
+from guard_server.testing import GuardProcess
 from tests.redteam.conftest import BODY_TIMEOUT_S, KEYS
 
 LIMIT = 1_048_576  # server.max_body_bytes (the default)

@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from guard_server.teacher.task import make_problems
-from tests.processes import TRUSTED_KEY, GuardProcess
+from guard_server.testing import TRUSTED_KEY, GuardProcess
 from tests.redteam.conftest import post, upstream_calls
 
 QUESTION = make_problems(1, seed=51, split="heldout")[0].question

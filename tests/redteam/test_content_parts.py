@@ -14,8 +14,8 @@ from typing import Any
 
 import pytest
 
+from guard_server.testing import GuardProcess
 from guard_server.upstream.vllm_process import free_port
-from tests.processes import GuardProcess
 from tests.redteam.conftest import post, upstream_calls
 
 

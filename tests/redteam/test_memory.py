@@ -20,7 +20,7 @@ import pytest
 import yaml
 
 from guard_server.pipeline.auth import hash_key
-from tests.processes import POLICIES, GuardProcess, write_config
+from guard_server.testing import POLICIES, GuardProcess, write_test_config
 
 REQUESTS = 4096
 BODY_BYTES = 200_000
@@ -38,7 +38,7 @@ def fresh_guard(vllm_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iter
     client = {"tier": "default", "keys": [hash_key(KEY)], "limits": {"tokens_per_minute": 1}}
     policy.write_text(yaml.safe_dump({"clients": {"rt-memory": client}}))
     policies = [str(POLICIES / "default.yaml"), str(policy)]
-    config = write_config(directory, [vllm_url], policies=policies)
+    config = write_test_config(directory, [vllm_url], policies=policies)
     guard = GuardProcess(config, directory / "guard.log").start()
     guard.wait_ready()
     try:

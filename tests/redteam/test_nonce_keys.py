@@ -15,7 +15,7 @@ import openai
 import pytest
 
 from guard_server.teacher.task import make_problems
-from tests.processes import TRUSTED_KEY, GuardProcess
+from guard_server.testing import TRUSTED_KEY, GuardProcess
 from tests.redteam.conftest import post, sdk, upstream_calls
 
 QUESTION = make_problems(1, seed=31, split="heldout")[0].question

@@ -9,7 +9,7 @@ import math
 from typing import Any
 
 from guard_server.teacher.task import completion_prompt, make_problems
-from tests.processes import TRUSTED_KEY, GuardProcess
+from guard_server.testing import TRUSTED_KEY, GuardProcess
 from tests.redteam.conftest import post
 
 PROMPT = completion_prompt(make_problems(1, seed=61, split="heldout")[0].question)

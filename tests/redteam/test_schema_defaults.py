@@ -10,7 +10,7 @@ from typing import Any
 
 import httpx
 
-from tests.processes import GuardProcess
+from guard_server.testing import GuardProcess
 from tests.redteam.conftest import post
 
 CHAT = {"model": "teacher", "messages": [{"role": "user", "content": "1 plus 2"}]}
