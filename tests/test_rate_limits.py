@@ -79,7 +79,15 @@ def test_limit_holds_globally_across_three_replicas(
     tmp_path: Path, vllm_url: str, redis_server: RedisProcess
 ) -> None:
     limit = 30
-    state = {"backend": "redis", "redis_url": redis_server.url, "key_prefix": f"g{time.time_ns()}"}
+    # Closed and patient: a Redis call slower than the default 0.25 s on a loaded machine
+    # would otherwise fail open and admit past the limit (by design, but not what this tests).
+    state = {
+        "backend": "redis",
+        "redis_url": redis_server.url,
+        "key_prefix": f"g{time.time_ns()}",
+        "timeout_s": 5,
+        "on_failure": "closed",
+    }
     guards = [
         _limited_guard(tmp_path, vllm_url, {"requests_per_minute": limit}, state, name=f"r{i}")
         for i in range(3)

@@ -133,7 +133,9 @@ def test_digit_maps_differ_per_prompt_and_hold_for_a_repeat(guard: GuardProcess)
     maps = []
     for problem in PROBLEMS[:2]:
         messages = [{"role": "user", "content": problem.question}]
-        identity = canonical_input(Endpoint.CHAT, {"messages": messages}).identities[0]
+        identity = canonical_input(
+            Endpoint.CHAT, {"model": "teacher", "messages": messages}
+        ).identities[0]
         digits = digit_map(SECRET.encode(), "mapper", identity)
         maps.append(digits.forward)
         flagged = {"logprobs": True, "top_logprobs": MAX_TOP}  # keeps it flagged
