@@ -10,7 +10,7 @@ from typing import Self
 
 import yaml
 
-from guard_server.testing.child import ChildProcess, free_port
+from guard_server.testing.child import REPO, ChildProcess, free_port
 
 
 class GuardProcess(ChildProcess):
@@ -19,7 +19,8 @@ class GuardProcess(ChildProcess):
     :meth:`start` returns once ``/healthz`` answers, :meth:`wait_ready` once ``/readyz``
     does (an upstream is healthy). As a context manager it waits for both, and stops the
     guard on exit. ``workers`` and ``log_level`` become ``serve`` options when given, and
-    ``extra_args`` are appended (``["--teacher", "smollm2"]``, say).
+    ``extra_args`` are appended (``["--teacher", "smollm2"]``, say). ``cwd`` and ``env``
+    (``PYTHONPATH``) can run another checkout's guard (``load_tests.checkout``).
     """
 
     def __init__(
@@ -34,6 +35,7 @@ class GuardProcess(ChildProcess):
         cpus: set[int] | None = None,
         name: str = "guard",
         extra_args: Sequence[str] = (),
+        cwd: Path | None = None,
     ) -> None:
         self.config = config
         self.port = port or free_port()
@@ -44,7 +46,7 @@ class GuardProcess(ChildProcess):
         if log_level is not None:
             argv += ["--log-level", log_level]
         argv += extra_args
-        super().__init__(name, argv, log_path, env=env, cpus=cpus)
+        super().__init__(name, argv, log_path, env=env, cwd=cwd or REPO, cpus=cpus)
 
     @property
     def url(self) -> str:
