@@ -8,7 +8,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from guard_server.detection.scoring import DISTINCT_RAMP
+from guard_server.detection.scoring import DISTINCT_RAMP, EVIDENCE_MIN
 from guard_server.openai_fields import BOUNDABLE, CONTENT_PART_TYPES, expand_field_selectors
 
 _KEY_HASH = re.compile(r"^sha256:[0-9a-f]{64}$")
@@ -349,8 +349,9 @@ class DecoyAction(_Strict):
 
 
 class DistinctPromptsRamp(_Strict):
-    """How many distinct prompts a client may collect before volume alone raises its risk:
-    the ``distinct_prompts`` signal is 0 up to ``start`` and full from ``full``."""
+    """How many distinct prompts a client may collect in a day before volume raises its risk:
+    the ``distinct_prompts`` signal is 0 up to ``start`` and full from ``full`` (over a week:
+    five times both)."""
 
     start: Annotated[int, Field(ge=0)] = DISTINCT_RAMP[0]
     full: Annotated[int, Field(gt=0)] = DISTINCT_RAMP[1]
@@ -378,6 +379,9 @@ class DetectionPolicy(_Strict):
     """``shadow``: score and record the action the score calls for, but serve as ``pass``."""
     thresholds: ActionThresholds = ActionThresholds()
     distinct_prompts: DistinctPromptsRamp = DistinctPromptsRamp()
+    evidence_min: Annotated[float, Field(ge=0, le=1)] = EVIDENCE_MIN
+    """The extraction-specific evidence (the score's evidence signals) a text-side action
+    (perturb, decoy, block) needs; below it the action stops at ``tighten``."""
     tighten_factor: Annotated[float, Field(gt=0, le=1)] = 0.25
     perturb: PerturbAction = PerturbAction()
     decoy: DecoyAction = DecoyAction()

@@ -33,7 +33,7 @@ _STYLE_FIELDS = (
 class RequestFeatures:
     """The features of one request that detection keeps (no prompt text)."""
 
-    prompt_hashes: tuple[str, ...]  # one 64-bit hex identity per prompt of the request
+    prompt_hashes: tuple[str, ...]  # one 64-bit hex identity per prompt (see prompt_identity)
     fingerprint: str
     wants_logprobs: bool
     max_top: bool
@@ -91,6 +91,19 @@ class ScaffoldLines:
 
 
 SCAFFOLD_LINES = ScaffoldLines()
+_SCAFFOLD_ROLES = frozenset({"system", "developer"})
+
+
+def chat_prompt_identity(turns: tuple[tuple[str, str], ...]) -> str:
+    """What detection counts as one chat prompt: the newest user turn (and any turn after
+    it) with the system-prompt scaffold (system and developer turns), without the rest of
+    the conversation. Each turn of one chat is then a new prompt only if its question is,
+    and re-asking a question in another chat is a repeat."""
+    newest = len(turns) - 1
+    while newest > 0 and turns[newest][0] != "user":
+        newest -= 1
+    kept = [turn for turn in turns[:newest] if turn[0] in _SCAFFOLD_ROLES]
+    return _digest(orjson.dumps([*kept, *turns[newest:]]))
 
 
 def extract_features(canonical: CanonicalInput, max_top: int) -> RequestFeatures:
@@ -113,8 +126,12 @@ def extract_features(canonical: CanonicalInput, max_top: int) -> RequestFeatures
         option=orjson.OPT_SORT_KEYS,
     )
     wants = count is not None
+    if canonical.endpoint is Endpoint.CHAT:
+        prompt_hashes: tuple[str, ...] = (chat_prompt_identity(canonical.turns),)
+    else:
+        prompt_hashes = tuple(identity[:8].hex() for identity in canonical.identities)
     return RequestFeatures(
-        prompt_hashes=tuple(identity[:8].hex() for identity in canonical.identities),
+        prompt_hashes=prompt_hashes,
         fingerprint=_digest(signature),
         wants_logprobs=wants,
         max_top=wants and (count == -1 or count >= max_top),

@@ -1,25 +1,35 @@
 """The risk score: a sum of named, bounded contributions, so every score explains itself.
 
-| signal | weight | full at |
-|---|---|---|
-| distinct_prompts: how much distinct data the client has collected | 0.45 | 400 → 1,200 (*) |
-| max_top_logprobs: share of requests asking for the tier's maximal top-k | 0.25 | share 1.0 |
-| logprobs: share of requests asking for logprobs at all | 0.05 | share 1.0 |
-| regular_timing: clockwork request timing (1 − CV of gaps, ≥ 20 requests) | 0.15 | 1.0 |
-| novelty: share of requests that are new, once past 100 requests | 0.10 | 0.7 → 0.98 |
-| logit_bias: share of requests using logit_bias | 0.10 | share 1.0 |
+| signal (kind: V volume, E evidence) | kind | weight | full at |
+|---|---|---|---|
+| distinct_prompts: distinct prompts in the last day (or week), × novelty 0.2 → 0.5 | V | 0.45
+  | 400 → 1,200 (*) |
+| novelty: share of the day's requests that are new (≥ 100 requests) | V | 0.10 | 0.7 → 0.98 |
+| logprobs: share of requests asking for logprobs at all | V | 0.05 | share 1.0 |
+| max_top_logprobs: share of requests asking for the tier's maximal top-k | E | 0.25 | 1.0 |
+| regular_timing: clockwork timing (1 − CV of gaps, ≥ 20 requests) | E | 0.15 | 1.0 |
+| templated: share of requests with the previous one's fingerprint (same script, template
+  head and parameters; ≥ 50 requests) | E | 0.10 | 0.6 → 0.9 |
+| logit_bias: share of requests using logit_bias | E | 0.10 | share 1.0 |
 | campaign: many keys share the client's fingerprint and together collect much distinct
-  data (× 0.5–1 by their max-top-k share) | 0.40 | members 5 → 20, distinct 100 → 1,000 |
+  data in the last day (× 0.5–1 by their max-top-k share) | E | 0.40 | members 5 → 20,
+  distinct 100 → 1,000 |
 
-(*) the tier's ``detection.distinct_prompts`` ramp. Shares are the profile's decayed
-shares, bias-corrected for young clients (:meth:`ClientProfile.share`), so a key's first
-requests count fully.
+(*) the tier's ``detection.distinct_prompts`` ramp (``start``/``full`` for the day; the week
+ramp is five times it). Shares are the profile's decayed shares, bias-corrected for young
+clients (:meth:`ClientProfile.share`), so a key's first requests count fully. Volume signals
+count only their window (``detection.profile.DAY`` / ``WEEK``): a client's past forgets.
+Distinct prompts count in full only for a client whose day is at least half new prompts
+(none below a fifth): an application whose users re-ask popular questions collects far
+less new data than its distinct count suggests.
 
-Collected volume alone (distinct prompts plus novelty, 0.55) passes the default ``decoy``
-threshold (0.45): a key that keeps asking new questions under the static limits, with no
-logprobs and human-like timing, still ends up collecting decoys, from about 1,000 distinct
-prompts at the default ramp. A tier whose honest clients legitimately send more distinct
-prompts than that (a batch tier) sets a wider ``detection.distinct_prompts`` ramp.
+**Graduated actions.** The score picks the action from the thresholds, but a text-side
+action (``perturb``, ``decoy``, ``block``: they change what the client reads) also needs
+extraction-specific evidence: the evidence signals must sum to at least ``evidence_min``
+(default 0.375: for example maximal logprobs on every request *and* one template *and* some
+regularity, or maximal logprobs and clockwork timing, or a campaign). Without it the action
+stops at ``tighten``: volume alone (an evaluation run, a busy application) is throttled and
+flagged for the operator, never fed wrong answers. The assessment says so (:attr:`Assessment.note`).
 """
 
 from __future__ import annotations
@@ -29,8 +39,17 @@ from dataclasses import dataclass
 from guard_server.detection.profile import CampaignProfile, ClientProfile
 
 ACTIONS = ("pass", "tighten", "perturb", "decoy", "block")
+TEXT_ACTIONS = frozenset({"perturb", "decoy", "block"})
+"""Actions that change what the client reads: they need evidence, not volume alone."""
 DISTINCT_RAMP = (400, 1200)
-"""Distinct prompts at which ``distinct_prompts`` starts to count, and at which it is full."""
+"""Distinct prompts in a day at which ``distinct_prompts`` starts to count, and is full."""
+WEEK_RAMP_FACTOR = 5
+"""The week's distinct-prompts ramp is the day's times this."""
+EVIDENCE_MIN = 0.375
+"""The evidence signals' sum a text-side action needs (``detection.evidence_min``)."""
+EVIDENCE = frozenset({"max_top_logprobs", "regular_timing", "templated", "logit_bias", "campaign"})
+"""The extraction-specific signals; the others (distinct prompts, novelty, logprobs) measure
+volume, which honest heavy clients bring too."""
 
 
 def _ramp(value: float, low: float, high: float) -> float:
@@ -48,10 +67,17 @@ class Assessment:
     score: float
     contributions: dict[str, float]
     action: str
+    note: str = ""
+    """Why the action is below what the score alone calls for (empty when it is not)."""
 
     def signals(self) -> dict[str, float]:
         """The contributions rounded for people (audit log, admin API)."""
         return {name: round(value, 4) for name, value in self.contributions.items()}
+
+    @property
+    def evidence(self) -> float:
+        """The sum of the extraction-specific signals."""
+        return sum(v for name, v in self.contributions.items() if name in EVIDENCE)
 
 
 def contributions(
@@ -60,11 +86,18 @@ def contributions(
     distinct_ramp: tuple[int, int] = DISTINCT_RAMP,
 ) -> dict[str, float]:
     """Each signal's share of the score (see the module table)."""
+    low, high = distinct_ramp
+    volume = max(
+        _ramp(profile.distinct_prompts, low, high),
+        _ramp(profile.distinct_week, WEEK_RAMP_FACTOR * low, WEEK_RAMP_FACTOR * high),
+    ) * _ramp(profile.novelty, 0.2, 0.5)
+    templated = profile.share(profile.templated_share) if profile.total >= 50 else 0.0
     parts = {
-        "distinct_prompts": 0.45 * _ramp(profile.distinct_prompts, *distinct_ramp),
+        "distinct_prompts": 0.45 * volume,
         "max_top_logprobs": 0.25 * profile.share(profile.max_top_share),
         "logprobs": 0.05 * profile.share(profile.logprob_share),
         "regular_timing": 0.15 * profile.regularity,
+        "templated": 0.10 * _ramp(templated, 0.6, 0.9),
         "novelty": 0.10 * _ramp(profile.novelty, 0.7, 0.98) if profile.total >= 100 else 0.0,
         "logit_bias": 0.10 * profile.share(profile.logit_bias_share),
         "campaign": 0.0,
@@ -84,8 +117,10 @@ def assess(
     campaign: CampaignProfile | None,
     thresholds: dict[str, float],
     distinct_ramp: tuple[int, int] = DISTINCT_RAMP,
+    evidence_min: float = EVIDENCE_MIN,
 ) -> Assessment:
-    """Score a client and map the score to the highest action whose threshold it reaches."""
+    """Score a client and map the score to the highest action whose threshold it reaches;
+    a text-side action only with ``evidence_min`` of evidence (else ``tighten``)."""
     parts = contributions(profile, campaign, distinct_ramp)
     parts = {name: value for name, value in parts.items() if value}
     score = min(1.0, sum(parts.values()))
@@ -93,4 +128,11 @@ def assess(
     for name in ACTIONS[1:]:
         if score >= thresholds[name]:
             action = name
-    return Assessment(round(score, 4), parts, action)
+    assessment = Assessment(round(score, 4), parts, action)
+    if action in TEXT_ACTIONS and assessment.evidence < evidence_min:
+        assessment.action = "tighten"
+        assessment.note = (
+            f"{action} held at tighten: extraction evidence {assessment.evidence:.3f} "
+            f"< {evidence_min:g} (volume alone never changes answers)"
+        )
+    return assessment

@@ -129,7 +129,8 @@ def _reason(client: Client, assessment: Assessment | None) -> str:
         head = f"risk {assessment.score:.3f} >= {action} {thresholds[action]:g}"
     largest = sorted(assessment.contributions.items(), key=lambda item: -item[1])
     named = ", ".join(f"{name} {value:.3f}" for name, value in largest[:_REASON_SIGNALS])
-    return f"{head} ({named})" if named else head
+    reason = f"{head} ({named})" if named else head
+    return f"{reason}; {assessment.note}" if assessment.note else reason
 
 
 class Planner:

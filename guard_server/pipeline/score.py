@@ -66,7 +66,11 @@ class RiskScorer:
         profile, campaign = await self.store.observe(client_id, features)
         detection = client.tier.detection
         assessment = assess(
-            profile, campaign, detection.thresholds.by_action, detection.distinct_prompts.bounds
+            profile,
+            campaign,
+            detection.thresholds.by_action,
+            detection.distinct_prompts.bounds,
+            detection.evidence_min,
         )
         reuses = REASSESS_EVERY - 1 if profile.total > FRESH_REQUESTS else 0
         self._last[client_id] = [assessment, reuses]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -11,13 +10,15 @@ from typing import TypeVar
 
 from guard_server.detection.features import RequestFeatures
 from guard_server.detection.profile import (
+    DAY,
     GAP_ALPHA,
     HALF_LIFE_S,
     SHARE_ALPHA,
+    WEEK,
     CampaignProfile,
     ClientProfile,
 )
-from guard_server.detection.sketches import DistinctCounter
+from guard_server.detection.sketches import WindowedDistinct, register_of
 from guard_server.state.base import Admission, LimitSpec, StateStore
 
 _T = TypeVar("_T")
@@ -38,37 +39,42 @@ class _Risk:
     requests: float = 0.0
     updated: float | None = None
     total: int = 0
-    prompts: DistinctCounter = field(default_factory=DistinctCounter)
+    day: WindowedDistinct = field(default_factory=lambda: WindowedDistinct(DAY))
+    week: WindowedDistinct = field(default_factory=lambda: WindowedDistinct(WEEK))
     logprob: float = 0.0
     max_top: float = 0.0
     logit_bias: float = 0.0
+    templated: float = 0.0
     gap_mean: float = 0.0
     gap_sq: float = 0.0
     timed: bool = False  # whether a gap between two requests was seen yet
     fingerprint: str = ""
 
-    def snapshot(self) -> ClientProfile:
+    def snapshot(self, now: float) -> ClientProfile:
         return ClientProfile(
             requests=self.requests,
             total=self.total,
-            distinct_prompts=self.prompts.count(),
+            distinct_prompts=self.day.distinct(now),
+            distinct_week=self.week.distinct(now),
+            window_requests=self.day.items(now),
             logprob_share=self.logprob,
             max_top_share=self.max_top,
             logit_bias_share=self.logit_bias,
             gap_mean_s=self.gap_mean,
             gap_var_s2=self.gap_sq - self.gap_mean**2,
             fingerprint=self.fingerprint,
+            templated_share=self.templated,
         )
 
 
 @dataclass(slots=True)
 class _Campaign:
-    members: DistinctCounter = field(default_factory=DistinctCounter)
-    prompts: DistinctCounter = field(default_factory=DistinctCounter)
+    members: WindowedDistinct = field(default_factory=lambda: WindowedDistinct(DAY))
+    prompts: WindowedDistinct = field(default_factory=lambda: WindowedDistinct(DAY))
     max_top: float = 0.0
 
-    def snapshot(self) -> CampaignProfile:
-        return CampaignProfile(self.members.count(), self.prompts.count(), self.max_top)
+    def snapshot(self, now: float) -> CampaignProfile:
+        return CampaignProfile(self.members.distinct(now), self.prompts.distinct(now), self.max_top)
 
 
 def _first(value: float | None, fallback: float | None) -> float | None:
@@ -197,14 +203,14 @@ class MemoryStore(StateStore):
     async def observe(
         self, client: str, features: RequestFeatures
     ) -> tuple[ClientProfile, CampaignProfile]:
-        risk, campaign = self._fold(client, features)
-        return risk.snapshot(), campaign.snapshot()
+        now = self._clock()
+        risk, campaign = self._fold(client, features, now)
+        return risk.snapshot(now), campaign.snapshot(now)
 
     async def count(self, client: str, features: RequestFeatures) -> None:
-        self._fold(client, features)
+        self._fold(client, features, self._clock())
 
-    def _fold(self, client: str, features: RequestFeatures) -> tuple[_Risk, _Campaign]:
-        now = self._clock()
+    def _fold(self, client: str, features: RequestFeatures, now: float) -> tuple[_Risk, _Campaign]:
         risk = _touch(self._risk, client, _Risk, self._max_profiles)
         if risk.updated is not None:
             gap = max(0.0, now - risk.updated)
@@ -222,12 +228,16 @@ class MemoryStore(StateStore):
         risk.logprob += weight * (features.wants_logprobs - risk.logprob)
         risk.max_top += weight * (features.max_top - risk.max_top)
         risk.logit_bias += weight * (features.logit_bias - risk.logit_bias)
+        if risk.fingerprint:  # a client's first request has nothing to repeat
+            same = features.fingerprint == risk.fingerprint
+            risk.templated += weight * (same - risk.templated)
         risk.fingerprint = features.fingerprint
         campaign = _touch(self._campaigns, features.fingerprint, _Campaign, self._max_profiles)
-        campaign.members.add(client_hash(client))
-        for prompt_hash in features.prompt_hashes:
-            risk.prompts.add(prompt_hash)
-            campaign.prompts.add(prompt_hash)
+        campaign.members.add(now, [register_of(client)])
+        registers = [register_of(prompt_hash) for prompt_hash in features.prompt_hashes]
+        risk.day.add(now, registers)
+        risk.week.add(now, registers)
+        campaign.prompts.add(now, registers)
         campaign.max_top += weight * (features.max_top - campaign.max_top)
         return risk, campaign
 
@@ -236,7 +246,8 @@ class MemoryStore(StateStore):
         if risk is None:
             return None, None
         campaign = self._campaigns.get(risk.fingerprint)
-        return risk.snapshot(), campaign.snapshot() if campaign else None
+        now = self._clock()
+        return risk.snapshot(now), campaign.snapshot(now) if campaign else None
 
     def _forget_idle(self, now: float, budget: int = 8) -> None:
         """Drop scopes idle for a minute with no live slot: their buckets are full again,
@@ -260,12 +271,6 @@ class MemoryStore(StateStore):
 def _share_weight(steps: int) -> float:
     """The weight of a new value after ``steps`` steps of a moving average with SHARE_ALPHA."""
     return 1.0 - (1.0 - SHARE_ALPHA) ** steps
-
-
-@lru_cache(maxsize=16384)
-def client_hash(client: str) -> str:
-    """A 64-bit hex hash of a client id, for distinct counting."""
-    return hashlib.blake2b(client.encode(), digest_size=8).hexdigest()
 
 
 def _touch(table: OrderedDict[str, _T], key: str, factory: type[_T], limit: int) -> _T:

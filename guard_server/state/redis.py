@@ -3,6 +3,8 @@ per scope so Redis Cluster keeps each scope's keys on one slot."""
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
 from importlib import resources
 
 import redis.asyncio as aioredis
@@ -10,12 +12,15 @@ from redis.exceptions import NoScriptError, RedisError
 
 from guard_server.detection.features import RequestFeatures
 from guard_server.detection.profile import (
+    DAY,
     GAP_ALPHA,
     HALF_LIFE_S,
     IDLE_TTL_S,
     SHARE_ALPHA,
+    WEEK,
     CampaignProfile,
     ClientProfile,
+    Window,
 )
 from guard_server.state.base import Admission, LimitSpec, StateStore, StateUnavailable
 
@@ -32,9 +37,20 @@ def _shown_rates(spec: LimitSpec, shown: LimitSpec | None) -> tuple[int, int]:
 
 
 class RedisStore(StateStore):
-    """Limits shared by every guard replica that points at the same Redis."""
+    """Limits shared by every guard replica that points at the same Redis.
 
-    def __init__(self, url: str, prefix: str = "guard", timeout_s: float = 0.25) -> None:
+    Token buckets run on Redis's clock. Risk profiles run on ``clock`` (the replicas' wall
+    clocks, NTP-synchronized): it names the time buckets of the volume windows, whose keys
+    the scripts must be given, and a test can drive it.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        prefix: str = "guard",
+        timeout_s: float = 0.25,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
         self._redis = aioredis.Redis.from_url(
             url,
             socket_timeout=timeout_s,
@@ -43,6 +59,7 @@ class RedisStore(StateStore):
             retry_on_timeout=False,
         )
         self._prefix = prefix
+        self._clock = clock
         self._admit = self._redis.register_script(_script("admit.lua"))
         self._settle = self._redis.register_script(_script("settle.lua"))
         self._observe_client = self._redis.register_script(_script("observe_client.lua"))
@@ -117,46 +134,56 @@ class RedisStore(StateStore):
         except (RedisError, OSError) as exc:
             raise StateUnavailable(str(exc)) from exc
 
-    def _risk_keys(self, client: str) -> list[str]:
-        tag = f"{self._prefix}:{{c:{client}}}"
-        return [f"{tag}:risk", f"{tag}:prompts"]
+    def _buckets(self, tag: str, kind: str, window: Window, now: float) -> list[str]:
+        return [f"{tag}:{kind}:{window.name}:{b}" for b in window.bucket_range(now)]
 
-    def _campaign_keys(self, fingerprint: str) -> list[str]:
+    def _risk_keys(self, client: str, now: float) -> list[str]:
+        tag = f"{self._prefix}:{{c:{client}}}"
+        return [
+            f"{tag}:risk",
+            *self._buckets(tag, "p", DAY, now),
+            *self._buckets(tag, "p", WEEK, now),
+        ]
+
+    def _campaign_keys(self, fingerprint: str, now: float) -> list[str]:
         tag = f"{self._prefix}:{{f:{fingerprint}}}"
-        return [f"{tag}:campaign", f"{tag}:members", f"{tag}:prompts"]
+        return [
+            f"{tag}:campaign",
+            *self._buckets(tag, "m", DAY, now),
+            *self._buckets(tag, "p", DAY, now),
+        ]
 
     async def observe(
         self, client: str, features: RequestFeatures
     ) -> tuple[ClientProfile, CampaignProfile]:
+        mine, shared = await self._fold(client, features, want=True)
+        return _client_profile(mine, features.fingerprint), _campaign_profile(shared)
+
+    async def count(self, client: str, features: RequestFeatures) -> None:
+        await self._fold(client, features, want=False)
+
+    async def _fold(self, client: str, features: RequestFeatures, want: bool) -> list:
+        now = self._clock()
         ttl_ms = int(IDLE_TTL_S * 1000)
+        day_ttl_ms, week_ttl_ms = (int(w.expires_in_s(now) * 1000) + 1 for w in (DAY, WEEK))
+        risk_keys = self._risk_keys(client, now)
+        campaign_keys = self._campaign_keys(features.fingerprint, now)
         client_call = (
-            self._observe_client.sha, 2, *self._risk_keys(client),
+            self._observe_client.sha, len(risk_keys), *risk_keys,
             features.fingerprint, int(features.wants_logprobs), int(features.max_top),
-            int(features.logit_bias), SHARE_ALPHA, GAP_ALPHA, HALF_LIFE_S, ttl_ms,
+            int(features.logit_bias), SHARE_ALPHA, GAP_ALPHA, HALF_LIFE_S, ttl_ms, repr(now),
+            DAY.bucket_of(now), DAY.buckets, day_ttl_ms, week_ttl_ms, int(want),
             *features.prompt_hashes,
         )  # fmt: skip
         campaign_call = (
-            self._observe_campaign.sha, 3, *self._campaign_keys(features.fingerprint),
-            client, int(features.max_top), SHARE_ALPHA, ttl_ms, *features.prompt_hashes,
+            self._observe_campaign.sha, len(campaign_keys), *campaign_keys,
+            client, int(features.max_top), SHARE_ALPHA, ttl_ms, day_ttl_ms, int(want),
+            *features.prompt_hashes,
         )  # fmt: skip
         try:
-            mine, shared = await self._evalsha_pipeline(client_call, campaign_call)
+            return await self._evalsha_pipeline(client_call, campaign_call)
         except (RedisError, OSError) as exc:
             raise StateUnavailable(str(exc)) from exc
-        requests, total, distinct, lp, mt, lb, gm, gs = mine
-        profile = ClientProfile(
-            requests=float(requests),
-            total=int(total),
-            distinct_prompts=int(distinct),
-            logprob_share=float(lp),
-            max_top_share=float(mt),
-            logit_bias_share=float(lb),
-            gap_mean_s=float(gm),
-            gap_var_s2=float(gs) - float(gm) ** 2,
-            fingerprint=features.fingerprint,
-        )
-        members, campaign_distinct, campaign_mt = shared
-        return profile, CampaignProfile(int(members), int(campaign_distinct), float(campaign_mt))
 
     async def _evalsha_pipeline(self, *calls: tuple) -> list:
         """Run scripts by SHA in one round trip (their keys may live on different cluster
@@ -177,34 +204,31 @@ class RedisStore(StateStore):
             return await pipe.execute()
 
     async def peek(self, client: str) -> tuple[ClientProfile | None, CampaignProfile | None]:
-        risk_key, prompts_key = self._risk_keys(client)
+        now = self._clock()
+        risk_key, *buckets = self._risk_keys(client, now)
+        day_keys, week_keys = buckets[: DAY.buckets], buckets[DAY.buckets :]
+        fields = [f"q{b}" for b in DAY.bucket_range(now)]
         try:
             saved = {
                 k.decode(): v.decode() for k, v in (await self._redis.hgetall(risk_key)).items()
             }
             if not saved:
                 return None, None
-            distinct = await self._redis.pfcount(prompts_key)
-            campaign_key, members_key, campaign_prompts = self._campaign_keys(saved["fp"])
-            members = await self._redis.pfcount(members_key)
-            campaign_distinct = await self._redis.pfcount(campaign_prompts)
+            day = await self._redis.pfcount(*day_keys)
+            week = await self._redis.pfcount(*week_keys)
+            campaign_key, *campaign_buckets = self._campaign_keys(saved["fp"], now)
+            members = await self._redis.pfcount(*campaign_buckets[: DAY.buckets])
+            campaign_distinct = await self._redis.pfcount(*campaign_buckets[DAY.buckets :])
             campaign_mt = await self._redis.hget(campaign_key, "mt")
         except (RedisError, OSError) as exc:
             raise StateUnavailable(str(exc)) from exc
-        gap_mean = float(saved.get("gm", 0))
-        profile = ClientProfile(
-            requests=float(saved["n"]),
-            total=int(saved["total"]),
-            distinct_prompts=int(distinct),
-            logprob_share=float(saved["lp"]),
-            max_top_share=float(saved["mt"]),
-            logit_bias_share=float(saved["lb"]),
-            gap_mean_s=gap_mean,
-            gap_var_s2=float(saved.get("gs", 0)) - gap_mean**2,
-            fingerprint=saved["fp"],
-        )
-        campaign = CampaignProfile(int(members), int(campaign_distinct), float(campaign_mt or 0))
-        return profile, campaign
+        mine = [
+            saved["n"], saved["total"], day, week, sum(int(saved.get(f, 0)) for f in fields),
+            saved["lp"], saved["mt"], saved["lb"], saved.get("gm", 0), saved.get("gs", 0),
+            saved.get("tp", 0),
+        ]  # fmt: skip
+        campaign = _campaign_profile([members, campaign_distinct, campaign_mt or 0])
+        return _client_profile(mine, saved["fp"]), campaign
 
     async def ping(self) -> bool:
         """Whether Redis answers."""
@@ -215,3 +239,28 @@ class RedisStore(StateStore):
 
     async def close(self) -> None:
         await self._redis.aclose()
+
+
+def _client_profile(values: list, fingerprint: str) -> ClientProfile:
+    """A profile from observe_client.lua's reply (or the same values read by ``peek``)."""
+    requests, total, day, week, window_requests, lp, mt, lb, gm, gs, tp = values
+    gap_mean = float(gm)
+    return ClientProfile(
+        requests=float(requests),
+        total=int(total),
+        distinct_prompts=int(day),
+        distinct_week=int(week),
+        window_requests=int(window_requests),
+        logprob_share=float(lp),
+        max_top_share=float(mt),
+        logit_bias_share=float(lb),
+        gap_mean_s=gap_mean,
+        gap_var_s2=float(gs) - gap_mean**2,
+        fingerprint=fingerprint,
+        templated_share=float(tp),
+    )
+
+
+def _campaign_profile(values: list) -> CampaignProfile:
+    members, distinct, max_top = values
+    return CampaignProfile(int(members), int(distinct), float(max_top))

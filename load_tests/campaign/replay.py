@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import heapq
-from collections import defaultdict
+from collections import Counter, defaultdict
 from typing import Any
 
 from load_tests.campaign.analysis import summarize_attacker, summarize_honest
@@ -33,6 +33,7 @@ def replay_detection(sims: list[Simulator], thresholds: dict[str, float]) -> lis
     tier = defended_tier()
     max_top = tier.logprobs.max_top
     distinct_ramp = tier.detection.distinct_prompts.bounds
+    evidence_min = tier.detection.evidence_min
     clock = [0.0]
     store = MemoryStore(clock=lambda: clock[0])
     streams = {sim.name: (sim, sim.queries()) for sim in sims}
@@ -53,7 +54,7 @@ def replay_detection(sims: list[Simulator], thresholds: dict[str, float]) -> lis
             endpoint = Endpoint.CHAT if query.endpoint == "chat" else Endpoint.COMPLETIONS
             features = extract_features(canonical_input(endpoint, query.body), max(1, max_top))
             profile, campaign = loop.run_until_complete(store.observe(query.client, features))
-            assessment = assess(profile, campaign, thresholds, distinct_ramp)
+            assessment = assess(profile, campaign, thresholds, distinct_ramp, evidence_min)
             outcome = Outcome(sim.name, sim.kind, sim.role, query, "")
             outcome.attempts.append(Attempt(at_s, 200, assessment.score, assessment.action))
             outcome.status = 200
@@ -87,3 +88,86 @@ def replay_summary(sims: list[Simulator], outcomes: list[Outcome]) -> dict[str, 
             if s.role == "attacker"
         },
     }
+
+
+def _actor_row(sim: Simulator, outcomes: list[Outcome]) -> dict[str, Any]:
+    """When one actor (honest or not) was first flagged, perturbed and decoyed, and how much."""
+    summary = summarize_attacker(sim, outcomes, {})
+    attempts = [a for o in outcomes for a in o.attempts]
+    return {
+        "role": sim.role,
+        "kind": sim.kind,
+        "requests": len(attempts),
+        "first_flagged": summary["first_flagged"],
+        "first_perturbed": summary["first_perturbed"],
+        "first_decoyed": summary["first_decoyed"],
+        "decoyed_requests": sum(a.action == "decoy" for a in attempts),
+        "actions": dict(sorted(Counter(a.action for a in attempts).items())),
+        "max_risk": round(max((a.risk or 0.0 for a in attempts), default=0.0), 3),
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m load_tests.campaign.replay``: detection on simulated populations, offline."""
+    import argparse
+    import json
+    from dataclasses import replace
+
+    from load_tests.campaign.config import CampaignConfig, campaign_thresholds, population
+    from load_tests.simulators import Application, EvaluationRun
+
+    ap = argparse.ArgumentParser(prog="python -m load_tests.campaign.replay", description=(
+        "Replay simulated populations through the guard's detection code (no guard, no "
+        "model) and print who was flagged, perturbed and decoyed, and when."))  # fmt: skip
+    ap.add_argument(
+        "--population",
+        default="campaign,heavy",
+        help="comma-separated: campaign (CampaignConfig's honest users, batch jobs "
+        "and attackers), heavy (an evaluation run and an application key)",
+    )
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--budget", type=int, help="queries per attacker")
+    ap.add_argument("--window-h", type=float, help="simulated hours of the campaign")
+    ap.add_argument("--json", action="store_true", help="print the full summary as JSON")
+    args = ap.parse_args(argv)  # fmt: skip
+    cfg = replace(CampaignConfig(), seed=args.seed)
+    if args.budget:
+        cfg = replace(cfg, budget=args.budget)
+    if args.window_h:
+        cfg = replace(cfg, window_h=args.window_h)
+    kinds = args.population.split(",")
+    sims: list[Simulator] = []
+    if "campaign" in kinds:
+        sims += population(cfg)
+    if "heavy" in kinds:
+        sims += [EvaluationRun("evaluation", args.seed), Application("application", args.seed)]
+    outcomes = replay_detection(sims, campaign_thresholds())
+    by_actor: dict[str, list[Outcome]] = defaultdict(list)
+    for outcome in outcomes:
+        by_actor[outcome.actor].append(outcome)
+    rows = {
+        s.name: _actor_row(s, by_actor[s.name])
+        for s in sims
+        if s.role == "attacker" or s.kind in ("evaluation", "application", "batch")
+    }
+    summary = replay_summary(sims, outcomes)
+    honest = summary["honest"]
+    if args.json:
+        print(json.dumps({"honest": honest, "actors": rows}, indent=2, default=str))
+        return
+    print(f"honest: {honest['clients']} clients, {honest['requests']} requests, flagged "
+          f"{honest['flagged']}, decoyed clients {honest['decoyed_clients']}, decoyed requests "
+          f"{honest['decoyed_requests']}, max risk {honest['max_risk']:.3f} "
+          f"({honest['max_risk_client']})")  # fmt: skip
+    print("| actor | role | requests | first flagged | first perturb+ | first decoy | "
+          "decoyed requests | max risk | actions |")  # fmt: skip
+    print("|---|---|---:|---:|---:|---:|---:|---:|---|")
+    for name, row in rows.items():
+        cells = [row[k] for k in ("role", "requests", "first_flagged", "first_perturbed",
+                                  "first_decoyed", "decoyed_requests", "max_risk")]  # fmt: skip
+        shown = " | ".join("never" if c is None else str(c) for c in cells)
+        print(f"| {name} | {shown} | {row['actions']} |")
+
+
+if __name__ == "__main__":
+    main()

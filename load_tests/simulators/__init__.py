@@ -16,12 +16,15 @@ from load_tests.simulators.base import (
     reply_text,
     reply_texts,
 )
+from load_tests.simulators.heavy import Application, EvaluationRun
 from load_tests.simulators.honest import BatchUser, HonestUser, honest_population
 
 __all__ = [
+    "Application",
     "BatchUser",
     "BatchingCollector",
     "BulkExtractor",
+    "EvaluationRun",
     "HonestUser",
     "Hydra",
     "LowAndSlow",

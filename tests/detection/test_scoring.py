@@ -1,4 +1,4 @@
-"""Detection alone: features, the distinct counter, profiles in both stores, the score."""
+"""Detection alone: features, profiles in both stores, the score."""
 
 from __future__ import annotations
 
@@ -8,7 +8,6 @@ from guard_server.canonical import canonical_input
 from guard_server.detection.features import RequestFeatures, extract_features, template_of
 from guard_server.detection.profile import CampaignProfile, ClientProfile
 from guard_server.detection.scoring import assess
-from guard_server.detection.sketches import DistinctCounter
 from guard_server.openai_fields import Endpoint
 from guard_server.state.memory import MemoryStore
 
@@ -41,23 +40,13 @@ def test_max_top_means_at_the_tier_cap() -> None:
     assert not _features({**body, "top_logprobs": 2}).max_top
 
 
-def test_distinct_counter_is_exact_when_small_and_close_when_large() -> None:
-    counter = DistinctCounter(k=256)
-    for i in range(200):
-        counter.add(f"{hash(('x', i)) & (2**64 - 1):016x}")
-        counter.add(f"{hash(('x', i)) & (2**64 - 1):016x}")
-    assert counter.count() == 200
-    import hashlib
-
-    for i in range(20_000):
-        counter.add(hashlib.blake2b(str(i).encode(), digest_size=8).hexdigest())
-    assert abs(counter.count() - 20_200) / 20_200 < 0.15
-
-
 def _profile(**fields: float) -> ClientProfile:
-    base = dict(requests=10, total=10, distinct_prompts=10, logprob_share=0, max_top_share=0,
-                logit_bias_share=0, gap_mean_s=5, gap_var_s2=25, fingerprint="f")  # fmt: skip
-    return ClientProfile(**{**base, **fields})  # type: ignore[arg-type]
+    base = dict(requests=10, total=10, distinct_prompts=10, distinct_week=10, logprob_share=0,
+                max_top_share=0, logit_bias_share=0, gap_mean_s=5, gap_var_s2=25,
+                fingerprint="f")  # fmt: skip
+    merged = {**base, **fields}
+    merged.setdefault("window_requests", merged["total"])
+    return ClientProfile(**merged)  # type: ignore[arg-type]
 
 
 def test_score_is_the_sum_of_its_explained_parts() -> None:
@@ -122,13 +111,43 @@ def test_memory_store_forgets_the_least_recent_profiles() -> None:
     assert asyncio.run(store.peek("client-999"))[0] is not None
 
 
-def test_volume_alone_reaches_decoy_unless_the_tier_allows_more() -> None:
+def test_volume_alone_tightens_at_most_and_says_why() -> None:
     # A text-only collector: every request new, no logprobs, Poisson-like timing.
-    collector = _profile(total=1300, requests=1300, distinct_prompts=1200, gap_mean_s=5,
-                         gap_var_s2=25)  # fmt: skip
-    assert set(assess(collector, None, THRESHOLDS).contributions) == {"distinct_prompts", "novelty"}
-    assert assess(collector, None, THRESHOLDS).action == "decoy"
+    collector = _profile(total=1300, requests=1300, distinct_prompts=1200, distinct_week=1200,
+                         gap_mean_s=5, gap_var_s2=25)  # fmt: skip
+    verdict = assess(collector, None, THRESHOLDS)
+    assert set(verdict.contributions) == {"distinct_prompts", "novelty"}
+    assert verdict.score >= THRESHOLDS["decoy"]
+    assert verdict.action == "tighten"
+    assert "decoy held at tighten" in verdict.note and verdict.evidence == 0
     batch_tier = assess(collector, None, THRESHOLDS, distinct_ramp=(5_000, 50_000))
-    assert batch_tier.action == "pass"
+    assert batch_tier.action == "pass" and not batch_tier.note
     young = _profile(total=400, requests=400, distinct_prompts=400, gap_mean_s=5, gap_var_s2=25)
     assert assess(young, None, THRESHOLDS).action == "pass"
+
+
+def test_maximal_logprobs_alone_is_not_enough_evidence_for_a_decoy() -> None:
+    # An evaluation run: every prompt new, the tier's maximal top-k, irregular timing.
+    evaluation = _profile(total=2000, requests=2000, distinct_prompts=1900, max_top_share=1,
+                          logprob_share=1, gap_mean_s=0.4, gap_var_s2=0.16)  # fmt: skip
+    verdict = assess(evaluation, None, THRESHOLDS)
+    assert verdict.score >= THRESHOLDS["decoy"] and verdict.action == "tighten"
+    # The same client scripted (one template, clockwork): extraction evidence, decoyed.
+    script = _profile(total=2000, requests=2000, distinct_prompts=1900, max_top_share=1,
+                      logprob_share=1, gap_mean_s=1.5, gap_var_s2=0.01,
+                      templated_share=1.0)  # fmt: skip
+    scripted = assess(script, None, THRESHOLDS)
+    assert scripted.evidence >= 0.375 and scripted.action in ("decoy", "block")
+    assert not scripted.note
+    # A stricter tier may ask for more evidence.
+    assert assess(script, None, THRESHOLDS, evidence_min=0.9).action == "tighten"
+
+
+def test_repeats_discount_distinct_prompts() -> None:
+    """An application whose users re-ask popular questions collects little new data."""
+    app = _profile(total=6000, requests=6000, distinct_prompts=1500, distinct_week=1500)
+    assert app.novelty == 0.25
+    verdict = assess(app, None, THRESHOLDS)
+    assert verdict.action == "pass", verdict
+    new = assess(_profile(total=3000, requests=3000, distinct_prompts=1500), None, THRESHOLDS)
+    assert new.contributions["distinct_prompts"] == 0.45
