@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import replace
 from pathlib import Path
 
@@ -9,8 +10,10 @@ from load_tests.campaign.config import CampaignConfig, campaign_thresholds
 from load_tests.campaign.phase import run_phase
 from load_tests.campaign.replay import replay_detection, replay_summary
 from load_tests.simulators import (
+    Application,
     BatchingCollector,
     BulkExtractor,
+    EvaluationRun,
     Hydra,
     LowAndSlow,
     Mimic,
@@ -76,7 +79,8 @@ def test_replayed_detection_flags_attackers_not_honest_users() -> None:
     cfg = replace(CONFIG, window_h=2.0)
     sims = _population(cfg, hydra_budget=2000)
     sims.append(LowAndSlow("low-and-slow", cfg.seed, 300, cfg.window_s))
-    # Text-only collectors with no logprobs and human-like timing: volume gives them away.
+    # Text-only collectors with no logprobs and human-like timing: volume gives them away,
+    # but volume alone never changes answers: flagged (tighten), never decoyed.
     sims.append(LowAndSlow("low-and-slow-long", cfg.seed, 1500, cfg.window_s))
     sims.append(Mimic("mimic", cfg.seed, 2500, cfg.window_s))
     summary = replay_summary(sims, replay_detection(sims, campaign_thresholds()))
@@ -87,9 +91,25 @@ def test_replayed_detection_flags_attackers_not_honest_users() -> None:
     assert attackers["bulk"]["first_decoyed"] <= 200
     assert attackers["hydra"]["first_decoyed"] <= 1000
     assert attackers["low-and-slow"]["first_flagged"] is None  # 300 is too little
-    assert attackers["low-and-slow-long"]["first_decoyed"] <= 1200, attackers["low-and-slow-long"]
-    assert attackers["mimic"]["first_decoyed"] <= 2000, attackers["mimic"]
-    assert attackers["mimic"]["decoyed_share"] > 0.2, attackers["mimic"]
+    for name in ("low-and-slow-long", "mimic"):
+        assert attackers[name]["first_flagged"] <= 1500, attackers[name]
+        assert attackers[name]["first_perturbed"] is None, attackers[name]
+
+
+def test_heavy_honest_clients_are_never_decoyed() -> None:
+    """Issue 17's two honest clients, replayed through the guard's detection: an evaluation
+    run (2,000 distinct held-out questions, greedy, the tier's maximal top_logprobs, 4 at a
+    time) is at most flagged; an application (Zipf-repeated questions, two-turn chats, 6,000
+    requests) is not even flagged. Both were decoyed before (docs/evaluation.md)."""
+    sims: list[Simulator] = [EvaluationRun("evaluation", 0), Application("application", 0)]
+    outcomes = replay_detection(sims, campaign_thresholds())
+    assert len(outcomes) == 8000
+    actions = {name: Counter() for name in ("evaluation", "application")}
+    for outcome in outcomes:
+        actions[outcome.actor].update(a.action for a in outcome.attempts)
+    assert set(actions["evaluation"]) <= {"pass", "tighten"}, actions
+    assert actions["evaluation"]["tighten"] > 1000  # flagged: the operator sees it
+    assert set(actions["application"]) == {"pass"}, actions
 
 
 def test_campaign_through_guard_and_vllm(tmp_path: Path, vllm_url: str) -> None:
