@@ -44,7 +44,9 @@ async def client_report(request: web.Request) -> web.Response:
         return web.json_response(body)
     detection = client.tier.detection
     thresholds = detection.thresholds.by_action
-    assessment = assess(profile, campaign, thresholds, detection.distinct_prompts.bounds)
+    assessment = assess(
+        profile, campaign, thresholds, detection.distinct_prompts.bounds, detection.evidence_min
+    )
     body.update(
         score=assessment.score,
         action=assessment.action if client.tier.detection.enabled else "pass",

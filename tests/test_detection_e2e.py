@@ -27,11 +27,20 @@ HONEST_KEY = "sk-test-honest"
 
 
 def _guard(
-    tmp_path: Path, vllm_url: str, thresholds: dict, audit: Path | None = None
+    tmp_path: Path,
+    vllm_url: str,
+    thresholds: dict,
+    audit: Path | None = None,
+    evidence_min: float = 0.0,
 ) -> GuardProcess:
     default = yaml.safe_load((POLICIES / "default.yaml").read_text())["tiers"]["default"]
     policy = {
-        "tiers": {"watched": {**default, "detection": {"thresholds": thresholds}}},
+        "tiers": {
+            "watched": {
+                **default,
+                "detection": {"thresholds": thresholds, "evidence_min": evidence_min},
+            }
+        },
         "clients": {
             "attacker": {"tier": "watched", "keys": [hash_key(ATTACKER_KEY)]},
             "honest": {"tier": "watched", "keys": [hash_key(HONEST_KEY)]},
@@ -83,10 +92,11 @@ def test_a_logprob_harvester_is_flagged_then_decoyed_while_an_honest_client_is_n
     tmp_path: Path, vllm_url: str
 ) -> None:
     # Asking for the maximal top-k from the first request scores 0.30 at once; clockwork
-    # timing or (from 100 requests) all-new prompts take the harvester past 0.36.
+    # timing or (from 100 requests) all-new prompts take the harvester past 0.36. This tier
+    # takes maximal logprobs alone as enough evidence for a decoy (the default asks more).
     thresholds = {"tighten": 0.32, "perturb": 0.34, "decoy": 0.36, "block": 1.0}
     audit = tmp_path / "audit.jsonl"
-    guard = _guard(tmp_path, vllm_url, thresholds, audit)
+    guard = _guard(tmp_path, vllm_url, thresholds, audit, evidence_min=0.25)
     try:
         attacker = openai.OpenAI(base_url=guard.base_url, api_key=ATTACKER_KEY, max_retries=0)
         honest = openai.OpenAI(base_url=guard.base_url, api_key=HONEST_KEY, max_retries=0)

@@ -35,7 +35,8 @@ def _guard(tmp_path: Path, vllm_url: str, mode: str, requests_per_minute: int) -
     default = yaml.safe_load((POLICIES / "default.yaml").read_text())["tiers"]["default"]
     tier = {
         **default,
-        "detection": {"mode": mode, "thresholds": THRESHOLDS},
+        # evidence_min 0: the score alone picks the action (maximal logprobs is the only signal)
+        "detection": {"mode": mode, "thresholds": THRESHOLDS, "evidence_min": 0},
         "limits": {"requests_per_minute": requests_per_minute},
     }
     policy = {

@@ -30,7 +30,9 @@ SECRET = "redteam-output-secret-0123456789abcdef"
 ADMIN_KEY = "sk-test-redteam-admin"
 # Every action from 0.1 on: a client that asks for the tier's maximal top-k logprobs scores
 # 0.30 and is decoyed; logprobs below the maximum score 0.05 (pass). A flagged client keeps
-# asking for the maximum (or asks a few times first), so that it stays flagged.
+# asking for the maximum (or asks a few times first), so that it stays flagged. Maximal
+# logprobs alone count as enough evidence for a decoy here (`evidence_min` 0.2).
+EVIDENCE_MIN = 0.2
 THRESHOLDS = {"tighten": 0.1, "perturb": 0.1, "decoy": 0.1, "block": 1.01}
 LIMITS = {"requests_per_minute": 60, "tokens_per_minute": 60_000}
 MAX_TOP = 6
@@ -47,7 +49,7 @@ def guard(tmp_path_factory: pytest.TempPathFactory, vllm_url: str):  # type: ign
     """The default tier with low thresholds (``watched``), and the trusted one (``watched_t``)."""
     directory = tmp_path_factory.mktemp("decoy-tells")
     tiers = yaml.safe_load((POLICIES / "default.yaml").read_text())["tiers"]
-    detection = {"thresholds": THRESHOLDS}
+    detection = {"thresholds": THRESHOLDS, "evidence_min": EVIDENCE_MIN}
     watched = {**tiers["default"], "detection": detection, "limits": LIMITS}
     watched["logprobs"] = {**watched["logprobs"], "max_top": MAX_TOP}
     policy = {
@@ -259,7 +261,11 @@ def test_every_text_the_model_writes_is_mapped_alike() -> None:
 def decoy_model_guard(tmp_path: Path, vllm_url: str):  # type: ignore[no-untyped-def]
     """``teacher`` and a decoy model ``teacher-small`` (the same vLLM, under another name)."""
     tiers = yaml.safe_load((POLICIES / "default.yaml").read_text())["tiers"]
-    detection = {"thresholds": THRESHOLDS, "decoy": {"source": "model", "model": "teacher-small"}}
+    detection = {
+        "thresholds": THRESHOLDS,
+        "evidence_min": EVIDENCE_MIN,
+        "decoy": {"source": "model", "model": "teacher-small"},
+    }
     policy = {
         "tiers": {"routed": {**tiers["default"], "detection": detection}},
         "clients": {"routed": {"tier": "routed", "keys": [hash_key(_key("routed"))]}},
