@@ -96,7 +96,7 @@ def test_a_logprob_harvester_is_flagged_then_decoyed_while_an_honest_client_is_n
     # takes maximal logprobs alone as enough evidence for a decoy (the default asks more).
     thresholds = {"tighten": 0.32, "perturb": 0.34, "decoy": 0.36, "block": 1.0}
     audit = tmp_path / "audit.jsonl"
-    guard = _guard(tmp_path, vllm_url, thresholds, audit, evidence_min=0.25)
+    guard = _guard(tmp_path, vllm_url, thresholds, audit, evidence_min=0.2)
     try:
         attacker = openai.OpenAI(base_url=guard.base_url, api_key=ATTACKER_KEY, max_retries=0)
         honest = openai.OpenAI(base_url=guard.base_url, api_key=HONEST_KEY, max_retries=0)

@@ -27,8 +27,9 @@ _MASK64 = (1 << 64) - 1
 _M = 0xC6A4A7935BD1E995
 _SEED = 0xADC83B19
 _ALPHA_INF = 0.5 / math.log(2)
-_SPARSE_MAX = 256
-"""Registers a bucket keeps in a dict before it switches to a dense array."""
+_SPARSE_MAX = 64
+"""Registers an HLL keeps in a dict before it switches to 16 KiB of registers (a dict of 64
+small ints takes about as much memory as 4 KiB)."""
 
 
 def murmur64a(data: bytes, seed: int = _SEED) -> int:
@@ -87,107 +88,150 @@ def _sigma(x: float) -> float:
             return z
 
 
-def estimate(histogram: np.ndarray) -> int:
+def estimate(histogram: list[int]) -> int:
     """Redis's ``hllCount`` from a histogram of register values (index 0..Q+1)."""
     m = float(REGISTERS)
-    z = m * _tau((m - float(histogram[_Q + 1])) / m)
-    for value in range(_Q, 0, -1):
-        z += float(histogram[value])
+    top = _Q
+    if not histogram[_Q + 1]:  # then z is 0 until the highest value held: skip to it
+        while top and not histogram[top]:
+            top -= 1
+    z = m * _tau((m - histogram[_Q + 1]) / m)
+    for value in range(top, 0, -1):
+        z += histogram[value]
         z *= 0.5
-    z += m * _sigma(float(histogram[0]) / m)
+    z += m * _sigma(histogram[0] / m)
     return math.floor(_ALPHA_INF * m * m / z + 0.5)  # llroundl
 
 
 class HyperLogLog:
-    """One HLL: sparse (a dict of set registers) while small, then 16 KiB of registers."""
+    """One HLL's registers: a dict of the set ones while few, then 16 KiB (as Redis keeps a
+    sparse and a dense encoding)."""
 
     __slots__ = ("_dense", "_sparse")
 
     def __init__(self) -> None:
         self._sparse: dict[int, int] | None = {}
-        self._dense: np.ndarray | None = None
+        self._dense: bytearray | None = None
+
+    def get(self, index: int) -> int:
+        """Register ``index``."""
+        if self._sparse is not None:
+            return self._sparse.get(index, 0)
+        assert self._dense is not None
+        return self._dense[index]
 
     def add(self, index: int, value: int) -> bool:
         """Offer ``value`` to register ``index``; whether the register rose."""
         sparse = self._sparse
-        if sparse is not None:
-            if sparse.get(index, 0) >= value:
+        if sparse is None:
+            dense = self._dense
+            assert dense is not None
+            if dense[index] >= value:
                 return False
-            sparse[index] = value
-            if len(sparse) > _SPARSE_MAX:
-                self._dense = self.registers()
-                self._sparse = None
+            dense[index] = value
             return True
-        dense = self._dense
-        assert dense is not None
-        if dense[index] >= value:
+        if sparse.get(index, 0) >= value:
             return False
-        dense[index] = value
+        sparse[index] = value
+        if len(sparse) > _SPARSE_MAX:
+            self._dense = bytearray(self.array().tobytes())
+            self._sparse = None
         return True
 
-    def registers(self) -> np.ndarray:
-        """All registers as an array (a copy while sparse)."""
-        if self._dense is not None:
-            return self._dense
+    def array(self) -> np.ndarray:
+        """All registers as an array (a view of the dense registers, or a new array)."""
+        if self._sparse is None:
+            assert self._dense is not None
+            return np.frombuffer(self._dense, dtype=np.uint8)
         dense = np.zeros(REGISTERS, dtype=np.uint8)
-        assert self._sparse is not None
         if self._sparse:
             dense[list(self._sparse)] = list(self._sparse.values())
         return dense
 
+    def histogram(self) -> list[int]:
+        """How many registers hold each value 0..Q+1."""
+        if self._sparse is None:
+            return np.bincount(self.array(), minlength=_Q + 2).tolist()
+        histogram = [0] * (_Q + 2)
+        histogram[0] = REGISTERS - len(self._sparse)
+        for value in self._sparse.values():
+            histogram[value] += 1
+        return histogram
+
     def count(self) -> int:
         """``PFCOUNT`` of this HLL."""
-        return estimate(np.bincount(self.registers(), minlength=_Q + 2))
+        return estimate(self.histogram())
+
+    @classmethod
+    def union(cls, parts: list[HyperLogLog]) -> HyperLogLog:
+        """One HLL holding the largest value of each register over ``parts``."""
+        merged = cls()
+        if all(part._sparse is not None for part in parts):
+            for part in parts:
+                assert part._sparse is not None
+                for index, value in part._sparse.items():
+                    merged.add(index, value)
+            return merged
+        registers = np.zeros(REGISTERS, dtype=np.uint8)
+        for part in parts:
+            np.maximum(registers, part.array(), out=registers)
+        merged._sparse, merged._dense = None, bytearray(registers.tobytes())
+        return merged
 
 
 @dataclass(slots=True)
 class WindowedDistinct:
     """Distinct items over a sliding :class:`Window`, as Redis counts them with one HLL key
-    per bucket (``PFCOUNT`` of the window's keys)."""
+    per bucket (``PFCOUNT`` of the window's keys). The union of the window's buckets and its
+    histogram are kept up to date as items come, and rebuilt only when a bucket leaves the
+    window, so counting costs no more than the estimator."""
 
     window: Window
     _hlls: dict[int, HyperLogLog] = field(default_factory=dict)
-    _union: np.ndarray | None = None  # registers of the union of the window's buckets
-    _histogram: np.ndarray | None = None
+    _union: HyperLogLog | None = None
+    _histogram: list[int] = field(default_factory=list)
+    _estimate: int | None = None
     _window_start: int = 0
     _counts: dict[int, int] = field(default_factory=dict)  # items added per bucket
 
-    def _slide(self, current: int) -> None:
+    def _slide(self, current: int) -> HyperLogLog:
         start = current - self.window.buckets + 1
         if self._union is not None and start == self._window_start:
-            return
+            return self._union
         for old in [b for b in self._hlls if b < start]:
             del self._hlls[old]
         for old in [b for b in self._counts if b < start]:
             del self._counts[old]
-        union = np.zeros(REGISTERS, dtype=np.uint8)
-        for hll in self._hlls.values():
-            np.maximum(union, hll.registers(), out=union)
-        self._union = union
-        self._histogram = np.bincount(union, minlength=_Q + 2)
+        union = self._union = HyperLogLog.union(list(self._hlls.values()))
+        self._histogram = union.histogram()
+        self._estimate = None
         self._window_start = start
+        return union
 
     def add(self, now: float, registers: list[tuple[int, int]]) -> None:
         """Count one request's items (given as :func:`register_of` pairs) at ``now``."""
         current = self.window.bucket_of(now)
-        self._slide(current)
+        union = self._slide(current)
         hll = self._hlls.get(current)
         if hll is None:
             hll = self._hlls[current] = HyperLogLog()
         self._counts[current] = self._counts.get(current, 0) + len(registers)
-        union, histogram = self._union, self._histogram
-        assert union is not None and histogram is not None
+        histogram = self._histogram
         for index, value in registers:
-            if hll.add(index, value) and value > union[index]:
-                histogram[union[index]] -= 1
-                histogram[value] += 1
-                union[index] = value
+            if hll.add(index, value):
+                old = union.get(index)
+                if value > old:
+                    union.add(index, value)
+                    histogram[old] -= 1
+                    histogram[value] += 1
+                    self._estimate = None
 
     def distinct(self, now: float) -> int:
         """Estimated distinct items in the window ending at ``now``."""
         self._slide(self.window.bucket_of(now))
-        assert self._histogram is not None
-        return estimate(self._histogram)
+        if self._estimate is None:
+            self._estimate = estimate(self._histogram)
+        return self._estimate
 
     def items(self, now: float) -> int:
         """Items added in the window ending at ``now`` (repeats included)."""
