@@ -61,10 +61,10 @@ class GenerationHandler:
         self.audit = audit
         self.endpoint = endpoint
         self.admitter = admitter
-        # The stages after authentication and body parsing, in order: what the request may
-        # ask for is settled before it is scored, and one plan is made before anything acts.
+        # The stages after authentication, body parsing and validation, in order: what the
+        # request may ask for is settled before it is scored, and one plan is made before
+        # anything acts.
         self.stages: tuple[Stage, ...] = (
-            validate_request,
             apply_tier_policy,
             scorer,
             planner,
@@ -108,6 +108,8 @@ class GenerationHandler:
         if self.audit.enabled:
             ctx.body_hash = hashlib.blake2b(raw, digest_size=16).hexdigest()
         ctx.body = parse_json_object(raw)
+        await validate_request(ctx)
+        ctx.max_model_len = request.app[UPSTREAMS].max_model_len(ctx.model)
         for stage in self.stages:
             await stage(ctx)
         assert ctx.plan is not None

@@ -27,6 +27,7 @@ class RequestContext:
     client: Client | None = None
     body: dict[str, Any] = field(default_factory=dict)
     model: str = ""
+    max_model_len: int | None = None  # the model's context length, when its upstream said
     stream: bool = False
     client_wants_usage: bool = False
     response_headers: dict[str, str] = field(default_factory=dict)

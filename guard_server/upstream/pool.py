@@ -26,6 +26,8 @@ class Endpoint:
     url: str
     healthy: bool = True
     failed_probes: int = 0
+    max_model_len: int | None = None  # the context length vLLM reports in /v1/models
+    models_read: bool = False  # /v1/models was read (it may not report a context length)
 
 
 _KEEPALIVE_S = 4.0
@@ -50,7 +52,7 @@ class ModelUpstream:
             self._set_health(endpoint, True)
 
     async def start(self) -> None:
-        """Open the connection pool and start health checks."""
+        """Open the connection pool, probe every endpoint once, then keep probing."""
         timeouts = self.settings.timeouts
         self._session = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(
@@ -65,6 +67,8 @@ class ModelUpstream:
             auto_decompress=False,
             skip_auto_headers=("User-Agent",),
         )
+        # The first probe before serving: requests then know each model's context length.
+        await self._probe_all()
         self._health_task = asyncio.create_task(self._check_health_forever())
 
     async def close(self) -> None:
@@ -79,6 +83,12 @@ class ModelUpstream:
     def ready(self) -> bool:
         """Whether at least one endpoint is healthy."""
         return any(endpoint.healthy for endpoint in self.endpoints)
+
+    @property
+    def max_model_len(self) -> int | None:
+        """The smallest context length the endpoints reported, or None if none did."""
+        known = [e.max_model_len for e in self.endpoints if e.max_model_len is not None]
+        return min(known) if known else None
 
     def _candidates(self) -> list[Endpoint]:
         """Healthy endpoints in round-robin order; all of them when none is healthy.
@@ -128,8 +138,11 @@ class ModelUpstream:
 
     async def _check_health_forever(self) -> None:
         while True:
-            await asyncio.gather(*(self._probe(endpoint) for endpoint in self.endpoints))
             await asyncio.sleep(self.settings.health_interval_s)
+            await self._probe_all()
+
+    async def _probe_all(self) -> None:
+        await asyncio.gather(*(self._probe(endpoint) for endpoint in self.endpoints))
 
     async def _probe(self, endpoint: Endpoint) -> None:
         assert self._session is not None
@@ -140,6 +153,8 @@ class ModelUpstream:
                 healthy = response.status == 200
         except (aiohttp.ClientError, TimeoutError):
             healthy = False
+        if healthy and not endpoint.models_read:
+            await self._read_models(endpoint)
         # One failed probe is not an outage (a saturated vLLM answers /health late):
         # only `unhealthy_after` failures in a row take the endpoint out.
         endpoint.failed_probes = 0 if healthy else endpoint.failed_probes + 1
@@ -148,6 +163,26 @@ class ModelUpstream:
         if healthy != endpoint.healthy:
             log.warning("upstream %s is now %s", endpoint.url, "healthy" if healthy else "down")
         self._set_health(endpoint, healthy)
+
+    async def _read_models(self, endpoint: Endpoint) -> None:
+        """Learn the served model's context length from vLLM's ``/v1/models``."""
+        assert self._session is not None
+        try:
+            async with self._session.get(
+                endpoint.url + "/v1/models", timeout=_HEALTH_TIMEOUT
+            ) as response:
+                if response.status != 200:
+                    return
+                listing = await response.json()
+        except (aiohttp.ClientError, TimeoutError, ValueError):
+            return
+        endpoint.models_read = True
+        models = listing.get("data") if isinstance(listing, dict) else None
+        for model in models if isinstance(models, list) else []:
+            if isinstance(model, dict) and model.get("id") == self.served_model:
+                length = model.get("max_model_len")
+                if isinstance(length, int) and length > 0:
+                    endpoint.max_model_len = length
 
     def _set_health(self, endpoint: Endpoint, healthy: bool) -> None:
         endpoint.healthy = healthy
@@ -188,3 +223,8 @@ class UpstreamPool:
     def ready(self) -> bool:
         """Whether every model has a healthy endpoint."""
         return all(upstream.ready for upstream in self.models.values())
+
+    def max_model_len(self, model: str) -> int | None:
+        """The context length of a public model's upstream, if its servers reported one."""
+        upstream = self.models.get(model)
+        return upstream.max_model_len if upstream is not None else None
