@@ -108,8 +108,10 @@ def build_app(
     holder: SettingsHolder,
     metrics: GuardMetrics,
     upstreams: dict[str, UpstreamSettings],
+    worker: int | None = None,
 ) -> web.Application:
-    """The guard as an aiohttp application, in front of ``upstreams`` (model → servers)."""
+    """The guard as an aiohttp application, in front of ``upstreams`` (model → servers);
+    ``worker`` is this process's index when several workers serve."""
     settings = holder.current
     app = web.Application(
         middlewares=[openai_errors],
@@ -160,7 +162,7 @@ def build_app(
     )
     scorer = RiskScorer(store, metrics)
     planner = Planner(metrics)
-    audit = AuditLog(settings.config.audit)
+    audit = AuditLog(settings.config.audit, worker)
     app.on_cleanup.append(lambda _: _close_audit(audit))
     for endpoint in Endpoint:
         handler = GenerationHandler(endpoint, holder, metrics, admitter, scorer, planner, audit)

@@ -194,6 +194,8 @@ def _hash_key(from_stdin: bool) -> int:
 
 
 def _print_banner(base_url: str, settings: Settings) -> None:
+    # stdout may carry the audit log's JSON lines: the banner then goes to stderr
+    out = sys.stderr if settings.config.audit.path == "-" else sys.stdout
     model = settings.model_names[0]
     question = "What is 12 + 7?"
     teacher = settings.config.bundled_teacher
@@ -221,5 +223,6 @@ or with curl:
       -H 'Content-Type: application/json' \\
       -d '{{"model": "{model}", "messages": [{{"role": "user", "content": "{question}"}}]}}'
 """,
+        file=out,
         flush=True,
     )

@@ -80,13 +80,15 @@ async def _run_worker(
     upstreams: dict[str, UpstreamSettings],
     sock: socket.socket,
     on_ready,  # type: ignore[no-untyped-def]
+    worker: int | None = None,
 ) -> None:
+    """One worker's event loop and app; ``worker`` is its index when there are several."""
     metrics = GuardMetrics()
     holder = SettingsHolder(
         settings,
         on_reload=lambda ok: metrics.config_reloads.labels("success" if ok else "failure").inc(),
     )
-    app = build_app(holder, metrics, upstreams)
+    app = build_app(holder, metrics, upstreams, worker=worker)
     runner = web.AppRunner(
         app,
         handler_cancellation=True,
@@ -144,20 +146,22 @@ def _supervise(
     reserve.bind((host, port))
     port = reserve.getsockname()[1]
 
-    def spawn() -> int:
+    def spawn(index: int) -> int:
         pid = os.fork()
         if pid == 0:
             code = 0
             try:
                 sock = _listen(host, port, reuse_port=True)
-                asyncio.run(_run_worker(settings, upstreams, sock, None))
+                asyncio.run(_run_worker(settings, upstreams, sock, None, worker=index))
             except BaseException:
                 log.exception("worker crashed")
                 code = 1
             os._exit(code)
         return pid
 
-    children = {spawn() for _ in range(workers)}
+    # pid -> worker index; a restarted worker takes over its predecessor's index (and so
+    # its audit file: still one writer per file).
+    children = {spawn(index): index for index in range(workers)}
     stopping = False
 
     def forward(signum: int, _frame: object) -> None:
@@ -179,13 +183,13 @@ def _supervise(
             break
         if pid not in children:
             continue
-        children.discard(pid)
+        index = children.pop(pid)
         if multiprocess_dir():
             multiprocess.mark_process_dead(pid)
         if not stopping:
             log.error("worker %d exited (status %d); starting another", pid, status)
             time.sleep(1)
-            children.add(spawn())
+            children[spawn(index)] = index
     reserve.close()
 
 

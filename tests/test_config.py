@@ -13,6 +13,7 @@ import pytest
 import yaml
 
 from guard_server.config.loader import ConfigError, load_settings
+from guard_server.pipeline.audit import worker_audit_path
 from guard_server.pipeline.auth import hash_key
 from tests.processes import DEMO_KEY, POLICIES, GuardProcess, metric_value, write_config
 
@@ -32,6 +33,30 @@ def test_the_shipped_config_is_valid() -> None:
     settings = load_settings(POLICIES / "guard.yaml")
     assert set(settings.tiers) == {"default", "trusted"}
     assert settings.model_names == ["teacher"]
+
+
+def test_relative_paths_are_resolved_against_the_config_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    folder = tmp_path / "etc"
+    folder.mkdir()
+    (folder / "secret.txt").write_text("s" * 40)
+    (folder / "policy.yaml").write_text(yaml.safe_dump(_tier()))
+    config = {
+        "policies": ["policy.yaml"],
+        "secret": {"file": "secret.txt"},
+        "audit": {"path": "logs/audit.jsonl"},
+    }
+    (folder / "guard.yaml").write_text(yaml.safe_dump(config))
+    monkeypatch.chdir(tmp_path)  # not the config's folder
+    settings = load_settings("etc/guard.yaml")
+    assert settings.config.audit.path == str(folder / "logs" / "audit.jsonl")
+    assert settings.secret == b"s" * 40
+    assert worker_audit_path(settings.config.audit.path, 1) == str(
+        folder / "logs" / "audit.w1.jsonl"
+    )
+    (folder / "guard.yaml").write_text(yaml.safe_dump({**config, "audit": {"path": "-"}}))
+    assert load_settings("etc/guard.yaml").config.audit.path == "-"  # stdout
 
 
 def test_bad_field_error_names_file_path_and_value(tmp_path: Path) -> None:

@@ -185,6 +185,16 @@ def _load_secret(config: GuardConfig, base: Path) -> tuple[bytes, bool]:
     return secret, False
 
 
+def _resolve_paths(config: GuardConfig, base: Path) -> GuardConfig:
+    """The config with its relative file paths made absolute against the config's folder
+    (policy and secret files are resolved where they are read)."""
+    audit = config.audit
+    if audit.path and audit.path != "-" and not os.path.isabs(audit.path):
+        audit = audit.model_copy(update={"path": os.path.abspath(base / audit.path)})
+        return config.model_copy(update={"audit": audit})
+    return config
+
+
 def load_settings(path: str | os.PathLike[str]) -> Settings:
     """Read, validate and resolve the config at ``path`` and every policy file it names."""
     # Absolute but not resolved: a symlink swap (Kubernetes ConfigMaps) must be seen.
@@ -192,6 +202,7 @@ def load_settings(path: str | os.PathLike[str]) -> Settings:
     data, raw = _read_yaml(config_path)
     config = _validate(GuardConfig, data, config_path)
     base = config_path.parent
+    config = _resolve_paths(config, base)
     digest = hashlib.sha256(raw)
     files = [config_path]
     tiers: dict[str, Tier] = {}

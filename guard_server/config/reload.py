@@ -11,7 +11,7 @@ from guard_server.config.loader import ConfigError, Settings, files_digest, load
 
 log = logging.getLogger(__name__)
 
-_RESTART_ONLY = ("server", "upstreams", "state", "bundled_teacher", "secret")
+_RESTART_ONLY = ("server", "upstreams", "state", "bundled_teacher", "secret", "audit")
 
 
 class SettingsHolder:

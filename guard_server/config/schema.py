@@ -132,6 +132,8 @@ class AdminSettings(_Strict):
 class AuditSettings(_Strict):
     """The JSON-lines audit log of decisions."""
 
+    # A file (relative to the config file; one per worker with several workers), or "-":
+    # standard output.
     path: str | None = None
     max_bytes: Annotated[int, Field(ge=4096)] = 50_000_000
     backups: Annotated[int, Field(ge=0)] = 5
