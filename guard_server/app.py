@@ -6,7 +6,7 @@ import asyncio
 import logging
 import signal
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -16,10 +16,12 @@ from guard_server.appkeys import DRAINING, METRICS, SETTINGS, STATE, UPSTREAMS
 from guard_server.config.loader import Settings
 from guard_server.config.reload import SettingsHolder
 from guard_server.config.schema import StateSettings, Timeouts, UpstreamSettings
+from guard_server.correlation import correlation_middleware
 from guard_server.errors import GuardError
 from guard_server.generation import GenerationHandler
 from guard_server.metrics import GuardMetrics
 from guard_server.openai_fields import Endpoint
+from guard_server.otel import Tracing
 from guard_server.pipeline.admit import Admitter
 from guard_server.pipeline.audit import AuditLog
 from guard_server.pipeline.auth import authenticate
@@ -109,29 +111,43 @@ def build_app(
     metrics: GuardMetrics,
     upstreams: dict[str, UpstreamSettings],
     worker: int | None = None,
+    api_keys: Mapping[str, str] | None = None,
 ) -> web.Application:
-    """The guard as an aiohttp application, in front of ``upstreams`` (model → servers);
-    ``worker`` is this process's index when several workers serve."""
+    """The guard as an aiohttp application, in front of ``upstreams`` (model → servers).
+
+    ``worker`` is this process's index when several workers serve; ``api_keys`` (model →
+    key) default to the configured ``upstreams.<model>.api_key`` values.
+    """
     settings = holder.current
+    tracing = Tracing(settings.config.tracing) if settings.config.tracing.otel else None
+    # with tracing, the server span's middleware comes first (Tracing adds it)
+    middlewares = [
+        correlation_middleware(tracing.current_trace_id if tracing else None),
+        openai_errors,
+    ]
     app = web.Application(
-        middlewares=[openai_errors],
+        middlewares=middlewares,
         client_max_size=settings.config.server.max_body_bytes,
     )
     app[SETTINGS] = holder
     app[METRICS] = metrics
-    store = _state_store(settings.config.state)
+    store = _state_store(settings.config.state, settings.redis_password)
     app[STATE] = store
     app[DRAINING] = asyncio.Event()
     metrics.state_up.set(1)
 
     async def upstreams_ctx(app: web.Application) -> AsyncIterator[None]:
-        pool = UpstreamPool(upstreams, metrics)
+        trace_configs = [tracing.client_trace_config()] if tracing else []
+        keys = settings.upstream_api_keys if api_keys is None else api_keys
+        pool = UpstreamPool(upstreams, metrics, keys, trace_configs)
         await pool.start()
         app[UPSTREAMS] = pool
         try:
             yield
         finally:
             await pool.close()
+            if tracing is not None:
+                await asyncio.to_thread(tracing.shutdown)  # exports the last spans
 
     async def reload_ctx(app: web.Application) -> AsyncIterator[None]:
         loop = asyncio.get_running_loop()
@@ -179,9 +195,11 @@ async def _close_audit(audit: AuditLog) -> None:
     audit.close()
 
 
-def _state_store(state: StateSettings) -> StateStore:
+def _state_store(state: StateSettings, password: str | None) -> StateStore:
     if state.backend == "redis":
-        return RedisStore(state.redis_url, prefix=state.key_prefix, timeout_s=state.timeout_s)
+        return RedisStore(
+            state.redis_url, prefix=state.key_prefix, timeout_s=state.timeout_s, password=password
+        )
     return MemoryStore()
 
 

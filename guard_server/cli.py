@@ -14,6 +14,7 @@ import tempfile
 from pathlib import Path
 
 from guard_server.config.loader import ConfigError, Settings, load_settings
+from guard_server.logs import configure_logging
 from guard_server.pipeline.auth import hash_key
 from guard_server.upstream.bundled_teacher import MODELS
 from guard_server.upstream.smollm2 import ModelUnavailable
@@ -38,7 +39,10 @@ def _parser() -> argparse.ArgumentParser:
         help="the managed model to serve when no upstream is configured "
         "(overrides bundled_teacher.model; smollm2 needs scripts/install-smollm2.sh)",
     )
-    serve.add_argument("--log-level", default="INFO")
+    serve.add_argument("--log-level", help="overrides logging.level (default INFO)")
+    serve.add_argument(
+        "--log-format", choices=["text", "json"], help="overrides logging.format (default text)"
+    )
     check = commands.add_parser("check-config", help="validate a config and its policy files")
     check.add_argument("file", type=Path)
     trace = commands.add_parser(
@@ -66,14 +70,13 @@ def main(argv: list[str] | None = None) -> int:
         return _hash_key(args.stdin)
     if args.command == "trace":
         return _trace(args)
-    logging.basicConfig(
-        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
     try:
         settings = load_settings(args.config)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    logs = settings.config.logging
+    configure_logging(args.log_level or logs.level, args.log_format or logs.format)
     if args.workers is not None:
         server = settings.config.server.model_copy(update={"workers": args.workers})
         config = settings.config.model_copy(update={"server": server})

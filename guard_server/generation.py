@@ -15,6 +15,7 @@ from aiohttp import web
 
 from guard_server.appkeys import UPSTREAMS
 from guard_server.config.reload import SettingsHolder
+from guard_server.correlation import CURRENT, REQUEST_ID_HEADER, correlate
 from guard_server.errors import GuardError, bad_request, upstream_error
 from guard_server.metrics import GuardMetrics
 from guard_server.openai_fields import Endpoint
@@ -80,6 +81,7 @@ class GenerationHandler:
             settings=self.holder.current,
             headers=request.headers,
             started=time.perf_counter(),
+            correlation=CURRENT.get() or correlate(request.headers),
         )
         self.metrics.in_flight.inc()
         try:
@@ -115,7 +117,12 @@ class GenerationHandler:
         assert ctx.plan is not None
         upstream = request.app[UPSTREAMS].get(ctx.plan.upstream_model or ctx.model)
         payload = rewrite_for_upstream(ctx, upstream.served_model, upstream.settings.guard_plugin)
-        headers = {**ctx.response_headers, **self._policy_headers(ctx)}
+        assert ctx.correlation is not None
+        headers = {
+            **ctx.response_headers,
+            **self._policy_headers(ctx),
+            REQUEST_ID_HEADER: ctx.correlation.request_id,
+        }
         if ctx.stream:
             return await self._relay_stream(request, ctx, upstream, payload, headers)
         return await self._relay_whole(ctx, upstream, payload, headers)
@@ -130,7 +137,7 @@ class GenerationHandler:
         self, ctx: RequestContext, upstream: ModelUpstream, payload: bytes, headers: dict[str, str]
     ) -> web.Response:
         started = time.perf_counter()
-        response = await upstream.post(self.path, payload)
+        response = await upstream.post(self.path, payload, _upstream_headers(ctx))
         try:
             if response.status != 200:
                 raise await _mapped_error(response, self.metrics)
@@ -155,7 +162,7 @@ class GenerationHandler:
         headers: dict[str, str],
     ) -> web.StreamResponse:
         started = time.perf_counter()
-        response = await upstream.post(self.path, payload)
+        response = await upstream.post(self.path, payload, _upstream_headers(ctx))
         ctx.upstream_seconds += time.perf_counter() - started
         try:
             if response.status != 200:
@@ -207,6 +214,11 @@ class GenerationHandler:
             await out.write(b"data: " + orjson.dumps(chunk) + b"\n\n")
 
 
+def _upstream_headers(ctx: RequestContext) -> dict[str, str]:
+    assert ctx.correlation is not None
+    return ctx.correlation.upstream_headers()
+
+
 async def _read_body(request: web.Request, ctx: RequestContext) -> bytes:
     limit = ctx.settings.config.server.max_body_bytes
     if request.content_length is not None and request.content_length > limit:
@@ -240,6 +252,17 @@ async def _mapped_error(response: aiohttp.ClientResponse, metrics: GuardMetrics)
             message = error
     except (orjson.JSONDecodeError, AttributeError):
         pass
+    if status in (401, 403):
+        # vLLM's --api-key refused the guard's own key: the operator's problem, not the client's
+        metrics.upstream_errors.labels("auth").inc()
+        log.error(
+            "upstream refused the guard's API key (HTTP %d); check upstreams.*.api_key", status
+        )
+        return upstream_error(
+            502,
+            f"The model server refused the guard's credentials (HTTP {status}).",
+            "upstream_auth_failed",
+        )
     if 400 <= status < 500:
         return GuardError(
             status,

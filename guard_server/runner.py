@@ -12,6 +12,7 @@ import contextlib
 import gc
 import logging
 import os
+import secrets
 import signal
 import socket
 import time
@@ -24,7 +25,9 @@ from guard_server.appkeys import DRAINING
 from guard_server.config.loader import ConfigError, Settings
 from guard_server.config.reload import SettingsHolder
 from guard_server.config.schema import UpstreamSettings
+from guard_server.logs import ACCESS_LOGGER, AccessLogger
 from guard_server.metrics import GuardMetrics, multiprocess_dir
+from guard_server.otel import otlp_traces_endpoint
 from guard_server.upstream.bundled_teacher import start_bundled_teacher, teacher_upstream
 
 log = logging.getLogger("guard_server")
@@ -47,17 +50,24 @@ def serve(settings: Settings, host: str, port: int, on_ready) -> None:  # type: 
     if settings.secret_is_ephemeral:
         log.warning("no server secret configured: using a random one for this process only")
     upstreams = dict(config.upstreams)
+    api_keys = dict(settings.upstream_api_keys)
     teacher = None
     if not upstreams:
-        teacher = start_bundled_teacher(config.bundled_teacher)
-        upstreams = {
-            config.bundled_teacher.public_name: teacher_upstream(config.bundled_teacher, teacher)
-        }
+        # A random key, held only by the guard (and vLLM): the managed vLLM listens on
+        # loopback, and any local process could otherwise call it directly.
+        key = secrets.token_urlsafe(32)
+        tracing = config.tracing
+        teacher = start_bundled_teacher(
+            config.bundled_teacher, key, otlp_traces_endpoint(tracing) if tracing.otel else None
+        )
+        name = config.bundled_teacher.public_name
+        upstreams = {name: teacher_upstream(config.bundled_teacher, teacher)}
+        api_keys[name] = key
     try:
         if workers == 1:
-            asyncio.run(_run_worker(settings, upstreams, _listen(host, port), on_ready))
+            asyncio.run(_run_worker(settings, upstreams, api_keys, _listen(host, port), on_ready))
         else:
-            _supervise(settings, upstreams, host, port, workers, on_ready)
+            _supervise(settings, upstreams, api_keys, host, port, workers, on_ready)
     finally:
         if teacher is not None:
             teacher.stop()
@@ -78,6 +88,7 @@ def _listen(host: str, port: int, reuse_port: bool = False) -> socket.socket:
 async def _run_worker(
     settings: Settings,
     upstreams: dict[str, UpstreamSettings],
+    api_keys: dict[str, str],
     sock: socket.socket,
     on_ready,  # type: ignore[no-untyped-def]
     worker: int | None = None,
@@ -88,11 +99,13 @@ async def _run_worker(
         settings,
         on_reload=lambda ok: metrics.config_reloads.labels("success" if ok else "failure").inc(),
     )
-    app = build_app(holder, metrics, upstreams, worker=worker)
+    app = build_app(holder, metrics, upstreams, worker=worker, api_keys=api_keys)
+    access_log = settings.config.logging.access_log
     runner = web.AppRunner(
         app,
         handler_cancellation=True,
-        access_log=None,
+        access_log=logging.getLogger(ACCESS_LOGGER) if access_log else None,
+        access_log_class=AccessLogger,
         shutdown_timeout=settings.config.server.drain_timeout_s,
     )
     # Handlers first: a SIGTERM that arrives as soon as the port answers must drain, not kill.
@@ -132,6 +145,7 @@ def _tune_gc() -> None:
 def _supervise(
     settings: Settings,
     upstreams: dict[str, UpstreamSettings],
+    api_keys: dict[str, str],
     host: str,
     port: int,
     workers: int,
@@ -152,7 +166,7 @@ def _supervise(
             code = 0
             try:
                 sock = _listen(host, port, reuse_port=True)
-                asyncio.run(_run_worker(settings, upstreams, sock, None, worker=index))
+                asyncio.run(_run_worker(settings, upstreams, api_keys, sock, None, worker=index))
             except BaseException:
                 log.exception("worker crashed")
                 code = 1

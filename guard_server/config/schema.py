@@ -5,13 +5,17 @@ from __future__ import annotations
 import re
 from functools import cached_property
 from typing import Annotated, Literal
+from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
 from guard_server.detection.scoring import DISTINCT_RAMP
 from guard_server.openai_fields import BOUNDABLE, expand_field_selectors
 
 _KEY_HASH = re.compile(r"^sha256:[0-9a-f]{64}$")
+SECRET_IN_CONFIG = "secret_in_config"
+"""The error type of a value that holds a secret: error messages never repeat it."""
 
 
 class _Strict(BaseModel):
@@ -30,6 +34,20 @@ class ServerSettings(_Strict):
     workers: Annotated[int, Field(ge=1, le=64)] = 1
 
 
+class SecretSource(_Strict):
+    """Where a secret comes from: an environment variable or a file (relative to the config
+    file). The value itself never goes into the YAML."""
+
+    env: str | None = None
+    file: str | None = None
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> SecretSource:
+        if (self.env is None) == (self.file is None):
+            raise ValueError("set exactly one of `env` or `file`")
+        return self
+
+
 class Timeouts(_Strict):
     """Upstream timeouts in seconds."""
 
@@ -45,6 +63,8 @@ class UpstreamSettings(_Strict):
     served_model: str | None = None
     # Whether these servers run guard_server.vllm_plugin (then `vllm_xargs` is sent).
     guard_plugin: bool = False
+    # Sent as `Authorization: Bearer` to servers started with `--api-key` (or VLLM_API_KEY).
+    api_key: SecretSource | None = None
     timeouts: Timeouts = Timeouts()
     max_connections: Annotated[int, Field(ge=1)] = 256
     health_interval_s: Annotated[float, Field(gt=0)] = 5.0
@@ -61,27 +81,31 @@ class UpstreamSettings(_Strict):
         return [url.rstrip("/") for url in urls]
 
 
-class SecretSource(_Strict):
-    """Where the server secret comes from: an environment variable or a file."""
-
-    env: str | None = None
-    file: str | None = None
-
-    @model_validator(mode="after")
-    def _exactly_one(self) -> SecretSource:
-        if (self.env is None) == (self.file is None):
-            raise ValueError("set exactly one of `env` or `file`")
-        return self
-
-
 class StateSettings(_Strict):
     """Where shared state (limits, risk scores) lives."""
 
     backend: Literal["memory", "redis"] = "memory"
     redis_url: str = "redis://127.0.0.1:6379/0"
+    redis_password: SecretSource | None = None  # Redis' `requirepass` (or the ACL user's)
     key_prefix: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.:-]+$")] = "guard"
     timeout_s: Annotated[float, Field(gt=0, le=5)] = 0.25
     on_failure: Literal["open", "closed"] = "open"
+
+    @field_validator("redis_url")
+    @classmethod
+    def _no_password_in_url(cls, url: str) -> str:
+        try:
+            password = urlsplit(url).password
+        except ValueError:
+            raise ValueError("not a valid URL") from None
+        if password:
+            # its own error type: the loader does not echo the value (it holds the password)
+            raise PydanticCustomError(
+                SECRET_IN_CONFIG,
+                "the URL holds a password: put it in `redis_password` ({env: ...} or "
+                "{file: ...}) so that the config holds no secret",
+            )
+        return url
 
 
 class RateLimits(_Strict):
@@ -141,6 +165,30 @@ class AuditSettings(_Strict):
     only_flagged: bool = False
 
 
+class LoggingSettings(_Strict):
+    """The guard's own logs (stderr); ``serve --log-format/--log-level`` override."""
+
+    format: Literal["text", "json"] = "text"
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"
+    access_log: bool = False  # one line per HTTP request, with its request id
+
+    @field_validator("level", mode="before")
+    @classmethod
+    def _upper(cls, value: object) -> object:
+        return value.upper() if isinstance(value, str) else value
+
+
+class TracingSettings(_Strict):
+    """OpenTelemetry spans for each ``/v1`` request and its upstream call (the ``otel``
+    extra: ``pip install 'guard-server[otel]'``), exported over OTLP/HTTP."""
+
+    otel: bool = False
+    service_name: str = "guard-server"
+    # OTLP/HTTP traces URL; unset: OTEL_EXPORTER_OTLP_TRACES_ENDPOINT, else
+    # OTEL_EXPORTER_OTLP_ENDPOINT + /v1/traces, else http://localhost:4318/v1/traces
+    otlp_endpoint: str | None = None
+
+
 class GuardConfig(_Strict):
     """The top-level guard configuration file."""
 
@@ -152,6 +200,8 @@ class GuardConfig(_Strict):
     bundled_teacher: BundledTeacherSettings = BundledTeacherSettings()
     admin: AdminSettings = AdminSettings()
     audit: AuditSettings = AuditSettings()
+    logging: LoggingSettings = LoggingSettings()
+    tracing: TracingSettings = TracingSettings()
     policies: list[str] = []
 
 

@@ -87,8 +87,11 @@ class AuditLog:
         if self.settings.only_flagged and (plan is None or plan.assessed == "pass"):
             return
         assessment = ctx.assessment
+        correlation = ctx.correlation
         record = {
             "ts": round(time.time(), 3),
+            "request_id": correlation.request_id if correlation else None,
+            "trace_id": correlation.trace_id if correlation else None,
             "client": ctx.client.id,
             "tier": ctx.client.tier.name,
             "endpoint": ctx.endpoint.value,

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any
 from multidict import CIMultiDictProxy
 
 from guard_server.config.loader import Client, Settings
+from guard_server.correlation import Correlation
 from guard_server.detection.scoring import Assessment
 from guard_server.openai_fields import Endpoint
 from guard_server.state.base import Admission
@@ -24,6 +25,7 @@ class RequestContext:
     settings: Settings
     headers: CIMultiDictProxy[str]
     started: float
+    correlation: Correlation | None = None  # the request id and trace context
     client: Client | None = None
     body: dict[str, Any] = field(default_factory=dict)
     model: str = ""

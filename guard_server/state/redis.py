@@ -27,9 +27,16 @@ def _script(name: str) -> str:
 class RedisStore(StateStore):
     """Limits shared by every guard replica that points at the same Redis."""
 
-    def __init__(self, url: str, prefix: str = "guard", timeout_s: float = 0.25) -> None:
+    def __init__(
+        self,
+        url: str,
+        prefix: str = "guard",
+        timeout_s: float = 0.25,
+        password: str | None = None,
+    ) -> None:
         self._redis = aioredis.Redis.from_url(
             url,
+            password=password,
             socket_timeout=timeout_s,
             socket_connect_timeout=timeout_s,
             health_check_interval=0,
