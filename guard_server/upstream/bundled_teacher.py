@@ -98,6 +98,7 @@ def managed_vllm(
         extra_args=extra_args,
         log_path=log_path,
         env=env,
+        log_stats=otlp_traces_endpoint is not None,  # vLLM traces requests only with stats
     )
 
 
