@@ -137,10 +137,12 @@ def metric_value(text: str, name: str, **labels: str) -> float:
 
 
 class RedisProcess:
-    """A real ``redis-server`` on loopback, without persistence."""
+    """A real ``redis-server`` on loopback, without persistence (with ``password``: it
+    requires AUTH)."""
 
-    def __init__(self) -> None:
+    def __init__(self, password: str | None = None) -> None:
         self.port = free_port()
+        self.password = password
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -148,19 +150,21 @@ class RedisProcess:
         return f"redis://127.0.0.1:{self.port}/0"
 
     def start(self) -> RedisProcess:
+        auth = ["--requirepass", self.password] if self.password else []
         self.process = subprocess.Popen(
             ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "no"],
+             "--appendonly", "no", *auth],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )  # fmt: skip
         deadline = time.monotonic() + 10
         import socket
 
+        hello = f"AUTH {self.password}\r\n".encode() if self.password else b""
         while time.monotonic() < deadline:
             try:
                 with socket.create_connection(("127.0.0.1", self.port), timeout=0.2) as sock:
-                    sock.sendall(b"PING\r\n")
-                    if sock.recv(16).startswith(b"+PONG"):
+                    sock.sendall(hello + b"PING\r\n")
+                    if sock.recv(32).endswith(b"+PONG\r\n"):
                         return self
             except OSError:
                 time.sleep(0.05)
