@@ -39,7 +39,12 @@ def _parser() -> argparse.ArgumentParser:
         help="the managed model to serve when no upstream is configured "
         "(overrides bundled_teacher.model; smollm2 needs scripts/install-smollm2.sh)",
     )
-    serve.add_argument("--log-level", help="overrides logging.level (default INFO)")
+    serve.add_argument(
+        "--log-level",
+        type=str.upper,
+        choices=["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"],
+        help="overrides logging.level (default INFO)",
+    )
     serve.add_argument(
         "--log-format", choices=["text", "json"], help="overrides logging.format (default text)"
     )

@@ -183,8 +183,8 @@ class ModelUpstream:
                 healthy = response.status == 200
         except (aiohttp.ClientError, TimeoutError):
             healthy = False
-        if healthy and not endpoint.models_checked:
-            await self._read_models(endpoint)
+        if healthy and not (endpoint.models_checked and endpoint.healthy):
+            await self._read_models(endpoint)  # once, and again when it comes back (restarted)
         # One failed probe is not an outage (a saturated vLLM answers /health late):
         # only `unhealthy_after` failures in a row take the endpoint out.
         endpoint.failed_probes = 0 if healthy else endpoint.failed_probes + 1
