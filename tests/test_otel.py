@@ -12,8 +12,8 @@ import yaml
 
 import guard_server.otel as otel
 from guard_server.config.loader import ConfigError, load_settings
+from guard_server.testing import DEMO_KEY, GuardProcess, write_test_config
 from tests.otlp import CLIENT, SERVER, OtlpReceiver
-from tests.processes import DEMO_KEY, GuardProcess, write_config
 
 TRACE_ID = "0af7651916cd43dd8448eb211c80319c"
 CALLER_SPAN = "b7ad6b7169203331"
@@ -25,7 +25,7 @@ def test_spans_of_the_guard_and_its_upstream_call_join_the_callers_trace(
 ) -> None:
     monkeypatch.setenv("OTEL_BSP_SCHEDULE_DELAY", "100")  # export within 0.1 s, not 5 s
     with OtlpReceiver() as receiver:
-        config = write_config(
+        config = write_test_config(
             tmp_path,
             [vllm_url],
             tracing={"otel": True, "service_name": "guard-test", "otlp_endpoint": receiver.url},

@@ -13,7 +13,7 @@ import pytest
 
 from guard_server.correlation import correlate, trace_id_of
 from guard_server.teacher.task import make_problems
-from tests.processes import DEMO_KEY, GuardProcess, write_config
+from guard_server.testing import DEMO_KEY, GuardProcess, write_test_config
 
 PROBLEM = make_problems(1, seed=5, split="heldout")[0]
 CHAT = [{"role": "user", "content": PROBLEM.question}]
@@ -75,7 +75,7 @@ def test_streams_and_errors_carry_the_request_id(guard: GuardProcess) -> None:
 
 
 def test_logs_and_audit_name_the_request_and_its_trace(tmp_path: Path, vllm_url: str) -> None:
-    config = write_config(
+    config = write_test_config(
         tmp_path,
         [vllm_url],
         audit={"path": "audit.jsonl"},

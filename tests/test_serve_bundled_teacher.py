@@ -5,8 +5,6 @@ from __future__ import annotations
 import os
 import re
 import signal
-import subprocess
-import sys
 import time
 import urllib.error
 import urllib.request
@@ -18,39 +16,29 @@ import pytest
 import yaml
 
 from guard_server.teacher.task import check, make_problems
-from guard_server.upstream.vllm_process import free_port
+from guard_server.testing import DEMO_KEY, POLICIES, GuardProcess, free_port, write_test_config
 from tests.otlp import CLIENT, SERVER, OtlpReceiver
-from tests.processes import DEMO_KEY, POLICIES, REPO, GuardProcess, write_config
 
 TRACE_ID = "5b8aa5a2d2c872e8321cf37308d69df2"
 SECOND_TRACE_ID = "1c2d3e4f5a6b7c8d9e0f1a2b3c4d5e6f"
 CALLER_SPAN = "051581bf3cb55c13"
 
 
-def _start_serve(tmp_path: Path, **overrides: object) -> tuple[subprocess.Popen[str], int, str]:
+def _start_serve(tmp_path: Path, **overrides: object) -> tuple[GuardProcess, int, str]:
     vllm_port = free_port()
     config = yaml.safe_load((POLICIES / "guard.yaml").read_text())
     config["policies"] = [str(POLICIES / name) for name in config["policies"]]
     config["bundled_teacher"] = {"port": vllm_port}
+    config["metrics"] = {"port": free_port()}
     config.update(overrides)
     path = tmp_path / "guard.yaml"
     path.write_text(yaml.safe_dump(config))
-    port = free_port()
-    process = subprocess.Popen(
-        [sys.executable, "-m", "guard_server", "serve", "--config", str(path), "--port", str(port)],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
-    )  # fmt: skip
-    output = ""
-    deadline = time.monotonic() + 300
-    assert process.stdout is not None
-    while time.monotonic() < deadline:
-        line = process.stdout.readline()
-        if not line:
-            break
-        output += line
-        if "curl -s" in line:
-            break
+    process = GuardProcess(path, tmp_path / "guard.log").spawn()
+    try:
+        output = process.wait_log("curl -s", timeout_s=300)
+    except BaseException:
+        process.stop()
+        raise
     match = re.search(r"listening on (http://\S+/v1)", output)
     assert match, output
     return process, vllm_port, output
@@ -114,8 +102,7 @@ def test_serve_runs_the_teacher_prints_a_working_example_and_stops_it(
             process.wait(10)
             _wait_until_down(vllm_port)
         finally:
-            process.kill()
-            process.wait()
+            process.stop()
 
 
 def _check_one_trace_through_guard_and_vllm(receiver: OtlpReceiver, request_id: str) -> None:
@@ -146,7 +133,7 @@ def _check_the_managed_vllm_needs_the_guards_key(
     (tmp_path / "second").mkdir()
     (tmp_path / "second" / "wrong.key").write_text("sk-not-the-key\n")
     url = f"http://127.0.0.1:{vllm_port}"
-    config = write_config(
+    config = write_test_config(
         tmp_path / "second",
         [url],
         upstreams={
@@ -195,5 +182,4 @@ def test_sigterm_stops_guard_and_vllm(tmp_path: Path) -> None:
         assert process.wait(60) == 0
         _wait_until_down(vllm_port, timeout_s=10)
     finally:
-        process.kill()
-        process.wait()
+        process.stop()

@@ -3,10 +3,7 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -14,8 +11,14 @@ import httpx
 import yaml
 
 from guard_server.pipeline.auth import hash_key
-from guard_server.upstream.vllm_process import free_port
-from tests.processes import POLICIES, REPO, RedisProcess, metric_value, write_config
+from guard_server.testing import (
+    POLICIES,
+    REPO,
+    GuardProcess,
+    RedisProcess,
+    metric_value,
+    write_test_config,
+)
 
 KEY = "sk-test-workers"
 
@@ -33,13 +36,12 @@ def test_two_workers_share_limits_and_metrics(
     # a relative audit path (resolved against the config's folder, not the working
     # directory), rotated early so that both workers rotate while the test runs
     audit = {"path": "audit.jsonl", "max_bytes": 4096, "backups": 50}
-    process, port = _serve_two_workers(tmp_path, vllm_url, redis_server, clients, audit)
+    process = _two_workers(tmp_path, vllm_url, redis_server, clients, audit)
     try:
         started = time.monotonic()
-        statuses = _send(port, 40)
+        statuses = _send(process.port, 40)
         refilled = (time.monotonic() - started) * limits["requests_per_minute"] / 60
-        with httpx.Client() as client:
-            text = client.get(f"http://127.0.0.1:{port}/metrics").text
+        text = process.metrics()
         # the burst of 20, and what refilled (one every 3 s) while the test ran
         assert 20 <= statuses.count(200) <= 20 + int(refilled) + 1
         assert statuses.count(429) == 40 - statuses.count(200)
@@ -47,8 +49,7 @@ def test_two_workers_share_limits_and_metrics(
         assert metric_value(text, "guard_requests_total", status="429") == statuses.count(429)
         assert metric_value(text, "guard_worker_up") == 2  # one series per worker pid
     finally:
-        process.send_signal(signal.SIGTERM)
-        assert process.wait(30) == 0
+        _stop(process)
     # One writer per file: each worker rotated its own; no line lost, none torn.
     assert not (tmp_path / "audit.jsonl").exists() and not (REPO / "audit.w0.jsonl").exists()
     files = sorted(tmp_path.glob("audit.w*.jsonl*"))
@@ -64,25 +65,24 @@ def test_two_workers_can_write_the_audit_log_to_stdout(
     clients.write_text(
         yaml.safe_dump({"clients": {"w": {"tier": "default", "keys": [hash_key(KEY)]}}})
     )
-    process, port = _serve_two_workers(
+    process = _two_workers(
         tmp_path, vllm_url, redis_server, clients, {"path": "-", "include_prompts": True}
     )
     try:
-        statuses = _send(port, 12, prompt="hi " * 40)
+        statuses = _send(process.port, 12, prompt="hi " * 40)
     finally:
-        process.send_signal(signal.SIGTERM)
-        assert process.wait(30) == 0
+        _stop(process)
     # stdout holds nothing but the audit records (the banner went to stderr)
     records = [json.loads(line) for line in (tmp_path / "stdout").read_text().splitlines()]
     assert [r["status"] for r in records] == statuses == [200] * 12
     assert all(r["prompt"] == "hi " * 40 for r in records)
 
 
-def _serve_two_workers(
+def _two_workers(
     tmp_path: Path, vllm_url: str, redis: RedisProcess, clients: Path, audit: dict
-) -> tuple[subprocess.Popen[bytes], int]:
+) -> GuardProcess:
     state = {"backend": "redis", "redis_url": redis.url, "key_prefix": f"w{time.time_ns()}"}
-    config = write_config(
+    config = write_test_config(
         tmp_path,
         [vllm_url],
         policies=[str(POLICIES / "default.yaml"), str(clients)],
@@ -90,23 +90,21 @@ def _serve_two_workers(
         secret={"env": "GUARD_TEST_SECRET"},
         audit=audit,
     )
-    port = free_port()
-    with open(tmp_path / "stdout", "wb") as stdout, open(tmp_path / "stderr", "wb") as stderr:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "guard_server", "serve", "--config", str(config),
-             "--port", str(port), "--workers", "2"],
-            stdout=stdout, stderr=stderr, cwd=REPO,
-            env={**os.environ, "GUARD_TEST_SECRET": "x" * 40, "PYTHONUNBUFFERED": "1"},
-        )  # fmt: skip
-    deadline = time.monotonic() + 60
-    while "listening on" not in _output(tmp_path):
-        assert process.poll() is None and time.monotonic() < deadline, _output(tmp_path)
-        time.sleep(0.1)
-    return process, port
+    return GuardProcess(
+        config,
+        tmp_path / "stdout",
+        stderr_path=tmp_path / "stderr",
+        workers=2,
+        env={"GUARD_TEST_SECRET": "x" * 40},
+    ).start()
 
 
-def _output(tmp_path: Path) -> str:
-    return (tmp_path / "stdout").read_text() + (tmp_path / "stderr").read_text()
+def _stop(process: GuardProcess) -> None:
+    process.send_signal(signal.SIGTERM)
+    try:
+        assert process.wait(30) == 0
+    finally:
+        process.stop()
 
 
 def _send(port: int, count: int, prompt: str = "hi") -> list[int]:

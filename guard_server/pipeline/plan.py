@@ -1,9 +1,10 @@
 """Plan: turn the client's risk into one immutable decision for the request.
 
 The plan holds everything the later stages act on: the action, the limits admission
-applies, the logprob cap and hardening, the sampling controls sent to the plugin and the
-decoy. Admission, the upstream rewrite, the response transform, the audit log and the
-metrics read only the plan, so all of them agree on what was done and why.
+applies (and the client's own, which its headers show), the logprob cap and hardening, the
+sampling controls sent to the plugin and the decoy. Admission, the upstream rewrite, the
+response transform, the audit log and the metrics read only the plan, so all of them agree
+on what was done and why.
 
 In ``shadow`` detection mode the plan records the action the score calls for
 (``assessed``) and serves the request as ``pass``.
@@ -19,7 +20,7 @@ from guard_server.defences.logprobs import LogprobHardening
 from guard_server.detection.scoring import ACTIONS, Assessment
 from guard_server.metrics import GuardMetrics
 from guard_server.pipeline.context import RequestContext
-from guard_server.pipeline.decoy import DecoyPlan, plan_decoy
+from guard_server.pipeline.decoy import DecoyPlan, decoy_prompts, plan_decoy
 from guard_server.pipeline.sampling import SamplingPlan
 from guard_server.state.base import LimitSpec
 
@@ -36,8 +37,9 @@ class Plan:
     assessed: str  # what the risk score calls for (differs from `action` in shadow mode)
     mode: str  # enforce or shadow
     reason: str  # for operators: the score, its threshold and its largest signals
-    limits: LimitSpec
-    logprob_cap: int
+    limits: LimitSpec  # what admission applies (tightened from `tighten` on)
+    advertised: LimitSpec  # what x-ratelimit-limit-* shows: the client's configured limits
+    logprob_cap: int  # the tier's: a flagged client gets as many values back as any other
     hardening: LogprobHardening
     sampling: SamplingPlan
     decoy: DecoyPlan | None
@@ -48,8 +50,14 @@ class Plan:
         return self.decoy.model if self.decoy is not None else None
 
 
-def make_plan(secret: bytes, client: Client, assessment: Assessment | None) -> Plan:
-    """The plan for one request of ``client`` at its current ``assessment``."""
+def make_plan(
+    secret: bytes,
+    client: Client,
+    assessment: Assessment | None,
+    prompts: tuple[object, ...] = ((),),
+) -> Plan:
+    """The plan for one request of ``client`` at its current ``assessment``; ``prompts``
+    key the misinformation decoy's digit maps (see ``decoy.decoy_prompts``)."""
     tier = client.tier
     detection = tier.detection
     assessed = assessment.action if assessment is not None else "pass"
@@ -61,10 +69,15 @@ def make_plan(secret: bytes, client: Client, assessment: Assessment | None) -> P
     hardening = tier.hardening
     sigma = tier.sampling.noise.sigma
     if rank >= _RANK["perturb"]:
-        logprob_cap = min(logprob_cap, perturb.max_top)
-        hardening = replace(hardening, noise_scale=max(hardening.noise_scale, perturb.noise_scale))
+        # Same count back as any client of the tier (a smaller one would tell): only the
+        # first `max_top` keep their rank, the rest come back in a keyed order, all noisier.
+        hardening = replace(
+            hardening,
+            noise_scale=max(hardening.noise_scale, perturb.noise_scale),
+            ranked=perturb.max_top,
+        )
         sigma = max(sigma, perturb.sampling_sigma)
-    decoy = plan_decoy(secret, client) if action == "decoy" else None
+    decoy = plan_decoy(secret, client, prompts) if action == "decoy" else None
     if decoy is not None:
         sigma = max(sigma, decoy.sigma)
     return Plan(
@@ -73,6 +86,7 @@ def make_plan(secret: bytes, client: Client, assessment: Assessment | None) -> P
         mode=mode,
         reason=_reason(client, assessment),
         limits=client.limits if rank == 0 else _tightened(client.limits, detection.tighten_factor),
+        advertised=client.limits,
         logprob_cap=logprob_cap,
         hardening=hardening,
         sampling=SamplingPlan(
@@ -125,7 +139,8 @@ class Planner:
     async def __call__(self, ctx: RequestContext) -> None:
         assert ctx.client is not None
         assessment = ctx.assessment
-        ctx.plan = make_plan(ctx.settings.secret, ctx.client, assessment)
+        prompts = decoy_prompts(ctx.endpoint, ctx.body)
+        ctx.plan = make_plan(ctx.settings.secret, ctx.client, assessment, prompts)
         self._track(ctx.client.id, ctx.plan.assessed, ctx.plan.mode)
         if assessment and assessment.contributions.get("campaign", 0) >= _CAMPAIGN_SIGNAL:
             self._note_campaign(ctx.fingerprint)
