@@ -88,6 +88,7 @@ class AuditLog:
             return
         assessment = ctx.assessment
         correlation = ctx.correlation
+        canonical = ctx.canonical
         record = {
             "ts": round(time.time(), 3),
             "request_id": correlation.request_id if correlation else None,
@@ -97,6 +98,8 @@ class AuditLog:
             "endpoint": ctx.endpoint.value,
             "model": ctx.model,
             "status": ctx.status,
+            "prompts": canonical.prompts if canonical else None,  # the work: prompts x n
+            "n": canonical.n if canonical else None,
             "action": plan.action if plan else None,
             "assessed": plan.assessed if plan else None,
             "mode": plan.mode if plan else None,

@@ -20,7 +20,8 @@ from guard_server.defences.logprobs import LogprobHardening
 from guard_server.detection.scoring import ACTIONS, Assessment
 from guard_server.metrics import GuardMetrics
 from guard_server.pipeline.context import RequestContext
-from guard_server.pipeline.decoy import DecoyPlan, decoy_prompts, plan_decoy
+from guard_server.pipeline.decoy import DecoyPlan, plan_decoy
+from guard_server.pipeline.logprob_channel import constraint_of
 from guard_server.pipeline.sampling import SamplingPlan
 from guard_server.state.base import LimitSpec
 
@@ -54,10 +55,12 @@ def make_plan(
     secret: bytes,
     client: Client,
     assessment: Assessment | None,
-    prompts: tuple[object, ...] = ((),),
+    identities: tuple[bytes, ...] = (b"",),
+    constrained: bool = False,
 ) -> Plan:
-    """The plan for one request of ``client`` at its current ``assessment``; ``prompts``
-    key the misinformation decoy's digit maps (see ``decoy.decoy_prompts``)."""
+    """The plan for one request of ``client`` at its current ``assessment``. ``identities``
+    (the canonical identity of each prompt) key the misinformation decoy's digit maps; under
+    constrained decoding (``constrained``) no logprob value comes back exact."""
     tier = client.tier
     detection = tier.detection
     assessed = assessment.action if assessment is not None else "pass"
@@ -67,6 +70,8 @@ def make_plan(
     perturb = detection.perturb
     logprob_cap = tier.logprobs.max_top
     hardening = tier.hardening
+    if constrained and hardening.exact_above is not None:
+        hardening = replace(hardening, exact_above=None)
     sigma = tier.sampling.noise.sigma
     if rank >= _RANK["perturb"]:
         # Same count back as any client of the tier (a smaller one would tell): only the
@@ -77,7 +82,7 @@ def make_plan(
             ranked=perturb.max_top,
         )
         sigma = max(sigma, perturb.sampling_sigma)
-    decoy = plan_decoy(secret, client, prompts) if action == "decoy" else None
+    decoy = plan_decoy(secret, client, identities) if action == "decoy" else None
     if decoy is not None:
         sigma = max(sigma, decoy.sigma)
     return Plan(
@@ -139,8 +144,11 @@ class Planner:
     async def __call__(self, ctx: RequestContext) -> None:
         assert ctx.client is not None
         assessment = ctx.assessment
-        prompts = decoy_prompts(ctx.endpoint, ctx.body)
-        ctx.plan = make_plan(ctx.settings.secret, ctx.client, assessment, prompts)
+        assert ctx.canonical is not None
+        constrained = constraint_of(ctx.endpoint, ctx.body) is not None
+        ctx.plan = make_plan(
+            ctx.settings.secret, ctx.client, assessment, ctx.canonical.identities, constrained
+        )
         self._track(ctx.client.id, ctx.plan.assessed, ctx.plan.mode)
         if assessment and assessment.contributions.get("campaign", 0) >= _CAMPAIGN_SIGNAL:
             self._note_campaign(ctx.fingerprint)
