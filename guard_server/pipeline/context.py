@@ -36,6 +36,7 @@ class RequestContext:
     client_wants_usage: bool = False
     response_headers: dict[str, str] = field(default_factory=dict)
     admission: Admission | None = None
+    token_ceiling: int = 0  # the most tokens the request may use (admission's full estimate)
     policy_actions: list[tuple[str, str]] = field(default_factory=list)  # (action, field)
     status: int = 0
     upstream_seconds: float = 0.0
