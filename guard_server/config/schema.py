@@ -96,6 +96,8 @@ class MetricsSettings(_Strict):
     """Prometheus options."""
 
     client_label: bool = False
+    # guard_client_risk shows this many clients at most: the review board's top (0: none).
+    top_clients: Annotated[int, Field(ge=0, le=1000)] = 20
 
 
 class BundledTeacherSettings(_Strict):
