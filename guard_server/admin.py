@@ -6,13 +6,12 @@ Every change is written to the audit log as its own record (``{"event": "pin" | 
 
 from __future__ import annotations
 
-import base64
-import binascii
 import dataclasses
 import hashlib
 import hmac
 import logging
 import time
+from collections.abc import Mapping
 from datetime import datetime
 from typing import Any
 
@@ -24,9 +23,16 @@ from guard_server.config.loader import Client
 from guard_server.detection.profile import CampaignProfile, ClientProfile
 from guard_server.detection.scoring import ACTIONS, Assessment, assess
 from guard_server.errors import GuardError, bad_request, unauthorized
-from guard_server.pipeline.plan import assessed_for_score, planned_action
+from guard_server.pipeline.plan import planned_action
 from guard_server.state.base import StateUnavailable
-from guard_server.state.review import PIN_ACTIONS, Pin, board_score
+from guard_server.state.review import (
+    PIN_ACTIONS,
+    Pin,
+    ReviewState,
+    board_action,
+    board_range,
+    board_score,
+)
 
 log = logging.getLogger(__name__)
 
@@ -71,83 +77,84 @@ def _standing(client: Client, assessed: str, pin: Pin | None) -> dict[str, Any]:
 
 
 async def list_clients(request: web.Request) -> web.Response:
-    """``GET /admin/clients``: configured clients by score, highest first, one page at a time.
+    """``GET /admin/clients``: the clients on the review board, one page at a time.
 
-    Query: ``action`` (what is done now) and ``assessed`` (what the score calls for) filter;
-    ``limit`` (1-1000, default 50); ``cursor`` (``next_cursor`` of the previous page). The
-    score is the client's last assessment on any replica (within one review tick); clients
-    never scored have ``score: null`` and come last.
+    The board holds each client's last assessment on any replica (within one review tick),
+    for as long as its risk profile lives. Order: by the action the score called for, then
+    by score, highest first (within one tier, simply by score). Query: ``assessed`` (only
+    clients whose score called for that action), ``pinned=true`` (only clients with a pin in
+    force), ``limit`` (1-1000, default 50), ``offset`` (``next_offset`` of the last page).
     """
     _check_admin(request)
     query = request.query
-    wanted = {name: query.get(name) for name in ("action", "assessed")}
-    for name, value in wanted.items():
-        if value is not None and value not in ACTIONS:
-            raise bad_request(f"`{name}` must be one of {', '.join(ACTIONS)}.", param=name)
-    limit = _limit(query.get("limit"))
-    after = _decode_cursor(query["cursor"]) if "cursor" in query else None
+    assessed = query.get("assessed")
+    if assessed is not None and assessed not in ACTIONS:
+        raise bad_request(f"`assessed` must be one of {', '.join(ACTIONS)}.", param="assessed")
+    limit = _integer(query, "limit", DEFAULT_PAGE, 1, MAX_PAGE)
+    offset = _integer(query, "offset", 0, 0, 10**9)
+    pinned = query.get("pinned", "false")
+    if pinned not in ("true", "false"):
+        raise bad_request("`pinned` must be `true` or `false`.", param="pinned")
     review = request.app[REVIEW]
     try:
-        board = await review.board()
+        if pinned == "true":
+            entries, total = await _pinned_page(review, offset, limit, assessed)
+        else:
+            entries, total = await review.page(offset, limit, assessed)
     except StateUnavailable as exc:
         raise _unavailable(exc) from None
+    clients = request.app[SETTINGS].current.clients_by_id
     rows = []
-    for client_id, client in request.app[SETTINGS].current.clients_by_id.items():
-        value = board.get(client_id)
-        score = None if value is None else board_score(value)
-        assessed = "pass" if score is None else assessed_for_score(client, score)
-        row = {
-            "client": client_id,
-            "tier": client.tier.name,
-            "score": score,
-            **_standing(client, assessed, review.pin_of(client_id)),
-        }
-        if all(value is None or row[name] == value for name, value in wanted.items()):
-            rows.append((_sort_key(score, client_id), row))
-    rows.sort(key=lambda item: item[0])
-    matching = len(rows)
-    if after is not None:
-        rows = [item for item in rows if item[0] > after]
-    page = rows[:limit]
-    more = len(rows) > limit
+    for client_id, value in entries:
+        client = clients.get(client_id)
+        if client is None:  # removed from the config; leaves the board with its profile
+            continue
+        scored = value >= 0
+        pin = review.pin_of(client_id)
+        rows.append(
+            {
+                "client": client_id,
+                "tier": client.tier.name,
+                "score": board_score(value) if scored else None,
+                **_standing(client, board_action(value) if scored else "pass", pin),
+            }
+        )
+    following = offset + len(entries)
     return web.json_response(
         {
             "object": "list",
-            "data": [row for _, row in page],
-            "total": matching,
-            "next_cursor": _encode_cursor(page[-1][0]) if more else None,
+            "data": rows,
+            "total": total,
+            "next_offset": following if following < total else None,
         }
     )
 
 
-def _limit(raw: str | None) -> int:
+async def _pinned_page(
+    review: ReviewState, offset: int, limit: int, assessed: str | None
+) -> tuple[list[tuple[str, float]], int]:
+    """A page of the pinned clients (few: read whole), in board order; -1: not scored."""
+    pins = list(review.pins())
+    values = await review.values(pins)
+    entries = [(client, values.get(client, -1.0)) for client in pins]
+    if assessed is not None:
+        low, high = board_range(assessed)
+        entries = [(client, value) for client, value in entries if low <= value < high]
+    entries.sort(key=lambda item: (item[1], item[0]), reverse=True)
+    return entries[offset : offset + limit], len(entries)
+
+
+def _integer(query: Mapping[str, str], name: str, default: int, low: int, high: int) -> int:
+    raw = query.get(name)
     if raw is None:
-        return DEFAULT_PAGE
+        return default
     try:
-        limit = int(raw)
+        value = int(raw)
     except ValueError:
-        limit = 0
-    if not 1 <= limit <= MAX_PAGE:
-        raise bad_request(f"`limit` must be an integer from 1 to {MAX_PAGE}.", param="limit")
-    return limit
-
-
-def _sort_key(score: float | None, client_id: str) -> tuple[float, str]:
-    """Highest score first, then by id; never-scored clients last."""
-    return (-score if score is not None else 1.0, client_id)
-
-
-def _encode_cursor(key: tuple[float, str]) -> str:
-    return base64.urlsafe_b64encode(orjson.dumps(list(key))).decode().rstrip("=")
-
-
-def _decode_cursor(cursor: str) -> tuple[float, str]:
-    try:
-        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
-        score, client_id = orjson.loads(raw)
-        return float(score), str(client_id)
-    except (binascii.Error, ValueError, TypeError, orjson.JSONDecodeError):
-        raise bad_request("`cursor` is not one this API returned.", param="cursor") from None
+        value = low - 1
+    if not low <= value <= high:
+        raise bad_request(f"`{name}` must be an integer from {low} to {high}.", param=name)
+    return value
 
 
 async def client_report(request: web.Request) -> web.Response:

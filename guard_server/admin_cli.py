@@ -48,11 +48,13 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     common.add_argument("--json", action="store_true", help="print the API's JSON")
     clients = commands.add_parser("clients", help="review clients through a guard's admin API")
     verbs = clients.add_subparsers(dest="verb", required=True)
-    listing = verbs.add_parser("list", parents=[common], help="clients by score, highest first")
-    listing.add_argument("--action", choices=ACTIONS, help="only clients this is done to now")
-    listing.add_argument("--assessed", choices=ACTIONS, help="only clients whose score calls for")
+    listing = verbs.add_parser(
+        "list", parents=[common], help="scored clients, most severe first, then by score"
+    )
+    listing.add_argument("--assessed", choices=ACTIONS, help="only those the score puts here")
+    listing.add_argument("--pinned", action="store_true", help="only clients with a pin")
     listing.add_argument("--limit", type=int, default=50, help="clients per page (1-1000)")
-    listing.add_argument("--cursor", help="the page after this cursor (printed with a page)")
+    listing.add_argument("--offset", type=int, help="where the page starts (printed with a page)")
     listing.add_argument("--all", action="store_true", help="follow every page")
     show = verbs.add_parser("show", parents=[common], help="a client's score and signals")
     show.add_argument("client")
@@ -136,18 +138,20 @@ def _admin_key(key_file: Path | str | None) -> str:
 
 
 def _list(api: AdminApi, args: argparse.Namespace) -> int:
-    query = {name: getattr(args, name) for name in ("action", "assessed", "limit", "cursor")}
+    query = {name: getattr(args, name) for name in ("assessed", "limit", "offset")}
+    if args.pinned:
+        query["pinned"] = "true"
     rows: list[dict[str, Any]] = []
     while True:
         present = {name: value for name, value in query.items() if value is not None}
         page = api.call("GET", "/admin/clients?" + urllib.parse.urlencode(present))
         rows += page["data"]
-        cursor = page["next_cursor"]
-        if not (args.all and cursor):
+        following = page["next_offset"]
+        if not (args.all and following is not None):
             break
-        query["cursor"] = cursor
+        query["offset"] = following
     if args.json:
-        print(json.dumps({"data": rows, "total": page["total"], "next_cursor": cursor}))
+        print(json.dumps({"data": rows, "total": page["total"], "next_offset": following}))
         return 0
     print(f"{'client':<24} {'tier':<12} {'risk':>6}  {'assessed':<9} {'action':<8} {'mode':<8} pin")
     for row in rows:
@@ -159,8 +163,8 @@ def _list(api: AdminApi, args: argparse.Namespace) -> int:
             f"{row['action']:<8} {row['mode']:<8} {pinned}"
         )
     print(f"\n{len(rows)} of {page['total']} client(s)", file=sys.stderr)
-    if cursor:
-        print(f"more: --cursor {cursor} (or --all)", file=sys.stderr)
+    if following is not None:
+        print(f"more: --offset {following} (or --all)", file=sys.stderr)
     return 0
 
 

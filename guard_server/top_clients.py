@@ -16,8 +16,8 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from guard_server.config.reload import SettingsHolder
-from guard_server.pipeline.plan import assessed_for_score, planned_action
-from guard_server.state.review import ReviewState, board_score
+from guard_server.pipeline.plan import planned_action
+from guard_server.state.review import ReviewState, board_action, board_score
 
 NAME = "guard_client_risk"
 LABELS = ("client", "tier", "action", "assessed", "mode")
@@ -44,10 +44,11 @@ class TopClientsCollector(Collector):
             client = clients.get(client_id)
             if client is None:  # removed from the config since
                 continue
-            score = board_score(value)
-            assessed = assessed_for_score(client, score)
+            assessed = board_action(value)
             pin = self.review.pin_of(client_id)
             mode = "pinned" if pin is not None else client.detection_mode
             action = planned_action(client, assessed, pin)
-            family.add_metric([client_id, client.tier.name, action, assessed, mode], score)
+            family.add_metric(
+                [client_id, client.tier.name, action, assessed, mode], board_score(value)
+            )
         yield family

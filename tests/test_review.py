@@ -201,8 +201,9 @@ def test_the_admin_api_refuses_other_keys(guard: GuardProcess, method: str, path
 def test_bad_admin_calls_get_openai_shaped_errors(guard: GuardProcess) -> None:
     bad = [
         ("GET", "/admin/clients?limit=0", None, "limit"),
-        ("GET", "/admin/clients?action=nuke", None, "action"),
-        ("GET", "/admin/clients?cursor=garbage", None, "cursor"),
+        ("GET", "/admin/clients?offset=-1", None, "offset"),
+        ("GET", "/admin/clients?assessed=nuke", None, "assessed"),
+        ("GET", "/admin/clients?pinned=maybe", None, "pinned"),
         ("PUT", "/admin/clients/honest/pin", {"action": "deny"}, "expires_in_s"),
         ("PUT", "/admin/clients/honest/pin", {"action": "deny", "expires_in_s": -5}, None),
         ("PUT", "/admin/clients/honest/pin", {"action": "deny", "until": "tomorrow"}, "until"),
@@ -227,46 +228,55 @@ def test_the_list_is_sorted_paged_and_filtered(guard: GuardProcess) -> None:
             assert _ask(guard, f"c{i}", logprobs=j < i).status_code == 200
     everyone = _admin(guard, "GET", "/admin/clients?limit=1000").json()
     rows = everyone["data"]
-    assert everyone["total"] == len(rows) == len(KEYS) + 2  # and the two demo clients
-    scored = [row for row in rows if row["score"] is not None]
-    scores = [row["score"] for row in scored]
-    assert scores == sorted(scores, reverse=True)
-    assert all(row["score"] is None for row in rows[len(scored) :])  # never scored: last
-    mine = [row["client"] for row in scored if row["client"] in {f"c{i}" for i in range(5)}]
+    assert everyone["total"] == len(rows) and everyone["next_offset"] is None
+    scores = [row["score"] for row in rows]  # one tier: by score, highest first
+    assert None not in scores and scores == sorted(scores, reverse=True)
+    mine = [row["client"] for row in rows if row["client"] in {f"c{i}" for i in range(5)}]
     assert mine == ["c4", "c3", "c2", "c1", "c0"]
+    assert "honest" not in {row["client"] for row in rows}  # never scored: not on the board
 
-    paged, cursor = [], None
-    while True:
-        query = "?limit=2" + (f"&cursor={cursor}" if cursor else "")
-        page = _admin(guard, "GET", "/admin/clients" + query).json()
+    paged, offset = [], 0
+    while offset is not None:
+        page = _admin(guard, "GET", f"/admin/clients?limit=2&offset={offset}").json()
         assert len(page["data"]) <= 2 and page["total"] == len(rows)
         paged += page["data"]
-        cursor = page["next_cursor"]
-        if cursor is None:
-            break
+        offset = page["next_offset"]
     assert [row["client"] for row in paged] == [row["client"] for row in rows]
 
     c4 = next(row for row in rows if row["client"] == "c4")
-    assert (c4["assessed"], c4["action"], c4["mode"], c4["tier"]) == (
+    assert (c4["assessed"], c4["action"], c4["mode"], c4["tier"], c4["pin"]) == (
         "decoy",
         "decoy",
         "enforce",
         "watched",
+        None,
     )
-    decoyed = _admin(guard, "GET", "/admin/clients?action=decoy").json()["data"]
-    assert "c4" in {row["client"] for row in decoyed}
-    assert {row["action"] for row in decoyed} == {"decoy"}
+    decoyed = _admin(guard, "GET", "/admin/clients?assessed=decoy").json()
+    assert "c4" in {row["client"] for row in decoyed["data"]}
+    assert {row["assessed"] for row in decoyed["data"]} == {"decoy"}
     tightened = _admin(guard, "GET", "/admin/clients?assessed=tighten").json()["data"]
     assert [row["client"] for row in tightened] == ["c3"]
+    _pin(guard, "c4", "allow", expires_in_s=600)
+    pinned = _admin(guard, "GET", "/admin/clients?pinned=true").json()
+    assert pinned["total"] == 1
+    (row,) = pinned["data"]
+    assert (row["client"], row["assessed"], row["action"]) == ("c4", "decoy", "pass")
+    assert row["pin"]["action"] == "allow"
 
     # The top-k gauge: the board's highest TOP_CLIENTS clients, ranked by action then score.
     metrics = guard.metrics()
     series = [line for line in metrics.splitlines() if line.startswith("guard_client_risk{")]
     assert len(series) == TOP_CLIENTS, series
-    top = [row for row in rows if row["score"] is not None][:TOP_CLIENTS]
-    for row in top:
-        labels = {"client": row["client"], "action": row["action"], "assessed": row["assessed"]}
-        assert metric_value(metrics, "guard_client_risk", **labels) == row["score"]
+    for row in rows[:TOP_CLIENTS]:
+        pinned_now = row["client"] == "c4"
+        labels = {
+            "client": row["client"],
+            "assessed": row["assessed"],
+            "action": "pass" if pinned_now else row["action"],
+            "mode": "pinned" if pinned_now else "enforce",
+        }
+        assert metric_value(metrics, "guard_client_risk", **labels) == row["score"], labels
+    _pin(guard, "c4", "auto")
 
 
 def test_the_cli_wraps_the_admin_api(guard: GuardProcess, tmp_path: Path) -> None:
@@ -285,13 +295,13 @@ def test_the_cli_wraps_the_admin_api(guard: GuardProcess, tmp_path: Path) -> Non
     assert shown.returncode == 0, shown.stderr
     assert "client   cli (tier watched)" in shown.stdout
     assert "the score calls for decoy" in shown.stdout and "action   decoy" in shown.stdout
-    listed = cli("list", "--action", "decoy", "--json")
+    listed = cli("list", "--assessed", "decoy", "--json")
     assert listed.returncode == 0, listed.stderr
     assert "cli" in {row["client"] for row in json.loads(listed.stdout)["data"]}
     table = cli("list", "--limit", "1", "--key-file", str(key_file), key=None)
     assert table.returncode == 0, table.stderr
     assert table.stdout.splitlines()[0].split()[:3] == ["client", "tier", "risk"]
-    assert len(table.stdout.splitlines()) == 2 and "more: --cursor" in table.stderr
+    assert len(table.stdout.splitlines()) == 2 and "more: --offset 1" in table.stderr
 
     pinned = cli("pin", "cli", "deny", "--for", "1h", "--note", "abuse ticket 9", "--by", "carol")
     assert pinned.returncode == 0, pinned.stderr
@@ -347,7 +357,7 @@ def test_pins_resets_and_the_board_reach_every_replica(
         # The board: B's assessments reach A's list and both pods' top-k gauge.
         deadline = time.monotonic() + 10
         while True:
-            rows = _admin(a, "GET", "/admin/clients?action=decoy").json()["data"]
+            rows = _admin(a, "GET", "/admin/clients?assessed=decoy").json()["data"]
             if [row["client"] for row in rows] == ["attacker"]:
                 break
             assert time.monotonic() < deadline, rows

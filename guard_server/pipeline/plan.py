@@ -68,18 +68,6 @@ def planned_action(client: Client, assessed: str, pin: Pin | None) -> str:
     return assessed if client.detection_mode == "enforce" else "pass"
 
 
-def assessed_for_score(client: Client, score: float) -> str:
-    """The action a risk score calls for on the client's tier (as the scorer maps it)."""
-    detection = client.tier.detection
-    if not detection.enabled:
-        return "pass"
-    action = "pass"
-    for name, threshold in detection.thresholds.by_action.items():
-        if score >= threshold:
-            action = name
-    return action
-
-
 def make_plan(
     secret: bytes, client: Client, assessment: Assessment | None, pin: Pin | None = None
 ) -> Plan:

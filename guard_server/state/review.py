@@ -13,7 +13,7 @@ import heapq
 import time
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
@@ -34,19 +34,19 @@ class Pin:
     by: str = ""  # who set it, as the admin caller named themselves
     note: str = ""
     at: float = 0.0  # when it was set
+    until_iso: str = field(default="", compare=False)  # `until` in ISO 8601 (filled in)
+
+    def __post_init__(self) -> None:
+        # Formatted once: a pinned client's every request names it in the plan's reason.
+        object.__setattr__(self, "until_iso", iso_time(self.until))
 
     def active(self, now: float) -> bool:
         """Whether the pin is still in force at ``now``."""
         return now < self.until
 
-    @property
-    def until_iso(self) -> str:
-        """``until`` in ISO 8601, UTC, to the second."""
-        return iso_time(self.until)
-
     def to_json(self) -> dict[str, Any]:
         """The pin as stored and as the admin API shows it."""
-        return {**asdict(self), "until_iso": self.until_iso}
+        return asdict(self)
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> Pin:
@@ -77,6 +77,20 @@ def board_value(score: float, assessed: str) -> float:
 def board_score(value: float) -> float:
     """The risk score inside a board value."""
     return round(value % _RANK_STEP, 4)
+
+
+def board_action(value: float) -> str:
+    """The action the client's score called for when it was noted on the board."""
+    return ACTIONS[int(value // _RANK_STEP)]
+
+
+def board_range(assessed: str | None) -> tuple[float, float]:
+    """The board values [low, high) of clients whose score calls for ``assessed`` (any:
+    ``None``)."""
+    if assessed is None:
+        return -1.0, len(ACTIONS) * _RANK_STEP
+    low = _RANK[assessed] * _RANK_STEP
+    return low, low + _RANK_STEP
 
 
 class ReviewState(abc.ABC):
@@ -128,8 +142,15 @@ class ReviewState(abc.ABC):
         """At most ``k`` (client, board value) pairs, highest first (for the metrics)."""
 
     @abc.abstractmethod
-    async def board(self) -> dict[str, float]:
-        """Every client on the board: client -> board value (for the admin list)."""
+    async def page(
+        self, offset: int, limit: int, assessed: str | None = None
+    ) -> tuple[list[tuple[str, float]], int]:
+        """One page of the board, highest value first (ties by client id, descending), and
+        how many clients match: all of them, or those whose score calls for ``assessed``."""
+
+    @abc.abstractmethod
+    async def values(self, clients: list[str]) -> dict[str, float]:
+        """The board values of those of ``clients`` that are on the board."""
 
     @abc.abstractmethod
     async def set_pin(self, client: str, pin: Pin | None) -> None:
@@ -166,8 +187,16 @@ class MemoryReview(ReviewState):
     def top(self, k: int) -> list[tuple[str, float]]:
         return heapq.nlargest(k, self._board.items(), key=lambda item: item[1])
 
-    async def board(self) -> dict[str, float]:
-        return dict(self._board)
+    async def page(
+        self, offset: int, limit: int, assessed: str | None = None
+    ) -> tuple[list[tuple[str, float]], int]:
+        low, high = board_range(assessed)
+        matching = [(c, v) for c, v in self._board.items() if low <= v < high]
+        matching.sort(key=lambda item: (item[1], item[0]), reverse=True)
+        return matching[offset : offset + limit], len(matching)
+
+    async def values(self, clients: list[str]) -> dict[str, float]:
+        return {c: self._board[c] for c in clients if c in self._board}
 
     async def set_pin(self, client: str, pin: Pin | None) -> None:
         self._apply_pin(client, pin)

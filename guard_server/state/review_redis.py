@@ -27,7 +27,7 @@ from redis.exceptions import RedisError
 from guard_server.detection.profile import IDLE_TTL_S
 from guard_server.state.base import StateUnavailable
 from guard_server.state.redis import RedisStore
-from guard_server.state.review import Pin, ReviewState, board_value
+from guard_server.state.review import Pin, ReviewState, board_range, board_value
 
 log = logging.getLogger(__name__)
 
@@ -90,13 +90,32 @@ class RedisReview(ReviewState):
     def top(self, k: int) -> list[tuple[str, float]]:
         return self._top[:k]
 
-    async def board(self) -> dict[str, float]:
-        await self.tick()
+    async def page(
+        self, offset: int, limit: int, assessed: str | None = None
+    ) -> tuple[list[tuple[str, float]], int]:
+        await self.tick()  # this replica's latest notes first
+        low, high = board_range(assessed)
+        board = self._keys[0]
         try:
-            pairs = await self._redis.zrange(self._keys[0], 0, -1, withscores=True)
+            async with self._redis.pipeline(transaction=False) as pipe:
+                pipe.zcount(board, low, f"({high}")
+                pipe.zrevrangebyscore(
+                    board, f"({high}", low, start=offset, num=limit, withscores=True
+                )
+                total, pairs = await pipe.execute()
         except (RedisError, OSError) as exc:
             raise StateUnavailable(str(exc)) from exc
-        return {client: float(value) for client, value in pairs}
+        return [(client, float(value)) for client, value in pairs], int(total)
+
+    async def values(self, clients: list[str]) -> dict[str, float]:
+        if not clients:
+            return {}
+        await self.tick()
+        try:
+            found = await self._redis.zmscore(self._keys[0], clients)
+        except (RedisError, OSError) as exc:
+            raise StateUnavailable(str(exc)) from exc
+        return {c: float(v) for c, v in zip(clients, found, strict=True) if v is not None}
 
     async def set_pin(self, client: str, pin: Pin | None) -> None:
         pinned = pin.to_json() if pin else None

@@ -107,6 +107,19 @@ async def test_memory_reset_forgets_the_profile_and_tells_the_listeners() -> Non
     assert len(store) == 1  # the rate-limit bucket is kept
 
 
+async def test_memory_pages_follow_the_board_order() -> None:
+    review = MemoryReview(MemoryStore())
+    for i in range(6):
+        review.note(f"c{i}", i / 10, "pass")
+    review.note("tight", 0.36, "tighten")
+    page, total = await review.page(0, 3)
+    assert total == 7 and [client for client, _ in page] == ["tight", "c5", "c4"]
+    page, _ = await review.page(3, 3)
+    assert [client for client, _ in page] == ["c3", "c2", "c1"]
+    assert [c for c, _ in (await review.page(0, 9, assessed="tighten"))[0]] == ["tight"]
+    assert await review.values(["c1", "x"]) == {"c1": board_value(0.1, "pass")}
+
+
 async def test_a_pin_reaches_the_other_replica_at_once(replicas: tuple[Replica, Replica]) -> None:
     a, b = replicas
     delays = []
@@ -138,7 +151,7 @@ async def test_a_reset_reaches_the_other_replica_at_once(
     await _eventually(lambda: b.resets == ["alice"])
     assert a.resets == ["alice"]  # the replica that reset it, once
     assert a.review.top(5) == [] and b.review.top(5) == []
-    assert await a.review.board() == {}
+    assert await a.review.page(0, 10) == ([], 0)
 
 
 async def test_the_board_is_shared_and_its_top_is_bounded(redis_server: RedisProcess) -> None:
@@ -154,7 +167,17 @@ async def test_the_board_is_shared_and_its_top_is_bounded(redis_server: RedisPro
         expected = ["decoyed", "c9", "c8"]
         assert [client for client, _ in a.review.top(10)] == expected
         assert [client for client, _ in b.review.top(10)] == expected
-        assert len(await b.review.board()) == 11
+        page, total = await b.review.page(0, 4)
+        assert total == 11
+        assert [client for client, _ in page] == ["decoyed", "c9", "c8", "c7"]
+        page, total = await b.review.page(4, 4)
+        assert [client for client, _ in page] == ["c6", "c5", "c4", "c3"]
+        assert await b.review.page(0, 5, assessed="decoy") == (
+            [("decoyed", board_value(0.46, "decoy"))],
+            1,
+        )
+        assert (await b.review.page(0, 100, assessed="pass"))[1] == 10
+        assert await a.review.values(["c3", "nobody"]) == {"c3": board_value(0.15, "pass")}
     finally:
         await a.close()
         await b.close()
@@ -168,7 +191,7 @@ async def test_idle_clients_leave_the_board(redis_server: RedisProcess) -> None:
         await asyncio.sleep(0.4)
         replica.review.note("new", 0.1, "pass")
         await replica.review.tick()
-        assert list(await replica.review.board()) == ["new"]
+        assert (await replica.review.page(0, 10))[0] == [("new", board_value(0.1, "pass"))]
     finally:
         await replica.close()
 
@@ -218,7 +241,7 @@ async def test_redis_down_keeps_the_pins_and_refuses_changes() -> None:
         with pytest.raises(StateUnavailable):
             await replica.review.reset("alice")
         with pytest.raises(StateUnavailable):
-            await replica.review.board()
+            await replica.review.page(0, 10)
     finally:
         await replica.close()
         server.stop()
