@@ -15,6 +15,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
+from operator import itemgetter
 from typing import Any
 
 from guard_server.detection.scoring import ACTIONS
@@ -169,9 +170,13 @@ class ReviewState(abc.ABC):
 
 
 class MemoryReview(ReviewState):
-    """Review state of one process (the memory backend: one replica, one worker)."""
+    """Review state of one process (the memory backend: one replica, one worker).
 
-    def __init__(self, store: MemoryStore, max_clients: int = 1_000_000) -> None:
+    The board keeps the ``max_clients`` clients noted most recently: the metrics' top and
+    the admin list read it whole, so their cost grows with it (the Redis board is indexed).
+    """
+
+    def __init__(self, store: MemoryStore, max_clients: int = 100_000) -> None:
         super().__init__()
         self._store = store
         self._board: OrderedDict[str, float] = OrderedDict()  # least recently noted first
@@ -185,14 +190,14 @@ class MemoryReview(ReviewState):
             board.popitem(last=False)
 
     def top(self, k: int) -> list[tuple[str, float]]:
-        return heapq.nlargest(k, self._board.items(), key=lambda item: item[1])
+        return heapq.nlargest(k, self._board.items(), key=itemgetter(1))
 
     async def page(
         self, offset: int, limit: int, assessed: str | None = None
     ) -> tuple[list[tuple[str, float]], int]:
         low, high = board_range(assessed)
         matching = [(c, v) for c, v in self._board.items() if low <= v < high]
-        matching.sort(key=lambda item: (item[1], item[0]), reverse=True)
+        matching.sort(key=itemgetter(1, 0), reverse=True)
         return matching[offset : offset + limit], len(matching)
 
     async def values(self, clients: list[str]) -> dict[str, float]:
