@@ -1,6 +1,7 @@
 """What the review workflow costs on the request path, and how fast a pin reaches a replica.
 
 #     .venv/bin/python -m benchmarks.review_cost [--before DIR] [--requests N] [--pins N]
+#     .venv/bin/python -m benchmarks.review_cost --quick    # smoke run (tests), seconds
 #
 # 1. plan stage, in process: the plan stage without review state (as before pins existed),
 #    with it and no pin, and with 1,000 pins (one of them the caller's), interleaved rounds.
@@ -187,8 +188,11 @@ def main() -> None:
     parser.add_argument("--before", type=Path, help="a checkout of the code to compare with")
     parser.add_argument("--requests", type=int, default=2000)
     parser.add_argument("--pins", type=int, default=200)
+    parser.add_argument("--quick", action="store_true", help="a smoke run: a few of everything")
     args = parser.parse_args()
-    report: dict = {"plan_stage_ns": plan_stage()}
+    if args.quick:
+        args.requests, args.pins = 50, 10
+    report: dict = {"plan_stage_ns": plan_stage(*((3, 2000) if args.quick else ()))}
     with tempfile.TemporaryDirectory(prefix="review-cost-") as tmp:
         work = Path(tmp)
         upstream_port, redis_port = procs.free_port(), procs.free_port()
