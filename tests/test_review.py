@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -17,6 +18,7 @@ import yaml
 
 from guard_server.pipeline.auth import hash_key
 from guard_server.teacher.task import make_problems
+from guard_server.upstream.vllm_process import free_port
 from tests.processes import (
     POLICIES,
     REPO,
@@ -380,3 +382,57 @@ def test_pins_resets_and_the_board_reach_every_replica(
     finally:
         a.stop()
         b.stop()
+
+
+def test_every_worker_obeys_a_pin_and_exports_the_same_top(
+    tmp_path: Path, vllm_url: str, redis_server: RedisProcess
+) -> None:
+    state = {"backend": "redis", "redis_url": redis_server.url, "key_prefix": f"rw{time.time_ns()}"}
+    config = _config(tmp_path, vllm_url, state)
+    document = yaml.safe_load(config.read_text())
+    document["secret"] = {"env": "GUARD_TEST_SECRET"}
+    config.write_text(yaml.safe_dump(document))
+    port = free_port()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "guard_server", "serve", "--config", str(config),
+         "--port", str(port), "--workers", "2"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO,
+        env={**os.environ, "GUARD_TEST_SECRET": "x" * 40, "PYTHONUNBUFFERED": "1"},
+    )  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    try:
+        assert process.stdout is not None
+        for line in process.stdout:
+            if "listening on" in line:
+                break
+
+        def ask(logprobs: bool) -> int:  # a new connection each time: the kernel spreads them
+            body: dict = {"model": "teacher", "messages": QUESTION, "max_tokens": 4}
+            if logprobs:
+                body.update(logprobs=True, top_logprobs=5)
+            headers = {"Authorization": f"Bearer {KEYS['attacker']}"}
+            response = httpx.post(f"{url}/v1/chat/completions", json=body, headers=headers)
+            return response.status_code
+
+        assert [ask(logprobs=True) for _ in range(4)] == [200] * 4
+        pin = httpx.put(
+            f"{url}/admin/clients/attacker/pin",
+            json={"action": "deny", "expires_in_s": 600},
+            headers={"Authorization": f"Bearer {ADMIN_KEY}"},
+        )
+        assert pin.status_code == 200, pin.text
+        assert [ask(logprobs=True) for _ in range(12)] == [403] * 12
+
+        # Every worker reads the same board: each scrape, whichever worker answers it,
+        # shows the attacker (pinned: mode "pinned", action "block", assessed "decoy").
+        labels = {"client": "attacker", "mode": "pinned", "action": "block", "assessed": "decoy"}
+        deadline, seen = time.monotonic() + 15, 0
+        while seen < 6:
+            assert time.monotonic() < deadline, seen
+            text = httpx.get(f"{url}/metrics").text
+            seen = seen + 1 if metric_value(text, "guard_client_risk", **labels) > 0 else 0
+            time.sleep(0.1)
+        assert metric_value(text, "guard_worker_up") == 2
+    finally:
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(30) == 0
