@@ -80,7 +80,7 @@ class RedisReview(ReviewState):
         self._reset_at: dict[str, float] = {}
         self._tick_lock = asyncio.Lock()
         self._tasks: list[asyncio.Task[None]] = []
-        self._subscribed = asyncio.Event()
+        self._following = asyncio.Event()  # subscribed, and caught up since
         self._failing = False
         self._id = uuid.uuid4().hex  # tells this replica's own messages apart
 
@@ -189,14 +189,12 @@ class RedisReview(ReviewState):
         self._reset_at = {c: t for c, t in self._reset_at.items() if t >= started}
 
     async def start(self) -> None:
-        with contextlib.suppress(StateUnavailable):
-            await self.tick()
         self._tasks = [
             asyncio.create_task(self._follow(), name="review-follow"),
             asyncio.create_task(self._tick_forever(), name="review-tick"),
         ]
         with contextlib.suppress(TimeoutError):  # Redis down: the tasks keep trying
-            await asyncio.wait_for(self._subscribed.wait(), 2.0)
+            await asyncio.wait_for(self._following.wait(), 2.0)
 
     async def close(self) -> None:
         for task in self._tasks:
@@ -206,26 +204,24 @@ class RedisReview(ReviewState):
         await self._subscriber.aclose()
 
     async def _follow(self) -> None:
-        """Apply every change another replica publishes, as it arrives; subscribe again
-        after a failure, and then catch up with one tick (messages sent meanwhile are lost)."""
-        wait, lost = _RECONNECT_S[0], False
+        """Apply every change another replica publishes, as it arrives. Once subscribed
+        (again, after a failure), catch up with one tick: what was published before is in
+        Redis, and what is published after arrives on the channel."""
+        wait = _RECONNECT_S[0]
         while True:
             pubsub = self._subscriber.pubsub(ignore_subscribe_messages=True)
             try:
                 await pubsub.subscribe(self._channel)
-                self._subscribed.set()
-                if lost:
-                    with contextlib.suppress(StateUnavailable):
-                        await self.tick()
-                wait, lost = _RECONNECT_S[0], False
+                await self.tick()
+                self._following.set()
+                wait = _RECONNECT_S[0]
                 while True:
                     message = await pubsub.get_message(timeout=5.0)
                     if message is not None and message["type"] == "message":
                         self._on_published(message["data"])
-            except (RedisError, OSError) as exc:
-                self._subscribed.clear()
+            except (RedisError, OSError, StateUnavailable) as exc:
+                self._following.clear()
                 log.warning("review channel lost (retrying in %.1f s): %s", wait, exc)
-                lost = True
                 await asyncio.sleep(wait)
                 wait = min(wait * 2, _RECONNECT_S[1])
             finally:
