@@ -83,7 +83,7 @@ RUN ln -s /opt/guard/lib/python3.11/site-packages/guard_server/teacher/model /op
 COPY deploy/docker/demo/ /etc/guard/
 COPY policies/default.yaml policies/demo-clients.yaml /etc/guard/
 USER 10001:10001
-EXPOSE 8080 8000
+EXPOSE 8080 8000 9464
 HEALTHCHECK --interval=15s --timeout=3s --start-period=300s --retries=3 \
     CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8080/healthz', timeout=2)"]
 ENTRYPOINT ["guard-server"]
@@ -109,6 +109,7 @@ RUN groupadd --system --gid 10001 guard \
 COPY --from=build /opt/guard /opt/guard
 USER 10001:10001
 EXPOSE 8080
+EXPOSE 9464
 # /healthz answers while the process is alive; /readyz (upstreams healthy) is for Kubernetes.
 HEALTHCHECK --interval=15s --timeout=3s --start-period=10s --retries=3 \
     CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8080/healthz', timeout=2)"]

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import statistics
 import tempfile
 import time
@@ -18,10 +19,15 @@ from pathlib import Path
 
 import aiohttp
 
+from guard_server.teacher import MODEL_DIR
 from guard_server.teacher.task import completion_prompt, make_problems
-from guard_server.upstream.bundled_teacher import TEACHER_DIR
-from guard_server.upstream.vllm_process import VllmProcess
-from tests.processes import DEMO_KEY, GuardProcess, write_config
+from guard_server.testing import (
+    DEMO_KEY,
+    GuardProcess,
+    running_vllm,
+    vllm_process,
+    write_test_config,
+)
 
 
 def _percentile(values: list[float], q: float) -> float:
@@ -77,25 +83,18 @@ def main() -> None:
     parser.add_argument("--guard-url")
     args = parser.parse_args()
     workdir = Path(tempfile.mkdtemp(prefix="guard-bench-"))
-    vllm = guard = None
-    try:
+    with contextlib.ExitStack() as running:
         vllm_url = args.vllm_url
         if not vllm_url:
-            vllm = VllmProcess(TEACHER_DIR, "teacher", log_path=workdir / "vllm.log")
-            vllm.start()
-            print(f"vLLM healthy after {vllm.wait_healthy():.1f} s")
+            vllm = vllm_process(MODEL_DIR, workdir / "vllm.log")
+            seconds = running.enter_context(running_vllm(vllm, timeout_s=300))
+            print(f"vLLM healthy after {seconds:.1f} s")
             vllm_url = vllm.url
         guard_url = args.guard_url
         if not guard_url:
-            guard = GuardProcess(write_config(workdir, [vllm_url]), workdir / "guard.log").start()
-            guard.wait_ready()
-            guard_url = guard.url
+            config = write_test_config(workdir, [vllm_url])
+            guard_url = running.enter_context(GuardProcess(config, workdir / "guard.log")).url
         result = asyncio.run(measure(vllm_url, guard_url, args.requests, args.max_tokens))
-    finally:
-        if guard:
-            guard.stop()
-        if vllm:
-            vllm.stop()
     print("| metric | value |\n|---|---|")
     for key, value in result.items():
         print(f"| {key} | {value:.3f} |" if isinstance(value, float) else f"| {key} | {value} |")

@@ -12,13 +12,12 @@ import math
 import os
 import subprocess
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from benchmarks.procs import die_with_parent
+from guard_server.testing import REPO, child_setup
 
-REPO = Path(__file__).resolve().parents[1]
 LUA = Path(__file__).resolve().parent / "lua" / "post.lua"
 
 
@@ -41,15 +40,6 @@ def summary_ms(seconds: Sequence[float]) -> dict[str, float]:
         "p99_ms": percentile(seconds, 0.99) * 1000,
         "mean_ms": sum(seconds) / len(seconds) * 1000,
     }
-
-
-def _preexec(cpus: set[int] | None) -> Callable[[], None]:
-    def pin() -> None:
-        die_with_parent()
-        if cpus:
-            os.sched_setaffinity(0, cpus)
-
-    return pin
 
 
 def wrk(
@@ -80,7 +70,7 @@ def wrk(
         capture_output=True,
         text=True,
         timeout=duration_s + 60,
-        preexec_fn=_preexec(cpus),
+        preexec_fn=child_setup(cpus),
         check=False,
     )
     line = next((x for x in out.stdout.splitlines() if x.startswith("WRK_JSON ")), None)
@@ -133,7 +123,7 @@ def hey(
         capture_output=True,
         text=True,
         timeout=duration_s * 3 + 60,
-        preexec_fn=_preexec(cpus),
+        preexec_fn=child_setup(cpus),
         check=False,
     )
     if out.returncode != 0:
@@ -166,7 +156,7 @@ def python_client(
         text=True,
         cwd=REPO,
         timeout=timeout_s,
-        preexec_fn=_preexec(cpus),
+        preexec_fn=child_setup(cpus),
         check=False,
     )
     if out.returncode != 0:

@@ -24,9 +24,9 @@ from pathlib import Path
 
 import aiohttp
 
-from guard_server.teacher import task
-from guard_server.upstream.bundled_teacher import MODELS, TEACHER_DIR
-from guard_server.upstream.vllm_process import VllmProcess
+from guard_server.teacher import MODEL_DIR, task
+from guard_server.testing import vllm_process
+from guard_server.upstream.bundled_teacher import MODELS
 
 XARGS = {
     "guard_noise_seed": 12345,
@@ -71,7 +71,7 @@ def workload(model: str, count: int) -> Workload:
             {"VLLM_CPU_KVCACHE_SPACE": str(spec.kv_cache_gib)},
         )
     problems = task.make_problems(count, seed=3, split="heldout")
-    directory = TEACHER_DIR if model == "arithmetic" else Path(model)
+    directory = MODEL_DIR if model == "arithmetic" else Path(model)
     return Workload(directory, [task.completion_prompt(p.question) for p in problems])
 
 
@@ -131,18 +131,16 @@ def main(argv: list[str] | None = None) -> int:
     prompts = work.prompts
     workdir = Path(tempfile.mkdtemp(prefix="plugin-throughput-"))
     servers = {
-        "with": VllmProcess(
+        "with": vllm_process(
             work.model_dir,
-            "teacher",
+            workdir / "with.log",
             max_model_len=work.max_model_len,
-            log_path=workdir / "with.log",
             env=work.env,
         ),
-        "without": VllmProcess(
+        "without": vllm_process(
             work.model_dir,
-            "teacher",
+            workdir / "without.log",
             max_model_len=work.max_model_len,
-            log_path=workdir / "without.log",
             env={**work.env, **_without_plugin(workdir / "shadow")},
         ),
     }

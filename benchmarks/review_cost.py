@@ -8,7 +8,8 @@
 # 2. latency at concurrency 1 (fake upstream, default tier, detection on), interleaved like
 #    ``benchmarks.client paired``: this checkout with the memory and the Redis backend and,
 #    with ``--before DIR`` (a checkout of the code to compare with, for example
-#    ``git archive main | tar -x -C DIR``), the same two setups from DIR.
+#    ``git archive main | tar -x -C DIR``; one that knows ``metrics.port``), the same two
+#    setups from DIR.
 # 3. propagation: two guards sharing Redis; a pin set on A (alternately deny and allow) is
 #    followed at once by one request to B, which must already see it.
 """
@@ -20,6 +21,7 @@ import asyncio
 import contextlib
 import json
 import statistics
+import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -32,6 +34,7 @@ from benchmarks import procs
 from benchmarks.client import Target, paired
 from benchmarks.loadgen import summary_ms
 from guard_server.pipeline.auth import hash_key
+from guard_server.testing import REPO, ChildProcess, RedisProcess, free_port, write_config
 
 KEY = "sk-bench-review"
 ADMIN_KEY = "sk-bench-review-admin"
@@ -56,7 +59,7 @@ def plan_stage(rounds: int = 15, calls: int = 20_000) -> dict[str, float]:
     from guard_server.state.memory import MemoryStore
     from guard_server.state.review import MemoryReview, Pin
 
-    settings = load_settings(procs.REPO / "policies" / "guard.yaml")
+    settings = load_settings(REPO / "policies" / "guard.yaml")
     client = settings.clients_by_id["demo"]
     headers = CIMultiDictProxy(CIMultiDict())
     ctx = RequestContext(Endpoint.CHAT, settings, headers, 0.0, client=client)
@@ -90,17 +93,12 @@ def _config(directory: Path, code: Path, upstream: str, redis_url: str | None) -
     """A guard config; with Redis, its keys under the folder's name (its own state)."""
     clients = {"clients": {"bench": {"tier": "default", "keys": [hash_key(KEY)]}}}
     (directory / "clients.yaml").write_text(yaml.safe_dump(clients))
-    config: dict = {
-        "server": {"host": "127.0.0.1", "port": 0},
-        "upstreams": {"teacher": {"urls": [upstream]}},
-        "policies": [str(code / "policies" / "default.yaml"), str(directory / "clients.yaml")],
-        "admin": {"key_hash": hash_key(ADMIN_KEY)},
-    }
+    sections: dict = {"admin": {"key_hash": hash_key(ADMIN_KEY)}}
     if redis_url:
-        config["state"] = {"backend": "redis", "redis_url": redis_url, "key_prefix": directory.name}
-    path = directory / "guard.yaml"
-    path.write_text(yaml.safe_dump(config))
-    return path
+        sections["state"] = {"backend": "redis", "redis_url": redis_url,
+                             "key_prefix": directory.name}  # fmt: skip
+    policies = [code / "policies" / "default.yaml", directory / "clients.yaml"]
+    return write_config(directory, [upstream], policies=policies, **sections)
 
 
 @contextlib.contextmanager
@@ -110,11 +108,11 @@ def _guard(
     """A guard from ``code``; guards with the same ``state`` name share their Redis state."""
     directory = work / (state or name.replace(" ", "-"))
     directory.mkdir(exist_ok=True)
-    port = procs.free_port()
-    argv = [procs.PYTHON, "-m", "guard_server", "serve", "--port", str(port), "--config",
+    port = free_port()
+    argv = [sys.executable, "-m", "guard_server", "serve", "--port", str(port), "--config",
             str(_config(directory, code, upstream, redis))]  # fmt: skip
     log = directory / f"{name.replace(' ', '-')}.log"
-    proc = procs.Proc(name, argv, log, env={"PYTHONPATH": str(code)}, cwd=code)
+    proc = ChildProcess(name, argv, log, env={"PYTHONPATH": str(code)}, cwd=code)
     proc.start()
     try:
         url = f"http://127.0.0.1:{port}"
@@ -126,7 +124,7 @@ def _guard(
 
 def latency(work: Path, upstream: str, redis: str, before: Path | None, requests: int) -> dict:
     """p50/p90/p99 per setup and the paired p50 difference to its `before` twin."""
-    setups = [("after", procs.REPO)] + ([("before", before)] if before else [])
+    setups = [("after", REPO)] + ([("before", before)] if before else [])
     body_file = work / "body.json"
     body_file.write_text(json.dumps(BODY))
     with contextlib.ExitStack() as stack:
@@ -176,8 +174,8 @@ def propagation(work: Path, upstream: str, redis: str, pins: int) -> dict:
         return {"pins": pins, "next_request_on_b_obeyed": obeyed, "put": summary_ms(put_s)}
 
     with (
-        _guard("a", procs.REPO, work, upstream, redis, state="shared") as a,
-        _guard("b", procs.REPO, work, upstream, redis, state="shared") as b,
+        _guard("a", REPO, work, upstream, redis, state="shared") as a,
+        _guard("b", REPO, work, upstream, redis, state="shared") as b,
     ):
         return asyncio.run(run(a, b))
 
@@ -195,17 +193,12 @@ def main() -> None:
     report: dict = {"plan_stage_ns": plan_stage(*((3, 2000) if args.quick else ()))}
     with tempfile.TemporaryDirectory(prefix="review-cost-") as tmp:
         work = Path(tmp)
-        upstream_port, redis_port = procs.free_port(), procs.free_port()
+        upstream_port = free_port()
         upstream = procs.fake_upstream(upstream_port, work / "upstream.log", None).start()
-        redis = procs.Proc(
-            "redis",
-            ["redis-server", "--port", str(redis_port), "--save", "", "--appendonly", "no"],
-            work / "redis.log",
-        ).start()
+        redis = RedisProcess(log_path=work / "redis.log").start()
         try:
             upstream.wait_http(f"http://127.0.0.1:{upstream_port}/health", 30)
-            time.sleep(0.5)
-            redis_url = f"redis://127.0.0.1:{redis_port}/0"
+            redis_url = redis.url
             upstream_url = f"http://127.0.0.1:{upstream_port}"
             report["latency_c1"] = latency(
                 work, upstream_url, redis_url, args.before, args.requests

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import hmac
 import logging
 import signal
 import time
@@ -16,13 +17,13 @@ from guard_server.appkeys import AUDIT, DRAINING, METRICS, REVIEW, SETTINGS, STA
 from guard_server.config.loader import Settings
 from guard_server.config.reload import SettingsHolder
 from guard_server.config.schema import StateSettings, Timeouts, UpstreamSettings
-from guard_server.errors import GuardError
+from guard_server.errors import GuardError, unauthorized
 from guard_server.generation import GenerationHandler
 from guard_server.metrics import GuardMetrics
 from guard_server.openai_fields import Endpoint
 from guard_server.pipeline.admit import Admitter
 from guard_server.pipeline.audit import AuditLog
-from guard_server.pipeline.auth import authenticate
+from guard_server.pipeline.auth import authenticate, hash_key
 from guard_server.pipeline.context import RequestContext
 from guard_server.pipeline.plan import Planner
 from guard_server.pipeline.score import RiskScorer
@@ -71,7 +72,7 @@ async def openai_errors(request: web.Request, handler):  # type: ignore[no-untyp
 
 
 async def list_models(request: web.Request) -> web.Response:
-    """``GET /v1/models``: the models the caller's tier may use."""
+    """``GET /v1/models``: the models the caller's tier may use (never a decoy model)."""
     holder = request.app[SETTINGS]
     ctx = RequestContext(Endpoint.CHAT, holder.current, request.headers, time.perf_counter())
     await authenticate(ctx)
@@ -79,7 +80,7 @@ async def list_models(request: web.Request) -> web.Response:
     created = int(holder.current.path.stat().st_mtime)
     data = [
         {"id": name, "object": "model", "created": created, "owned_by": "guard-server"}
-        for name in holder.current.model_names
+        for name in holder.current.public_models
         if ctx.client.tier.may_use(name)
     ]
     return web.json_response({"object": "list", "data": data})
@@ -102,9 +103,25 @@ async def readyz(request: web.Request) -> web.Response:
 
 
 async def metrics_endpoint(request: web.Request) -> web.Response:
-    """``GET /metrics``: Prometheus text format."""
+    """``GET /metrics``: Prometheus text format; with ``metrics.token_hash``, only for the
+    bearer of that token."""
+    expected = request.app[SETTINGS].current.config.metrics.token_hash
+    if expected is not None:
+        scheme, _, token = request.headers.get("Authorization", "").partition(" ")
+        digest = hash_key(token.strip()) if scheme.lower() == "bearer" else ""
+        if not hmac.compare_digest(digest.encode(), expected.encode()):
+            raise unauthorized("/metrics needs `Authorization: Bearer <metrics token>`.")
     body = generate_latest(request.app[METRICS].exposition_registry())
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+def build_metrics_app(holder: SettingsHolder, metrics: GuardMetrics) -> web.Application:
+    """``/metrics`` alone, for the listener on ``metrics.port``."""
+    app = web.Application(middlewares=[openai_errors])
+    app[SETTINGS] = holder
+    app[METRICS] = metrics
+    app.router.add_get("/metrics", metrics_endpoint)
+    return app
 
 
 def build_app(
@@ -179,7 +196,8 @@ def build_app(
     app.router.add_get("/v1/models", list_models)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
-    app.router.add_get("/metrics", metrics_endpoint)
+    if settings.config.metrics.port is None:  # then it needs a token (schema)
+        app.router.add_get("/metrics", metrics_endpoint)
     app.router.add_get("/admin/clients", admin.list_clients)
     app.router.add_get("/admin/clients/{client_id}", admin.client_report)
     app.router.add_post("/admin/clients/{client_id}/reset", admin.reset_client)

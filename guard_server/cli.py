@@ -198,7 +198,7 @@ def _hash_key(from_stdin: bool) -> int:
 
 
 def _print_banner(base_url: str, settings: Settings) -> None:
-    model = settings.model_names[0]
+    model = settings.public_models[0]
     question = "What is 12 + 7?"
     teacher = settings.config.bundled_teacher
     if not settings.config.upstreams and teacher.model == "arithmetic":

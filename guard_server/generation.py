@@ -28,6 +28,7 @@ from guard_server.pipeline.record import record
 from guard_server.pipeline.rewrite import rewrite_for_upstream
 from guard_server.pipeline.score import RiskScorer
 from guard_server.pipeline.transform import carries_token, transform_chunk, transform_response
+from guard_server.pipeline.upstream_errors import client_error
 from guard_server.pipeline.validate import parse_json_object, validate_request
 from guard_server.upstream.pool import ModelUpstream
 
@@ -131,7 +132,7 @@ class GenerationHandler:
         response = await upstream.post(self.path, payload)
         try:
             if response.status != 200:
-                raise await _mapped_error(response, self.metrics)
+                raise await _mapped_error(response, ctx, self.metrics)
             data = await response.read()
         except (TimeoutError, aiohttp.ClientPayloadError, aiohttp.ClientConnectionError) as exc:
             raise _broken_read(exc, self.metrics) from None
@@ -157,21 +158,29 @@ class GenerationHandler:
         ctx.upstream_seconds += time.perf_counter() - started
         try:
             if response.status != 200:
-                raise await _mapped_error(response, self.metrics)
+                raise await _mapped_error(response, ctx, self.metrics)
             out = web.StreamResponse(headers={**_SSE_HEADERS, **headers})
             try:
                 await out.prepare(request)
                 ctx.status = 200
-                await self._pump(ctx, response, out)
-                await out.write_eof()
+                writer = ClientWriter(request, out, ctx.settings.config.server.write_timeout_s)
+                await self._pump(ctx, response, writer)
+                await writer.finish()
             except ConnectionResetError:
                 ctx.status = 499  # the client went away; closing `response` cancels upstream
+            except SlowClient:
+                # A client that stops reading would hold this upstream connection and its
+                # concurrency slot for as long as it likes: cut it off. Closing `response`
+                # cancels the upstream request; settlement releases the slot.
+                ctx.status = 499
+                self.metrics.client_write_timeouts.inc()
+                writer.abort()
             return out
         finally:
             response.close()
 
     async def _pump(
-        self, ctx: RequestContext, response: aiohttp.ClientResponse, out: web.StreamResponse
+        self, ctx: RequestContext, response: aiohttp.ClientResponse, out: ClientWriter
     ) -> None:
         """Relay SSE events one by one as they arrive; never buffer the answer."""
         content = response.content
@@ -197,12 +206,60 @@ class GenerationHandler:
                 return
             chunk = orjson.loads(data)
             if "error" in chunk:
-                self.metrics.upstream_errors.labels("stream").inc()
-            elif not transform_chunk(ctx, chunk):
+                await out.write(_error_event(_stream_error(ctx, chunk, self.metrics)))
+                continue
+            if not transform_chunk(ctx, chunk):
                 continue
             if ctx.first_token_at is None and carries_token(chunk):
                 ctx.first_token_at = time.perf_counter()
             await out.write(b"data: " + orjson.dumps(chunk) + b"\n\n")
+
+
+class SlowClient(Exception):
+    """The client did not read a streamed write within ``server.write_timeout_s``."""
+
+
+class ClientWriter:
+    """Writes a stream to the client, giving up on one that stops reading.
+
+    A write waits only while the client's socket buffer is over its high-water mark; only
+    then is a timer armed (arming one per chunk would cost more than the rest of the relay).
+    """
+
+    def __init__(self, request: web.Request, out: web.StreamResponse, timeout_s: float) -> None:
+        transport = request.transport
+        if transport is None:
+            raise ConnectionResetError("the client went away")
+        self._transport = transport
+        self._protocol = request.protocol
+        self._high = transport.get_write_buffer_limits()[1]
+        self._out = out
+        self._timeout_s = timeout_s
+
+    def write(self, data: bytes) -> Awaitable[None]:
+        """Send ``data``; the awaitable raises :class:`SlowClient` when the client does not
+        take it in time. (Not a coroutine itself: the common case adds no frame.)"""
+        if (
+            not self._protocol.writing_paused
+            and self._transport.get_write_buffer_size() + len(data) <= self._high
+        ):
+            return self._out.write(data)  # cannot wait: the buffer stays under its mark
+        return self._bounded(self._out.write(data))
+
+    async def _bounded(self, write: Awaitable[None]) -> None:
+        try:
+            async with asyncio.timeout(self._timeout_s):
+                await write
+        except TimeoutError:
+            raise SlowClient from None
+
+    async def finish(self) -> None:
+        """End the stream (this flushes: bounded like a write)."""
+        await self._bounded(self._out.write_eof())
+
+    def abort(self) -> None:
+        """Drop the client's connection without flushing what it never read."""
+        self._transport.abort()
 
 
 async def _read_body(request: web.Request, ctx: RequestContext) -> bytes:
@@ -225,29 +282,29 @@ def _too_large(limit: int) -> GuardError:
     )
 
 
-async def _mapped_error(response: aiohttp.ClientResponse, metrics: GuardMetrics) -> GuardError:
-    """Turn a non-200 upstream answer into the client's error: 4xx as is, 5xx as 502."""
+async def _mapped_error(
+    response: aiohttp.ClientResponse, ctx: RequestContext, metrics: GuardMetrics
+) -> GuardError:
+    """Turn a non-200 upstream answer into the client's error: 4xx in the guard's own words
+    (upstream_errors), 5xx as 502. The upstream's text is logged, never sent."""
     raw = await response.read()
     status = response.status
-    message = None
-    try:
-        error = orjson.loads(raw).get("error")
-        if isinstance(error, dict):
-            message = error.get("message")
-        elif isinstance(error, str):
-            message = error
-    except (orjson.JSONDecodeError, AttributeError):
-        pass
     if 400 <= status < 500:
-        return GuardError(
-            status,
-            str(message or f"The upstream rejected the request (HTTP {status})."),
-            type="invalid_request_error",
-            code="upstream_rejected",
-        )
+        return client_error(ctx.endpoint, ctx.model, ctx.body, raw, status)
     metrics.upstream_errors.labels("status").inc()
     log.warning("upstream answered HTTP %d: %s", status, raw[:500])
     return upstream_error(502, f"The upstream failed (HTTP {status}).", "upstream_error")
+
+
+def _stream_error(ctx: RequestContext, chunk: dict[str, Any], metrics: GuardMetrics) -> GuardError:
+    """An error event inside vLLM's stream, as the client's error (same wording rules)."""
+    error = chunk.get("error")
+    code = error.get("code") if isinstance(error, dict) else None
+    if isinstance(code, int) and 400 <= code < 500:
+        return client_error(ctx.endpoint, ctx.model, ctx.body, orjson.dumps(chunk), code)
+    metrics.upstream_errors.labels("stream").inc()
+    log.warning("upstream stream error: %s", orjson.dumps(chunk)[:500])
+    return upstream_error(502, "The upstream failed while generating.", "upstream_error")
 
 
 def _broken_read(exc: BaseException, metrics: GuardMetrics) -> GuardError:

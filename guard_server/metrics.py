@@ -178,6 +178,12 @@ class GuardMetrics:
             "Multi-key extraction campaigns detected (clusters of keys flagged together).",
             registry=r,
         )
+        self.client_write_timeouts = Counter(
+            "guard_client_write_timeouts",
+            "Streams cut off because the client stopped reading for server.write_timeout_s "
+            "(their upstream requests cancelled).",
+            registry=r,
+        )
         self.decoys = Counter(
             "guard_decoys_served", "Decoy answers served, by decoy source.", ["source"], registry=r
         )

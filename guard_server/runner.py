@@ -19,7 +19,7 @@ import urllib.request
 
 from aiohttp import web
 
-from guard_server.app import build_app
+from guard_server.app import build_app, build_metrics_app
 from guard_server.appkeys import DRAINING
 from guard_server.config.loader import ConfigError, Settings
 from guard_server.config.reload import SettingsHolder
@@ -53,14 +53,26 @@ def serve(settings: Settings, host: str, port: int, on_ready) -> None:  # type: 
         upstreams = {
             config.bundled_teacher.public_name: teacher_upstream(config.bundled_teacher, teacher)
         }
+    metrics_at = _metrics_address(settings, host)
     try:
         if workers == 1:
-            asyncio.run(_run_worker(settings, upstreams, _listen(host, port), on_ready))
+            metrics_sock = None if metrics_at is None else _listen(*metrics_at)
+            asyncio.run(
+                _run_worker(settings, upstreams, _listen(host, port), metrics_sock, on_ready)
+            )
         else:
-            _supervise(settings, upstreams, host, port, workers, on_ready)
+            _supervise(settings, upstreams, (host, port), metrics_at, workers, on_ready)
     finally:
         if teacher is not None:
             teacher.stop()
+
+
+def _metrics_address(settings: Settings, api_host: str) -> tuple[str, int] | None:
+    """Where the ``/metrics`` listener binds, or None when it shares the API port."""
+    metrics = settings.config.metrics
+    if metrics.port is None:
+        return None
+    return metrics.host or api_host, metrics.port
 
 
 def _listen(host: str, port: int, reuse_port: bool = False) -> socket.socket:
@@ -79,6 +91,7 @@ async def _run_worker(
     settings: Settings,
     upstreams: dict[str, UpstreamSettings],
     sock: socket.socket,
+    metrics_sock: socket.socket | None,
     on_ready,  # type: ignore[no-untyped-def]
 ) -> None:
     metrics = GuardMetrics()
@@ -99,6 +112,13 @@ async def _run_worker(
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, stop.set)
     await runner.setup()
+    metrics_runner = None
+    if metrics_sock is not None:
+        metrics_runner = web.AppRunner(build_metrics_app(holder, metrics), access_log=None)
+        await metrics_runner.setup()
+        await web.SockSite(metrics_runner, metrics_sock).start()
+        bound = metrics_sock.getsockname()
+        log.info("metrics on http://%s:%d/metrics", bound[0], bound[1])
     _tune_gc()
     await web.SockSite(runner, sock).start()
     if on_ready is not None:
@@ -112,6 +132,8 @@ async def _run_worker(
         app[DRAINING].set()
         log.info("draining (up to %.0f s), then exiting", settings.config.server.drain_timeout_s)
         await runner.cleanup()
+        if metrics_runner is not None:
+            await metrics_runner.cleanup()
 
 
 def _tune_gc() -> None:
@@ -127,22 +149,31 @@ def _tune_gc() -> None:
     gc.set_threshold(_GC_YOUNG_THRESHOLD, 20, 20)
 
 
+def _reserve(host: str, port: int) -> socket.socket:
+    """Hold ``port`` for the workers (and learn it when it is 0) without accepting on it."""
+    reserve = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+    reserve.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    reserve.bind((host, port))
+    return reserve
+
+
 def _supervise(
     settings: Settings,
     upstreams: dict[str, UpstreamSettings],
-    host: str,
-    port: int,
+    api_at: tuple[str, int],
+    metrics_at: tuple[str, int] | None,
     workers: int,
     on_ready,  # type: ignore[no-untyped-def]
 ) -> None:
     """Fork the workers, restart one that dies, pass SIGHUP on, stop them all on SIGTERM."""
     from prometheus_client import multiprocess
 
-    # Reserve the port (and learn it when it is 0) without accepting on this socket.
-    reserve = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
-    reserve.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-    reserve.bind((host, port))
-    port = reserve.getsockname()[1]
+    host = api_at[0]
+    reserved = [_reserve(*api_at)]
+    port = reserved[0].getsockname()[1]
+    if metrics_at is not None:
+        reserved.append(_reserve(*metrics_at))
+        metrics_at = (metrics_at[0], reserved[1].getsockname()[1])
 
     def spawn() -> int:
         pid = os.fork()
@@ -150,7 +181,8 @@ def _supervise(
             code = 0
             try:
                 sock = _listen(host, port, reuse_port=True)
-                asyncio.run(_run_worker(settings, upstreams, sock, None))
+                metrics_sock = None if metrics_at is None else _listen(*metrics_at, reuse_port=True)
+                asyncio.run(_run_worker(settings, upstreams, sock, metrics_sock, None))
             except BaseException:
                 log.exception("worker crashed")
                 code = 1
@@ -186,7 +218,8 @@ def _supervise(
             log.error("worker %d exited (status %d); starting another", pid, status)
             time.sleep(1)
             children.add(spawn())
-    reserve.close()
+    for reserve in reserved:
+        reserve.close()
 
 
 def _wait_healthy(host: str, port: int, timeout_s: float = 30) -> None:

@@ -25,15 +25,18 @@ import yaml
 
 from guard_server.config.loader import load_settings
 from guard_server.pipeline.auth import hash_key
-from guard_server.teacher import task
+from guard_server.teacher import MODEL_DIR, task
+from guard_server.testing import (
+    DEFAULT_POLICY,
+    GuardProcess,
+    running_vllm,
+    vllm_process,
+    write_config,
+)
 from guard_server.trace import tokenize, trace
-from guard_server.upstream.bundled_teacher import TEACHER_DIR
-from guard_server.upstream.vllm_process import VllmProcess
 from load_tests.lab import story
 from load_tests.lab.train_storyteller import STORYTELLER_DIR
-from tests.processes import GuardProcess
 
-REPO = Path(__file__).resolve().parents[1]
 SECRET_ENV = "GUARD_RADIOACTIVITY_SECRET"
 SECRET = "radioactivity-test-secret-0123456789abcdef"
 SIGMAS = (0.5, 1.0, 2.0, 4.0)
@@ -84,7 +87,7 @@ class Workload:
 
 WORKLOADS = {
     "arithmetic": Workload(
-        TEACHER_DIR,
+        MODEL_DIR,
         32,
         lambda n: arithmetic_prompts(n, 7, "heldout"),
         lambda n: arithmetic_prompts(n, 11, "train"),
@@ -104,7 +107,7 @@ WORKLOADS = {
 
 def _tier(sampling: dict[str, Any]) -> dict[str, Any]:
     """The repo's ``default`` tier, detection off (it would add noise), plus ``sampling``."""
-    base = yaml.safe_load((REPO / "policies" / "default.yaml").read_text())["tiers"]["default"]
+    base = yaml.safe_load(DEFAULT_POLICY.read_text())["tiers"]["default"]
     base = {**base, "detection": {"enabled": False}, "limits": {}}
     if sampling:
         base["sampling"] = sampling
@@ -119,7 +122,7 @@ def clients() -> dict[str, str]:
     return keys
 
 
-def write_config(directory: Path, vllm_url: str, delta: float = 2.0) -> Path:
+def write_watermark_config(directory: Path, vllm_url: str, delta: float = 2.0) -> Path:
     """Policy and guard config: watermark tier, plain tier, one tier per noise sigma."""
     tiers = {"wm": _tier({"watermark": {**WATERMARK, "delta": delta}}), "plain": _tier({})}
     tiers.update({f"noise{s:g}": _tier({"noise": {"sigma": s}}) for s in SIGMAS})
@@ -134,40 +137,32 @@ def write_config(directory: Path, vllm_url: str, delta: float = 2.0) -> Path:
     }
     policy_path = directory / "policy.yaml"
     policy_path.write_text(yaml.safe_dump(policy))
-    config = {
-        "server": {"host": "127.0.0.1", "port": 0},
-        "secret": {"env": SECRET_ENV},
-        "upstreams": {
-            "teacher": {
-                "urls": [vllm_url],
-                "guard_plugin": True,
-                "timeouts": {"connect": 2, "read": 120, "total": 300},
-            }
-        },
-        "policies": [str(policy_path)],
-    }
-    path = directory / "guard.yaml"
-    path.write_text(yaml.safe_dump(config))
-    return path
+    upstream = {"guard_plugin": True, "timeouts": {"connect": 2, "read": 120, "total": 300}}
+    return write_config(
+        directory,
+        [vllm_url],
+        policies=[policy_path],
+        upstream=upstream,
+        secret={"env": SECRET_ENV},
+    )
 
 
 @contextlib.contextmanager
 def watermark_guard(
     directory: Path, vllm_url: str, delta: float
 ) -> Iterator[tuple[GuardProcess, Path]]:
-    """A running guard with ``write_config``'s tiers in front of ``vllm_url``, and its config.
+    """A running guard with :func:`write_watermark_config`'s tiers before ``vllm_url``, and
+    its config.
 
     The fixed secret is in the environment while it runs (the previous value is restored).
     """
     previous = os.environ.get(SECRET_ENV)
     os.environ[SECRET_ENV] = SECRET
-    config = write_config(directory, vllm_url, delta)
-    process = GuardProcess(config, directory / "guard.log").start()
+    config = write_watermark_config(directory, vllm_url, delta)
     try:
-        process.wait_ready()
-        yield process, config
+        with GuardProcess(config, directory / "guard.log") as process:
+            yield process, config
     finally:
-        process.stop()
         if previous is None:
             os.environ.pop(SECRET_ENV, None)
         else:
@@ -336,10 +331,8 @@ def main(argv: list[str] | None = None) -> int:
     with contextlib.ExitStack() as running:
         vllm_url = args.vllm_url
         if vllm_url is None:
-            vllm = VllmProcess(model, "teacher", log_path=work / "vllm.log")
-            vllm.start()
-            running.callback(vllm.stop)
-            vllm.wait_healthy(600)
+            vllm = vllm_process(model, work / "vllm.log")
+            running.enter_context(running_vllm(vllm))
             vllm_url = vllm.url
         guard, config = running.enter_context(watermark_guard(work, vllm_url, args.delta))
         if not args.skip_quality:

@@ -8,7 +8,7 @@ import time
 
 from aiohttp import web
 
-from guard_server.upstream.vllm_process import free_port
+from guard_server.testing import free_port
 
 
 def _chunk(text: str) -> bytes:
@@ -23,8 +23,9 @@ class FaultyUpstream:
     """An OpenAI-like server whose behaviour the test picks with ``mode``.
 
     Modes: ``error500``, ``hang``, ``slow_stream`` (a chunk every 50 ms, for 10 s),
-    ``short_stream`` (20 chunks, 100 ms apart, then [DONE]) and ``break_stream`` (two
-    chunks, then the connection drops).
+    ``short_stream`` (20 chunks, 100 ms apart, then [DONE]), ``break_stream`` (two
+    chunks, then the connection drops) and ``flood`` (8 KiB chunks as fast as the guard
+    takes them, for up to 60 s).
     """
 
     def __init__(self, mode: str) -> None:
@@ -96,6 +97,12 @@ class FaultyUpstream:
                     await response.write(_chunk("x"))
                     self.chunks_sent += 1
                     await asyncio.sleep(0.1)
+            if self.mode == "flood":
+                chunk = _chunk("x" * 8192)
+                deadline = time.monotonic() + 60
+                while time.monotonic() < deadline:
+                    await response.write(chunk)
+                    self.chunks_sent += 1
             deadline = time.monotonic() + 10
             while self.mode == "slow_stream" and time.monotonic() < deadline:
                 await response.write(_chunk("x"))

@@ -3,14 +3,19 @@
 from __future__ import annotations
 
 import json
-import os
-from pathlib import Path
 
 import numpy as np
 import pytest
 
 from guard_server.teacher import task
-from guard_server.upstream.bundled_teacher import TEACHER_DIR
+from guard_server.testing import (
+    ALICE_KEY,
+    BOB_KEY,
+    DEMO_KEY,
+    TRUSTED_KEY,
+    GuardProcess,
+    model_dir_under_test,
+)
 from load_tests.attacks import (
     argmax_stealing,
     honest_cost,
@@ -19,9 +24,8 @@ from load_tests.attacks import (
     soft_label,
 )
 from load_tests.attacks.common import Target, default_hardening, tier_bias_limit
-from tests.processes import ALICE_KEY, BOB_KEY, DEMO_KEY, TRUSTED_KEY, GuardProcess
 
-MODEL_DIR = Path(os.environ.get("GUARD_TEST_MODEL_DIR", str(TEACHER_DIR)))
+MODEL_DIR = model_dir_under_test()
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.processes import REPO
+from guard_server.testing import REPO
 
 TOOLS = ("wrk", "hey", "redis-server")
 

@@ -5,13 +5,9 @@ from __future__ import annotations
 from dataclasses import replace
 from pathlib import Path
 
-from load_tests.campaign import (
-    CampaignConfig,
-    campaign_thresholds,
-    replay_detection,
-    replay_summary,
-    run_phase,
-)
+from load_tests.campaign.config import CampaignConfig, campaign_thresholds
+from load_tests.campaign.phase import run_phase
+from load_tests.campaign.replay import replay_detection, replay_summary
 from load_tests.simulators import (
     BulkExtractor,
     Hydra,

@@ -14,7 +14,13 @@ import yaml
 
 from guard_server.config.loader import ConfigError, load_settings
 from guard_server.pipeline.auth import hash_key
-from tests.processes import DEMO_KEY, POLICIES, GuardProcess, metric_value, write_config
+from guard_server.testing import (
+    DEMO_KEY,
+    POLICIES,
+    GuardProcess,
+    metric_value,
+    write_test_config,
+)
 
 
 def _config(tmp_path: Path, policy: dict) -> Path:
@@ -134,7 +140,7 @@ def test_reload_applies_good_changes_and_keeps_serving_on_bad_ones(
     tmp_path: Path, vllm_url: str
 ) -> None:
     clients = _demo_clients(tmp_path, "default")
-    config = write_config(
+    config = write_test_config(
         tmp_path, [vllm_url], policies=[str(POLICIES / "default.yaml"), str(clients)]
     )
     guard = GuardProcess(config, tmp_path / "guard.log").start()
@@ -178,7 +184,7 @@ def test_configmap_style_symlink_swap_is_picked_up(tmp_path: Path, vllm_url: str
         _demo_clients(mount / version, tier)
     (mount / "..data").symlink_to("v1")
     (mount / "clients.yaml").symlink_to("..data/clients.yaml")
-    config = write_config(
+    config = write_test_config(
         tmp_path, [vllm_url], policies=[str(POLICIES / "default.yaml"), str(mount / "clients.yaml")]
     )
     guard = GuardProcess(config, tmp_path / "guard.log").start()

@@ -12,8 +12,14 @@ import pytest
 import yaml
 
 from guard_server.pipeline.auth import hash_key
-from guard_server.teacher.task import make_problems
-from tests.processes import POLICIES, TRUSTED_KEY, GuardProcess, write_config
+from guard_server.teacher.task import check, extract_answer, make_problems
+from guard_server.testing import (
+    POLICIES,
+    TRUSTED_KEY,
+    GuardProcess,
+    metric_value,
+    write_test_config,
+)
 
 ADMIN_KEY = "sk-admin-test"
 ATTACKER_KEY = "sk-test-attacker"
@@ -43,7 +49,8 @@ def _guard(
     }
     if audit is not None:
         overrides["audit"] = {"path": str(audit)}
-    return GuardProcess(write_config(tmp_path, [vllm_url], **overrides), tmp_path / "g.log").start()
+    config = write_test_config(tmp_path, [vllm_url], **overrides)
+    return GuardProcess(config, tmp_path / "g.log").start()
 
 
 def _report(guard: GuardProcess, client: str) -> dict:
@@ -99,7 +106,9 @@ def test_a_logprob_harvester_is_flagged_then_decoyed_while_an_honest_client_is_n
         assert report["signals"]["max_top_logprobs"] > 0.1
         assert _report(guard, "honest")["action"] == "pass"
 
-        # The decoy looks like an answer but its digits follow a wrong, consistent rule.
+        # The decoy looks like an answer but is wrong (the real model's answer to the question
+        # with its digits permuted, mapped back: guard_server.defences.decoy), and the same
+        # wrong answer again when asked again.
         question = [{"role": "user", "content": problems[1].question}]
         trusted = openai.OpenAI(base_url=guard.base_url, api_key=TRUSTED_KEY, max_retries=0)
         truth = trusted.chat.completions.create(
@@ -108,12 +117,17 @@ def test_a_logprob_harvester_is_flagged_then_decoyed_while_an_honest_client_is_n
         decoy = attacker.chat.completions.create(
             model="teacher", messages=question, max_tokens=24, temperature=0
         )
+        again = attacker.chat.completions.create(
+            model="teacher", messages=question, max_tokens=24, temperature=0
+        )
         true_text = truth.choices[0].message.content or ""
         decoy_text = decoy.choices[0].message.content or ""
-        assert re.sub(r"\d", "#", true_text) == re.sub(r"\d", "#", decoy_text)
-        assert all(a != b for a, b in zip(true_text, decoy_text, strict=True) if a.isdigit())
-        assert decoy.usage.completion_tokens == truth.usage.completion_tokens
-        assert "guard_decoys_served_total" in guard.metrics()
+        assert check(problems[1], true_text)
+        assert extract_answer(decoy_text) and not check(problems[1], decoy_text)
+        assert re.sub(r"\d+", "#", true_text) == re.sub(r"\d+", "#", decoy_text)
+        assert again.choices[0].message.content == decoy_text
+        assert decoy.usage.prompt_tokens == truth.usage.prompt_tokens
+        assert metric_value(guard.metrics(), "guard_decoys_served_total") >= 2
 
         time.sleep(0.2)
         lines = [yaml.safe_load(line) for line in audit.read_text().splitlines()]

@@ -7,7 +7,7 @@ import openai
 import pytest
 
 from guard_server.teacher.task import completion_prompt
-from tests.processes import GuardProcess
+from guard_server.testing import GuardProcess
 
 CHAT = [{"role": "user", "content": "What is 1 + 2?"}]
 

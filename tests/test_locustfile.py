@@ -12,16 +12,15 @@ from pathlib import Path
 
 import pytest
 
-from tests.processes import ALICE_KEY, BOB_KEY, REPO, GuardProcess, write_config
+from guard_server.testing import ALICE_KEY, BOB_KEY, REPO, GuardProcess, write_test_config
 
 LOCUST = REPO / ".locust-venv" / "bin" / "locust"
 
 
 @pytest.mark.skipif(not LOCUST.exists(), reason="no .locust-venv (scripts/install-locust.sh)")
 def test_locust_replays_honest_and_attacker_traffic(tmp_path: Path, vllm_url: str) -> None:
-    guard = GuardProcess(write_config(tmp_path, [vllm_url]), tmp_path / "guard.log").start()
-    try:
-        guard.wait_ready()
+    config = write_test_config(tmp_path, [vllm_url])
+    with GuardProcess(config, tmp_path / "guard.log") as guard:
         env = {
             **os.environ,
             "PYTHONPATH": str(REPO),
@@ -42,8 +41,6 @@ def test_locust_replays_honest_and_attacker_traffic(tmp_path: Path, vllm_url: st
             ],
             cwd=REPO, env=env, capture_output=True, text=True, timeout=120,
         )  # fmt: skip
-    finally:
-        guard.stop()
     assert result.returncode == 0, result.stderr[-3000:]
     with (tmp_path / "run_stats.csv").open() as f:
         rows = {row["Name"]: row for row in csv.DictReader(f)}

@@ -8,7 +8,7 @@ import openai
 import pytest
 
 from guard_server.teacher.task import completion_prompt, make_problems
-from tests.processes import ALICE_KEY, BOB_KEY, GuardProcess
+from guard_server.testing import ALICE_KEY, BOB_KEY, GuardProcess
 
 QUESTION = make_problems(1, seed=21, split="heldout")[0].question
 MESSAGES = [{"role": "user", "content": QUESTION}]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import openai
 
 from guard_server.teacher.task import check, completion_prompt, make_problems
-from tests.processes import GuardProcess, metric_value
+from guard_server.testing import GuardProcess, metric_value
 
 PROBLEM = make_problems(1, seed=11, split="heldout")[0]
 

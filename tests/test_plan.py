@@ -13,7 +13,13 @@ import yaml
 
 from guard_server.pipeline.auth import hash_key
 from guard_server.teacher.task import make_problems
-from tests.processes import POLICIES, TRUSTED_KEY, GuardProcess, metric_value, write_config
+from guard_server.testing import (
+    POLICIES,
+    TRUSTED_KEY,
+    GuardProcess,
+    metric_value,
+    write_test_config,
+)
 
 ATTACKER_KEY = "sk-test-plan-attacker"
 HONEST_KEY = "sk-test-plan-honest"
@@ -41,7 +47,7 @@ def _guard(tmp_path: Path, vllm_url: str, mode: str, requests_per_minute: int) -
     }
     path = tmp_path / "watched.yaml"
     path.write_text(yaml.safe_dump(policy))
-    config = write_config(
+    config = write_test_config(
         tmp_path,
         [vllm_url],
         policies=[str(POLICIES / "default.yaml"), str(POLICIES / "demo-clients.yaml"), str(path)],

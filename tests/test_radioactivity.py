@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from guard_server.teacher import task
-from guard_server.upstream.bundled_teacher import TEACHER_DIR
+from guard_server.testing import GuardProcess, model_dir_under_test
 from load_tests import radioactivity as rt
-from tests.processes import GuardProcess
 
 PROMPTS = 96
 
@@ -38,7 +36,7 @@ def _answers(guard: GuardProcess, client: str) -> list[str]:
 
 
 def _tokenizer_dir() -> Path:
-    return Path(os.environ.get("GUARD_TEST_MODEL_DIR", str(TEACHER_DIR)))
+    return model_dir_under_test()
 
 
 def test_watermarked_answers_name_their_client(wm_guard: tuple[GuardProcess, Path]) -> None:

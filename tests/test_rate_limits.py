@@ -12,8 +12,14 @@ import pytest
 import yaml
 
 from guard_server.pipeline.auth import hash_key
+from guard_server.testing import (
+    POLICIES,
+    GuardProcess,
+    RedisProcess,
+    metric_value,
+    write_test_config,
+)
 from tests.fake_upstream import FaultyUpstream
-from tests.processes import POLICIES, GuardProcess, RedisProcess, metric_value, write_config
 
 KEY = "sk-test-limited"
 
@@ -32,7 +38,7 @@ def _limited_guard(
         overrides["state"] = state
     directory = tmp_path / name
     directory.mkdir(exist_ok=True)
-    config = write_config(directory, [upstream], **overrides)
+    config = write_test_config(directory, [upstream], **overrides)
     return GuardProcess(config, directory / "guard.log").start()
 
 
@@ -73,7 +79,15 @@ def test_limit_holds_globally_across_three_replicas(
     tmp_path: Path, vllm_url: str, redis_server: RedisProcess
 ) -> None:
     limit = 30
-    state = {"backend": "redis", "redis_url": redis_server.url, "key_prefix": f"g{time.time_ns()}"}
+    # Closed and patient: a Redis call slower than the default 0.25 s on a loaded machine
+    # would otherwise fail open and admit past the limit (by design, but not what this tests).
+    state = {
+        "backend": "redis",
+        "redis_url": redis_server.url,
+        "key_prefix": f"g{time.time_ns()}",
+        "timeout_s": 5,
+        "on_failure": "closed",
+    }
     guards = [
         _limited_guard(tmp_path, vllm_url, {"requests_per_minute": limit}, state, name=f"r{i}")
         for i in range(3)
@@ -125,11 +139,9 @@ def test_redis_stopped_mid_run(tmp_path: Path, vllm_url: str, on_failure: str) -
         text = guard.metrics()
         assert metric_value(text, "guard_state_backend_up") == 0
         assert metric_value(text, "guard_state_errors_total") >= 3
-        assert guard.process is not None and guard.process.poll() is None
+        assert guard.alive()
         # Redis back on the same port: the guard recovers by itself.
-        restarted = RedisProcess()
-        restarted.port = redis.port
-        restarted.start()
+        restarted = RedisProcess(redis.port).start()
         try:
             _complete(guard)
             assert metric_value(guard.metrics(), "guard_state_backend_up") == 1

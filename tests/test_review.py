@@ -18,15 +18,14 @@ import yaml
 
 from guard_server.pipeline.auth import hash_key
 from guard_server.teacher.task import make_problems
-from guard_server.upstream.vllm_process import free_port
-from tests.processes import (
+from guard_server.testing import (
     POLICIES,
     REPO,
     TRUSTED_KEY,
     GuardProcess,
     RedisProcess,
     metric_value,
-    write_config,
+    write_test_config,
 )
 
 ADMIN_KEY = "sk-admin-review"
@@ -39,7 +38,7 @@ TOP_CLIENTS = 3
 QUESTION = [{"role": "user", "content": make_problems(1, seed=5, split="heldout")[0].question}]
 
 
-def _config(directory: Path, vllm_url: str, state: dict | None = None) -> Path:
+def _config(directory: Path, vllm_url: str, state: dict | None = None, **sections) -> Path:
     default = yaml.safe_load((POLICIES / "default.yaml").read_text())["tiers"]["default"]
     policy = {
         "tiers": {"watched": {**default, "detection": {"thresholds": THRESHOLDS}}},
@@ -56,10 +55,11 @@ def _config(directory: Path, vllm_url: str, state: dict | None = None) -> Path:
         "admin": {"key_hash": hash_key(ADMIN_KEY)},
         "audit": {"path": str(directory / "audit.jsonl")},
         "metrics": {"top_clients": TOP_CLIENTS},
+        **sections,
     }
     if state is not None:
         overrides["state"] = state
-    return write_config(directory, [vllm_url], **overrides)
+    return write_test_config(directory, [vllm_url], **overrides)
 
 
 @pytest.fixture(scope="module")
@@ -388,23 +388,11 @@ def test_every_worker_obeys_a_pin_and_exports_the_same_top(
     tmp_path: Path, vllm_url: str, redis_server: RedisProcess
 ) -> None:
     state = {"backend": "redis", "redis_url": redis_server.url, "key_prefix": f"rw{time.time_ns()}"}
-    config = _config(tmp_path, vllm_url, state)
-    document = yaml.safe_load(config.read_text())
-    document["secret"] = {"env": "GUARD_TEST_SECRET"}
-    config.write_text(yaml.safe_dump(document))
-    port = free_port()
-    process = subprocess.Popen(
-        [sys.executable, "-m", "guard_server", "serve", "--config", str(config),
-         "--port", str(port), "--workers", "2"],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO,
-        env={**os.environ, "GUARD_TEST_SECRET": "x" * 40, "PYTHONUNBUFFERED": "1"},
-    )  # fmt: skip
-    url = f"http://127.0.0.1:{port}"
+    config = _config(tmp_path, vllm_url, state, secret={"env": "GUARD_TEST_SECRET"})
+    env = {"GUARD_TEST_SECRET": "x" * 40}
+    process = GuardProcess(config, tmp_path / "guard.log", workers=2, env=env).start()
+    url = process.url
     try:
-        assert process.stdout is not None
-        for line in process.stdout:
-            if "listening on" in line:
-                break
 
         def ask(logprobs: bool) -> int:  # a new connection each time: the kernel spreads them
             body: dict = {"model": "teacher", "messages": QUESTION, "max_tokens": 4}
@@ -429,10 +417,13 @@ def test_every_worker_obeys_a_pin_and_exports_the_same_top(
         deadline, seen = time.monotonic() + 15, 0
         while seen < 6:
             assert time.monotonic() < deadline, seen
-            text = httpx.get(f"{url}/metrics").text
+            text = process.metrics()
             seen = seen + 1 if metric_value(text, "guard_client_risk", **labels) > 0 else 0
             time.sleep(0.1)
         assert metric_value(text, "guard_worker_up") == 2
     finally:
         process.send_signal(signal.SIGTERM)
-        assert process.wait(30) == 0
+        try:
+            assert process.wait(30) == 0
+        finally:
+            process.stop()

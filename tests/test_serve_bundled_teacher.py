@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-import os
 import re
 import signal
-import subprocess
-import sys
 import time
 import urllib.error
 import urllib.request
@@ -16,33 +13,23 @@ import openai
 import yaml
 
 from guard_server.teacher.task import check, make_problems
-from guard_server.upstream.vllm_process import free_port
-from tests.processes import DEMO_KEY, POLICIES, REPO
+from guard_server.testing import DEMO_KEY, POLICIES, GuardProcess, free_port
 
 
-def _start_serve(tmp_path: Path) -> tuple[subprocess.Popen[str], int, str]:
+def _start_serve(tmp_path: Path) -> tuple[GuardProcess, int, str]:
     vllm_port = free_port()
     config = yaml.safe_load((POLICIES / "guard.yaml").read_text())
     config["policies"] = [str(POLICIES / name) for name in config["policies"]]
     config["bundled_teacher"] = {"port": vllm_port}
+    config["metrics"] = {"port": free_port()}
     path = tmp_path / "guard.yaml"
     path.write_text(yaml.safe_dump(config))
-    port = free_port()
-    process = subprocess.Popen(
-        [sys.executable, "-m", "guard_server", "serve", "--config", str(path), "--port", str(port)],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
-    )  # fmt: skip
-    output = ""
-    deadline = time.monotonic() + 300
-    assert process.stdout is not None
-    while time.monotonic() < deadline:
-        line = process.stdout.readline()
-        if not line:
-            break
-        output += line
-        if "curl -s" in line:
-            break
+    process = GuardProcess(path, tmp_path / "guard.log").spawn()
+    try:
+        output = process.wait_log("curl -s", timeout_s=300)
+    except BaseException:
+        process.stop()
+        raise
     match = re.search(r"listening on (http://\S+/v1)", output)
     assert match, output
     return process, vllm_port, output
@@ -83,8 +70,7 @@ def test_serve_runs_the_teacher_prints_a_working_example_and_stops_it(tmp_path: 
         process.wait(10)
         _wait_until_down(vllm_port)
     finally:
-        process.kill()
-        process.wait()
+        process.stop()
 
 
 def test_sigterm_stops_guard_and_vllm(tmp_path: Path) -> None:
@@ -95,5 +81,4 @@ def test_sigterm_stops_guard_and_vllm(tmp_path: Path) -> None:
         assert process.wait(60) == 0
         _wait_until_down(vllm_port, timeout_s=10)
     finally:
-        process.kill()
-        process.wait()
+        process.stop()

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from guard_server.testing import POLICIES, REPO
 from guard_server.upstream import smollm2
-from tests.processes import POLICIES, REPO
 
 
 def test_the_requirements_pin_is_the_version_the_converter_expects() -> None:

@@ -17,10 +17,10 @@ from pathlib import Path
 
 import pytest
 
+from guard_server.testing import GuardProcess
 from load_tests import radioactivity as rt
 from load_tests.lab import lm, student
 from load_tests.lab.train_storyteller import STORYTELLER_DIR
-from tests.processes import GuardProcess
 
 WORKLOAD = rt.WORKLOADS["storyteller"]
 COLLECT = 200

@@ -11,12 +11,12 @@ from collections.abc import Iterator
 
 import pytest
 
+from guard_server.testing import DEMO_KEY, TRUSTED_KEY, GuardProcess, write_test_config
 from load_tests.attacks import soft_label_story as sls
 from load_tests.attacks.common import Target
 from load_tests.attacks.soft_label import Answer, collect_prompts
 from load_tests.lab import story, student
 from load_tests.lab.train_storyteller import STORYTELLER_DIR
-from tests.processes import DEMO_KEY, TRUSTED_KEY, GuardProcess, write_config
 
 STORIES = 60
 
@@ -25,10 +25,8 @@ STORIES = 60
 def answers(storyteller_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
     """The same 60 story prompts asked with ``logprobs: 20`` on the trusted and default tiers."""
     directory = tmp_path_factory.mktemp("story-soft-label")
-    process = GuardProcess(write_config(directory, [storyteller_url]), directory / "guard.log")
-    process.start()
-    try:
-        process.wait_ready()
+    config = write_test_config(directory, [storyteller_url])
+    with GuardProcess(config, directory / "guard.log") as process:
         prompts = [story.prompt(t) for t in story.topics(STORIES, sls.TRAIN_SEED)]
         yield {
             label: collect_prompts(
@@ -36,8 +34,6 @@ def answers(storyteller_url: str, tmp_path_factory: pytest.TempPathFactory) -> I
             )
             for label, key in (("trusted", TRUSTED_KEY), ("default", DEMO_KEY))
         }
-    finally:
-        process.stop()
 
 
 def test_default_tier_passes_part_of_the_distribution_and_the_what_if_tier_none(

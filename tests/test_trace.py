@@ -16,8 +16,8 @@ import yaml
 from guard_server.config.loader import load_settings
 from guard_server.defences.hashing import is_green
 from guard_server.defences.keys import watermark_key
+from guard_server.testing import POLICIES, REPO, TEST_CLIENTS
 from guard_server.trace import trace
-from tests.processes import POLICIES, REPO, TEST_CLIENTS
 
 SECRET = "s" * 40
 

@@ -3,21 +3,19 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
-from pathlib import Path
+from collections.abc import Callable
 
 import httpx
 import openai
 import pytest
 
-from guard_server.upstream.vllm_process import free_port
+from guard_server.testing import DEMO_KEY, GuardProcess, free_port, metric_value
 from tests.fake_upstream import FaultyUpstream
-from tests.processes import DEMO_KEY, GuardProcess, metric_value, write_config
 
 
 @pytest.fixture
-def guard_for(tmp_path: Path) -> Iterator:  # type: ignore[type-arg]
-    started: list[GuardProcess] = []
+def guard_for(start_guard: Callable[..., GuardProcess]) -> Callable[..., GuardProcess]:
+    """``guard_for(urls, read_timeout)``: a guard with short upstream timeouts, fast probes."""
 
     def start(urls: list[str], read_timeout: float = 30) -> GuardProcess:
         upstream = {
@@ -25,14 +23,9 @@ def guard_for(tmp_path: Path) -> Iterator:  # type: ignore[type-arg]
             "timeouts": {"connect": 1, "read": read_timeout, "total": 60},
             "health_interval_s": 0.3,
         }
-        config = write_config(tmp_path, urls, upstreams={"teacher": upstream})
-        guard = GuardProcess(config, tmp_path / f"guard{len(started)}.log").start()
-        started.append(guard)
-        return guard
+        return start_guard(urls, upstreams={"teacher": upstream})
 
-    yield start
-    for guard in started:
-        guard.stop()
+    return start
 
 
 def _sdk(guard: GuardProcess) -> openai.OpenAI:
@@ -149,4 +142,4 @@ def test_sigterm_drains_a_stream_and_refuses_new_requests(guard_for) -> None:  #
         assert finished.wait(10), "the stream did not finish during the drain"
         reader.join()
         assert len(received) == 20
-        assert guard.process is not None and guard.process.wait(10) == 0
+        assert guard.wait(10) == 0

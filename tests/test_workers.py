@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import os
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -13,8 +10,13 @@ import httpx
 import yaml
 
 from guard_server.pipeline.auth import hash_key
-from guard_server.upstream.vllm_process import free_port
-from tests.processes import POLICIES, REPO, RedisProcess, metric_value, write_config
+from guard_server.testing import (
+    POLICIES,
+    GuardProcess,
+    RedisProcess,
+    metric_value,
+    write_test_config,
+)
 
 KEY = "sk-test-workers"
 
@@ -30,25 +32,17 @@ def test_two_workers_share_limits_and_metrics(
         )
     )
     state = {"backend": "redis", "redis_url": redis_server.url, "key_prefix": f"w{time.time_ns()}"}
-    config = write_config(
+    config = write_test_config(
         tmp_path,
         [vllm_url],
         policies=[str(POLICIES / "default.yaml"), str(clients)],
         state=state,
         secret={"env": "GUARD_TEST_SECRET"},
     )
-    port = free_port()
-    process = subprocess.Popen(
-        [sys.executable, "-m", "guard_server", "serve", "--config", str(config),
-         "--port", str(port), "--workers", "2"],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO,
-        env={**os.environ, "GUARD_TEST_SECRET": "x" * 40, "PYTHONUNBUFFERED": "1"},
-    )  # fmt: skip
+    env = {"GUARD_TEST_SECRET": "x" * 40}
+    process = GuardProcess(config, tmp_path / "guard.log", workers=2, env=env).start()
+    port = process.port
     try:
-        assert process.stdout is not None
-        for line in process.stdout:
-            if "listening on" in line:
-                break
         statuses = []
         with httpx.Client(base_url=f"http://127.0.0.1:{port}/v1") as client:
             for _ in range(40):
@@ -59,7 +53,8 @@ def test_two_workers_share_limits_and_metrics(
                     headers={"Authorization": f"Bearer {KEY}"},
                 )
                 statuses.append(response.status_code)
-            text = client.get(f"http://127.0.0.1:{port}/metrics").text
+            metrics_port = yaml.safe_load(config.read_text())["metrics"]["port"]
+            text = client.get(f"http://127.0.0.1:{metrics_port}/metrics").text
         assert statuses.count(200) in (20, 21)  # one may refill in the test's seconds
         assert statuses.count(429) == 40 - statuses.count(200)
         assert metric_value(text, "guard_requests_total", status="200") == statuses.count(200)
@@ -67,4 +62,7 @@ def test_two_workers_share_limits_and_metrics(
         assert metric_value(text, "guard_worker_up") == 2  # one series per worker pid
     finally:
         process.send_signal(signal.SIGTERM)
-        assert process.wait(30) == 0
+        try:
+            assert process.wait(30) == 0
+        finally:
+            process.stop()

@@ -89,10 +89,25 @@ class Settings:
 
     @property
     def model_names(self) -> list[str]:
-        """Public model names, in configuration order."""
+        """Every configured model name (decoy models too), in configuration order."""
         if self.config.upstreams:
             return list(self.config.upstreams)
         return [self.config.bundled_teacher.public_name]
+
+    @cached_property
+    def decoy_models(self) -> frozenset[str]:
+        """Models that answer decoyed requests (``detection.decoy.model``): never offered."""
+        return frozenset(
+            tier.detection.decoy.model
+            for tier in self.tiers.values()
+            if tier.detection.decoy.source == "model" and tier.detection.decoy.model
+        )
+
+    @cached_property
+    def public_models(self) -> tuple[str, ...]:
+        """The models clients may name: every configured one but the decoy models. A decoy
+        model that could be listed or called would let a client compare it with decoys."""
+        return tuple(name for name in self.model_names if name not in self.decoy_models)
 
 
 def _read_yaml(path: Path, allow_empty: bool = True) -> tuple[Any, bytes]:
@@ -216,6 +231,16 @@ def load_settings(path: str | os.PathLike[str]) -> Settings:
             client_entries[client_id] = (entry, policy_path)
 
     model_names = list(config.upstreams) or [config.bundled_teacher.public_name]
+    decoy_models = {
+        tier.detection.decoy.model
+        for tier in tiers.values()
+        if tier.detection.decoy.source == "model" and tier.detection.decoy.model
+    }
+    if decoy_models and decoy_models >= set(model_names):
+        raise ConfigError(
+            "every configured model is a decoy model (detection.decoy.model): "
+            "clients would have no model to call"
+        )
     for tier in tiers.values():
         decoy_model = tier.detection.decoy.model
         if decoy_model is not None and decoy_model not in model_names:
@@ -224,6 +249,11 @@ def load_settings(path: str | os.PathLike[str]) -> Settings:
                 f"configured models: {', '.join(model_names)}"
             )
         for model in sorted(tier.models or ()):
+            if model in decoy_models:
+                raise ConfigError(
+                    f"tiers.{tier.name}.models: {model!r} is a decoy model (a tier's "
+                    "detection.decoy.model): it answers decoyed requests and cannot be offered"
+                )
             if model not in model_names:
                 raise ConfigError(
                     f"tiers.{tier.name}.models: unknown model {model!r}; "

@@ -18,6 +18,9 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+SystemFingerprint = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[ -~]+$")]
+
+
 class ServerSettings(_Strict):
     """Where the guard listens and how it treats request bodies."""
 
@@ -28,6 +31,13 @@ class ServerSettings(_Strict):
     reload_interval_s: Annotated[float, Field(gt=0)] = 2.0
     drain_timeout_s: Annotated[float, Field(ge=0)] = 60.0
     workers: Annotated[int, Field(ge=1, le=64)] = 1
+    system_fingerprint: SystemFingerprint = "auto"
+    """What responses carry as ``system_fingerprint``: ``auto`` (the guard's own value, keyed
+    by the secret and the public model name), ``pass`` (vLLM's, which names its version), or
+    a literal string. ``upstreams.<model>.system_fingerprint`` overrides it per model."""
+    write_timeout_s: Annotated[float, Field(gt=0, le=3600)] = 30.0
+    """How long one write to a streaming client may wait for the client to read; past it the
+    response is ended and the upstream request cancelled."""
 
 
 class Timeouts(_Strict):
@@ -51,6 +61,7 @@ class UpstreamSettings(_Strict):
     # Consecutive failed /health probes before an endpoint stops getting requests (a refused
     # connection during a request takes it out at once).
     unhealthy_after: Annotated[int, Field(ge=1)] = 3
+    system_fingerprint: SystemFingerprint | None = None  # None: server.system_fingerprint
 
     @field_validator("urls")
     @classmethod
@@ -92,12 +103,39 @@ class RateLimits(_Strict):
     concurrent_requests: Annotated[int, Field(ge=1)] | None = None
 
 
+DEFAULT_METRICS_PORT = 9464
+
+
 class MetricsSettings(_Strict):
-    """Prometheus options."""
+    """Prometheus options: where ``/metrics`` is served, and who may read it.
+
+    By default it has a port of its own, never the API port: its counters (decoys served,
+    flagged clients) would tell a client it was caught. ``port: null`` serves it on the API
+    port instead, which then needs ``token_hash``.
+    """
 
     client_label: bool = False
     # guard_client_risk shows this many clients at most: the review board's top (0: none).
     top_clients: Annotated[int, Field(ge=0, le=1000)] = 20
+    port: Annotated[int, Field(ge=0, le=65535)] | None = DEFAULT_METRICS_PORT
+    host: str | None = None  # the metrics listener's address; default server.host
+    token_hash: str | None = None  # sha256 of a bearer token /metrics then requires
+
+    @field_validator("token_hash")
+    @classmethod
+    def _hash_only(cls, value: str | None) -> str | None:
+        if value is not None and not _KEY_HASH.match(value):
+            raise ValueError("store the metrics token as 'sha256:<64 lowercase hex>'")
+        return value
+
+    @model_validator(mode="after")
+    def _not_open_on_the_api_port(self) -> MetricsSettings:
+        if self.port is None and self.token_hash is None:
+            raise ValueError(
+                "`port: null` serves /metrics on the API port, where clients could read it: "
+                "set `token_hash` too, or give /metrics a port of its own"
+            )
+        return self
 
 
 class BundledTeacherSettings(_Strict):
@@ -153,6 +191,15 @@ class GuardConfig(_Strict):
     admin: AdminSettings = AdminSettings()
     audit: AuditSettings = AuditSettings()
     policies: list[str] = []
+
+    @model_validator(mode="after")
+    def _metrics_port_apart(self) -> GuardConfig:
+        port = self.metrics.port
+        if port and port == self.server.port:
+            raise ValueError(
+                f"metrics.port: {port} is also server.port; give /metrics a port of its own"
+            )
+        return self
 
 
 class Bound(_Strict):

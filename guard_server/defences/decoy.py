@@ -1,24 +1,56 @@
-"""The misinformation decoy: answers that look real but carry a consistent, wrong rule.
+"""The misinformation decoy's digit maps: answers that look real but whose numbers are wrong.
 
-Every digit in generated text (and in logprob token strings) goes through a permutation
-without fixed points, keyed by the server secret and the client. The real model still runs,
-so format, usage and timing are genuine; the numbers are wrong, always in the same way for
-one client, which is the worst kind of training data: a student learns a false rule.
+A decoyed request is answered by a *conjugated* model: the real model in a world whose ten
+digits are permuted. The digits of what the model reads (the prompt, stop strings, ...) go
+through the inverse permutation on the way up, and the digits of everything it writes (text,
+reasoning, tool-call arguments, the stop string that ended it, logprob tokens) through the
+permutation on the way back. Format, usage and timing are genuine, the client's own text
+comes back unchanged wherever the model repeats it, and every field agrees with every other:
+nothing inside one answer shows the remapping.
+
+The permutation is a derangement (no digit maps to itself) keyed by the server secret, the
+client and the prompt: the same question always gets the same wrong answer (repeating it
+reveals nothing), while one answer the client can check reveals nothing about the map of any
+other prompt.
 """
 
 from __future__ import annotations
 
-import hashlib
 import random
+from dataclasses import dataclass
+
+from guard_server.defences.keys import client_key, request_key
 
 _DIGITS = "0123456789"
 
 
-def digit_map(secret: bytes, client_id: str) -> dict[int, str]:
-    """A ``str.translate`` table: a keyed derangement of the ten digits."""
-    seed = hashlib.blake2b(client_id.encode(), key=secret[:64], digest_size=16).digest()
+@dataclass(frozen=True, slots=True)
+class DigitMap:
+    """A derangement of the ten digits, as ``str.translate`` tables both ways."""
+
+    forward: dict[int, int]  # what the model wrote -> what the client reads
+    inverse: dict[int, int]  # what the client wrote -> what the model reads
+
+    def show(self, text: str) -> str:
+        """Text the model wrote, as the client sees it."""
+        return text.translate(self.forward)
+
+    def hide(self, text: str) -> str:
+        """Text the client wrote, as the model reads it."""
+        return text.translate(self.inverse)
+
+    def show_bytes(self, data: list[int]) -> list[int]:
+        """UTF-8 bytes the model wrote (a token's), as the client sees them."""
+        forward = self.forward  # str.maketrans keys and values are code points
+        return [forward.get(byte, byte) for byte in data]
+
+
+def digit_map(secret: bytes, client_id: str, prompt: object) -> DigitMap:
+    """The keyed derangement for ``client_id`` asking ``prompt`` (any JSON value)."""
+    seed = request_key(client_key(secret, "decoy-digits", client_id), prompt)
     rng = random.Random(seed)
     shifted = list(_DIGITS)
     while any(a == b for a, b in zip(shifted, _DIGITS, strict=True)):
         rng.shuffle(shifted)
-    return str.maketrans(_DIGITS, "".join(shifted))
+    image = "".join(shifted)
+    return DigitMap(str.maketrans(_DIGITS, image), str.maketrans(image, _DIGITS))

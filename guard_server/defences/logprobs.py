@@ -55,11 +55,43 @@ class LogprobHardening:
     exact_above: float | None = None
     """Return the sampled token's value exact when its probability is at least this (> 0.5,
     so the token is the position's most likely one); ``None``: never."""
+    ranked: int | None = None
+    """Only this many of a position's most likely tokens keep their rank; the others trade
+    values in a keyed order (:meth:`rerank`). ``None``: every token keeps its rank."""
 
     @property
     def active(self) -> bool:
         """Whether values are changed at all."""
-        return self.noise_scale > 0 or self.quantize != "none"
+        return self.noise_scale > 0 or self.quantize != "none" or self.ranked is not None
+
+    def rerank(
+        self,
+        key: bytes,
+        position: int,
+        tokens: list[str],
+        values: list[float],
+        pinned: int | None = None,
+    ) -> tuple[list[float], list[int]]:
+        """The values with every token past the first ``ranked`` given another's, and the
+        new rank order (indices into ``tokens``). ``pinned`` keeps its value and rank: the
+        sampled token when it is not among the top ones asked for (it is listed last).
+
+        The tail's order is a keyed shuffle: a pure function of (key, position, token), so
+        repeating a request returns the same order and averaging repeats undoes nothing.
+        The answer keeps its shape (as many values, still sorted), while which of the tail's
+        tokens is more likely is no longer in it.
+        """
+        by_rank = sorted((i for i in range(len(values)) if i != pinned), key=lambda i: -values[i])
+        last = [] if pinned is None else [pinned]
+        if self.ranked is None or len(by_rank) <= self.ranked:
+            return list(values), by_rank + last
+        head, tail = by_rank[: self.ranked], by_rank[self.ranked :]
+        tail.sort(key=lambda i: keyed_normal(key, position, "\0rank\0" + tokens[i]))
+        order = head + tail
+        out = list(values)
+        for i, value in zip(order, sorted((values[i] for i in by_rank), reverse=True), strict=True):
+            out[i] = value
+        return out, order + last
 
     def apply(
         self,

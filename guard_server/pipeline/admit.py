@@ -47,19 +47,38 @@ def _duration(seconds: float) -> str:
     return f"{int(minutes)}m{rest:.0f}s" if minutes else f"{rest:.3g}s"
 
 
-def ratelimit_headers(limits: LimitSpec, admission: Admission) -> dict[str, str]:
-    """``x-ratelimit-*`` headers like OpenAI's."""
+def ratelimit_headers(
+    advertised: LimitSpec, applied: LimitSpec, admission: Admission
+) -> dict[str, str]:
+    """``x-ratelimit-*`` headers like OpenAI's, the same for a flagged client as for any.
+
+    While a tightened limit (``applied``) is enforced, the headers show the client's
+    configured one (``advertised``) and the level of the store's bucket at that rate
+    (``Admission.shown_*``): it falls by one request, and by the tokens used, and refills,
+    exactly as an unflagged client's bucket does, and it starts and ends where the enforced
+    bucket was, so nothing jumps. Only a refusal shows the enforced bucket's level (near 0),
+    as any 429 does: that the 429 comes early is the one thing no header can hide.
+    """
     headers: dict[str, str] = {}
-    for kind, limit, remaining in (
-        ("requests", limits.requests_per_minute, admission.remaining_requests),
-        ("tokens", limits.tokens_per_minute, admission.remaining_tokens),
-    ):
-        if limit is None or remaining is None:
+    for kind, limit, enforced, shown, remaining in (
+        ("requests", advertised.requests_per_minute, applied.requests_per_minute,
+         admission.shown_requests, admission.remaining_requests),
+        ("tokens", advertised.tokens_per_minute, applied.tokens_per_minute,
+         admission.shown_tokens, admission.remaining_tokens),
+    ):  # fmt: skip
+        if limit is None or enforced is None or remaining is None:
             continue
+        level = remaining if shown is None or admission.exceeded == kind else shown
+        level = min(max(level, 0.0), float(limit))
         headers[f"x-ratelimit-limit-{kind}"] = str(limit)
-        headers[f"x-ratelimit-remaining-{kind}"] = str(max(0, math.floor(remaining)))
-        headers[f"x-ratelimit-reset-{kind}"] = _duration((limit - remaining) * 60 / limit)
+        headers[f"x-ratelimit-remaining-{kind}"] = str(math.floor(level))
+        headers[f"x-ratelimit-reset-{kind}"] = _duration((limit - level) * 60 / limit)
     return headers
+
+
+def _shown(advertised: LimitSpec, applied: LimitSpec) -> LimitSpec | None:
+    """The limits the headers show when they differ from the enforced ones (tightened)."""
+    return None if advertised == applied else advertised
 
 
 class Admitter:
@@ -89,7 +108,12 @@ class Admitter:
         estimate = estimate_tokens(ctx)
         try:
             admission = await self.store.admit(
-                f"c:{ctx.client.id}", limits, estimate, uuid.uuid4().hex, self.slot_ttl_s
+                f"c:{ctx.client.id}",
+                limits,
+                estimate,
+                uuid.uuid4().hex,
+                self.slot_ttl_s,
+                _shown(ctx.plan.advertised, limits),
             )
         except StateUnavailable as exc:
             self._state_failed(exc)
@@ -103,7 +127,7 @@ class Admitter:
             ) from None
         self.metrics.state_up.set(1)
         ctx.admission = admission
-        headers = ratelimit_headers(limits, admission)
+        headers = ratelimit_headers(ctx.plan.advertised, limits, admission)
         ctx.response_headers.update(headers)
         if admission.allowed:
             return
@@ -131,14 +155,22 @@ class Admitter:
         else:
             refund = 0  # usage unknown (stream cut short): keep the reservation
         task = asyncio.get_running_loop().create_task(
-            self._settle(f"c:{ctx.client.id}", limits, admission.slot, refund)
+            self._settle(
+                f"c:{ctx.client.id}",
+                limits,
+                admission.slot,
+                refund,
+                _shown(ctx.plan.advertised, limits),
+            )
         )
         self._settling.add(task)
         task.add_done_callback(self._settling.discard)
 
-    async def _settle(self, scope: str, limits: LimitSpec, slot: str, refund: int) -> None:
+    async def _settle(
+        self, scope: str, limits: LimitSpec, slot: str, refund: int, shown: LimitSpec | None
+    ) -> None:
         try:
-            await self.store.settle(scope, limits, slot, refund)
+            await self.store.settle(scope, limits, slot, refund, shown)
         except StateUnavailable as exc:
             self._state_failed(exc)  # the slot expires by itself
 

@@ -1,8 +1,12 @@
-"""The decoy, both halves: what a decoyed request becomes on the way up (another model, or
-hotter sampling) and what its answer becomes on the way back (the misinformation map).
+"""The decoy, both halves: what a decoyed request becomes on the way up (another model, hotter
+sampling, or the misinformation decoy's digit-permuted world) and what its answer becomes on
+the way back.
 
 The plan decides whether a request is decoyed (:func:`plan_decoy`); this module is the only
-one that knows what each decoy source does.
+one that knows what each decoy source does. The misinformation decoy answers as the real
+model would in a world whose digits are permuted (see ``guard_server.defences.decoy``): every
+text the model reads is mapped one way, every text it writes the other way, so no field of the
+answer disagrees with another or with the client's own text.
 """
 
 from __future__ import annotations
@@ -11,11 +15,20 @@ from dataclasses import dataclass
 from typing import Any
 
 from guard_server.config.loader import Client
-from guard_server.defences.decoy import digit_map
+from guard_server.defences.decoy import DigitMap, digit_map
+from guard_server.openai_fields import Endpoint
 from guard_server.pipeline.context import RequestContext
 
 _HOT_TEMPERATURE = 2.0
 """The ``perturbed`` decoy's sampling temperature when the upstream runs no guard plugin."""
+
+_WRITTEN_TEXT = ("content", "reasoning", "reasoning_content")
+"""The text fields of a chat message or delta that the model wrote."""
+
+_SCHEMA_MEMBERS = frozenset(("properties", "patternProperties", "$defs", "definitions"))
+"""JSON-schema keywords whose keys are names (the model writes them as JSON keys)."""
+_SCHEMA_LITERAL = frozenset(("type", "format", "pattern", "$schema", "$id"))
+"""JSON-schema keywords whose values are syntax, not text: left as they are."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -25,57 +38,191 @@ class DecoyPlan:
     source: str  # misinformation, model or perturbed
     model: str | None = None  # source `model`: the upstream model that answers instead
     sigma: float = 0.0  # source `perturbed`: the plugin's sampling-noise strength
-    digits: dict[int, str] | None = None  # source `misinformation`: the digit map
+    maps: tuple[DigitMap, ...] = ()  # source `misinformation`: one digit map per prompt
 
 
-def plan_decoy(secret: bytes, client: Client) -> DecoyPlan:
-    """The decoy the client's tier configures."""
+def decoy_prompts(endpoint: Endpoint, body: dict[str, Any]) -> tuple[object, ...]:
+    """The request's prompts, each keying its own digit map: the chat's messages, or each
+    prompt of a completions batch (so a prompt gets the same map alone or in a batch)."""
+    if endpoint is Endpoint.CHAT:
+        return (body.get("messages"),)
+    prompt = body.get("prompt")
+    if isinstance(prompt, list) and prompt and isinstance(prompt[0], str | list):
+        return tuple(prompt)
+    return (prompt,)
+
+
+def plan_decoy(secret: bytes, client: Client, prompts: tuple[object, ...]) -> DecoyPlan:
+    """The decoy the client's tier configures, for a request with ``prompts``."""
     decoy = client.tier.detection.decoy
     if decoy.source == "model":
         return DecoyPlan("model", model=decoy.model)
     if decoy.source == "perturbed":
         return DecoyPlan("perturbed", sigma=decoy.perturbed_sigma)
-    return DecoyPlan("misinformation", digits=digit_map(secret, client.id))
+    maps = tuple(digit_map(secret, client.id, prompt) for prompt in prompts)
+    return DecoyPlan("misinformation", maps=maps)
 
 
 class Decoy:
     """The decoy defence: acts only on requests whose plan carries a decoy."""
 
     def request(self, ctx: RequestContext, body: dict[str, Any], guard_plugin: bool) -> None:
-        """Without the guard's plugin upstream, a ``perturbed`` decoy samples hot instead."""
+        """``perturbed`` without the guard's plugin upstream samples hot; ``misinformation``
+        maps every text the model will read into the permuted world."""
         assert ctx.plan is not None
         decoy = ctx.plan.decoy
-        if decoy is not None and decoy.source == "perturbed" and not guard_plugin:
+        if decoy is None:
+            return
+        if decoy.source == "perturbed" and not guard_plugin:
             body["temperature"] = _HOT_TEMPERATURE
+        if decoy.maps:
+            _hide_request(body, decoy.maps)
 
-    def response(self, ctx: RequestContext, choices: list[Any], streaming: bool) -> None:
-        """The misinformation decoy remaps digits in generated text and logprob tokens."""
+    def response(self, ctx: RequestContext, payload: dict[str, Any], streaming: bool) -> None:
+        """``misinformation``: map every text the model wrote back out of the permuted world."""
         assert ctx.plan is not None
         decoy = ctx.plan.decoy
-        if decoy is not None and decoy.digits is not None:
-            _mislead(decoy.digits, choices)
+        if decoy is None or not decoy.maps:
+            return
+        maps = decoy.maps
+        n = ctx.body.get("n") or 1
+        for choice in payload.get("choices") or ():
+            index = choice.get("index", 0)
+            _show_choice(maps[min(index // n, len(maps) - 1)], choice)
+        if payload.get("prompt_logprobs"):  # chat: one prompt, at the top of the response
+            _show_prompt_logprobs(maps[0], payload["prompt_logprobs"])
 
 
-def _mislead(table: dict[int, str], choices: list[Any]) -> None:
-    for choice in choices:
-        if isinstance(choice.get("text"), str):
-            choice["text"] = choice["text"].translate(table)
-        for part in (choice.get("message"), choice.get("delta")):
-            if part and isinstance(part.get("content"), str):
-                part["content"] = part["content"].translate(table)
-        logprobs = choice.get("logprobs")
-        if not logprobs:
-            continue
-        if "content" in logprobs:
-            for item in logprobs.get("content") or ():
-                for entry in (item, *(item.get("top_logprobs") or ())):
-                    entry["token"] = entry["token"].translate(table)
-                    if entry.get("bytes") is not None:
-                        entry["bytes"] = list(entry["token"].encode())
-        else:
-            tokens = logprobs.get("tokens") or []
-            logprobs["tokens"] = [token.translate(table) for token in tokens]
-            logprobs["top_logprobs"] = [
-                {t.translate(table): v for t, v in top.items()} if top else top
-                for top in logprobs.get("top_logprobs") or []
+def _hide_request(body: dict[str, Any], maps: tuple[DigitMap, ...]) -> None:
+    first = maps[0]
+    messages = body.get("messages")
+    if isinstance(messages, list):
+        body["messages"] = [_hide_message(first, message) for message in messages]
+    prompt = body.get("prompt")
+    if isinstance(prompt, str):
+        body["prompt"] = first.hide(prompt)
+    elif isinstance(prompt, list) and prompt and isinstance(prompt[0], str):
+        body["prompt"] = [m.hide(p) for m, p in zip(maps, prompt, strict=True)]
+    # One stop list serves the whole request: a batch's prompts each have their own map, so
+    # there digit-bearing stop strings follow the first prompt's (README, "Decoys").
+    stop = body.get("stop")
+    if isinstance(stop, str):
+        body["stop"] = first.hide(stop)
+    elif isinstance(stop, list):
+        body["stop"] = [first.hide(s) if isinstance(s, str) else s for s in stop]
+    if isinstance(body.get("bad_words"), list):
+        body["bad_words"] = [first.hide(w) if isinstance(w, str) else w for w in body["bad_words"]]
+    if isinstance(body.get("tools"), list):
+        body["tools"] = _hide_schema(first, body["tools"])
+    for field in ("structured_outputs", "response_format"):
+        if isinstance(body.get(field), dict):
+            body[field] = _hide_constraint(first, body[field])
+
+
+def _hide_message(digits: DigitMap, message: Any) -> Any:
+    if not isinstance(message, dict):
+        return message
+    message = dict(message)
+    for field in _WRITTEN_TEXT:
+        value = message.get(field)
+        if isinstance(value, str):
+            message[field] = digits.hide(value)
+        elif isinstance(value, list):  # content parts: only text parts carry text
+            message[field] = [
+                {**part, "text": digits.hide(part["text"])}
+                if isinstance(part, dict) and isinstance(part.get("text"), str)
+                else part
+                for part in value
             ]
+    if isinstance(message.get("tool_calls"), list):
+        message["tool_calls"] = [_map_call(digits.hide, call) for call in message["tool_calls"]]
+    return message
+
+
+def _map_call(mapping: Any, call: Any) -> Any:
+    """A tool call with its function name and arguments mapped (ids are vLLM's, not text)."""
+    if not isinstance(call, dict) or not isinstance(call.get("function"), dict):
+        return call
+    function = dict(call["function"])
+    for field in ("name", "arguments"):
+        if isinstance(function.get(field), str):
+            function[field] = mapping(function[field])
+    return {**call, "function": function}
+
+
+def _hide_constraint(digits: DigitMap, constraint: dict[str, Any]) -> dict[str, Any]:
+    """Choices and JSON schemas are text the model writes under; regexes and grammars are
+    syntax whose digits may be counts, so they are left as they are."""
+    out = dict(constraint)
+    if isinstance(out.get("choice"), list):
+        out["choice"] = [digits.hide(c) if isinstance(c, str) else c for c in out["choice"]]
+    for field in ("json", "json_schema"):
+        if isinstance(out.get(field), dict | list):
+            out[field] = _hide_schema(digits, out[field])
+    return out
+
+
+def _hide_schema(digits: DigitMap, node: Any) -> Any:
+    """Strings of tool definitions and JSON schemas (names, descriptions, enums) as the
+    model reads them; schema syntax stays."""
+    if isinstance(node, str):
+        return digits.hide(node)
+    if isinstance(node, list):
+        return [_hide_schema(digits, item) for item in node]
+    if not isinstance(node, dict):
+        return node
+    out: dict[str, Any] = {}
+    for key, value in node.items():
+        if key in _SCHEMA_LITERAL:
+            out[key] = value
+        elif key in _SCHEMA_MEMBERS and isinstance(value, dict):
+            out[key] = {digits.hide(k): _hide_schema(digits, v) for k, v in value.items()}
+        else:
+            out[key] = _hide_schema(digits, value)
+    return out
+
+
+def _show_choice(digits: DigitMap, choice: dict[str, Any]) -> None:
+    if isinstance(choice.get("text"), str):
+        choice["text"] = digits.show(choice["text"])
+    if isinstance(choice.get("stop_reason"), str):
+        choice["stop_reason"] = digits.show(choice["stop_reason"])
+    for part in (choice.get("message"), choice.get("delta")):
+        if not part:
+            continue
+        for field in _WRITTEN_TEXT:
+            if isinstance(part.get(field), str):
+                part[field] = digits.show(part[field])
+        if isinstance(part.get("tool_calls"), list):
+            part["tool_calls"] = [_map_call(digits.show, call) for call in part["tool_calls"]]
+    logprobs = choice.get("logprobs")
+    if logprobs:
+        _show_logprobs(digits, logprobs)
+    if choice.get("prompt_logprobs"):  # completions: per choice
+        _show_prompt_logprobs(digits, choice["prompt_logprobs"])
+
+
+def _show_logprobs(digits: DigitMap, logprobs: dict[str, Any]) -> None:
+    if "content" in logprobs:
+        for item in logprobs.get("content") or ():
+            for entry in (item, *(item.get("top_logprobs") or ())):
+                entry["token"] = digits.show(entry["token"])
+                if entry.get("bytes") is not None:
+                    entry["bytes"] = digits.show_bytes(entry["bytes"])
+        return
+    logprobs["tokens"] = [digits.show(token) for token in logprobs.get("tokens") or ()]
+    logprobs["top_logprobs"] = [
+        {digits.show(t): v for t, v in top.items()} if top else top
+        for top in logprobs.get("top_logprobs") or ()
+    ]
+
+
+def _show_prompt_logprobs(digits: DigitMap, positions: list[Any]) -> None:
+    """vLLM's prompt logprobs: per position, ``{token id: {logprob, rank, decoded_token}}``.
+    The model read the permuted prompt; mapped back, the client sees its own tokens."""
+    for position in positions:
+        if not isinstance(position, dict):
+            continue
+        for entry in position.values():
+            if isinstance(entry, dict) and isinstance(entry.get("decoded_token"), str):
+                entry["decoded_token"] = digits.show(entry["decoded_token"])

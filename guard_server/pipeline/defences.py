@@ -1,7 +1,8 @@
 """The defences, in the order they act. Each keeps its two halves together, like a mitmproxy
 addon: ``request`` rewrites the body on its way to vLLM (run by the rewrite stage) and
-``response`` rewrites the choices on their way back (run by the transform, once per whole
-answer or streamed chunk). Both read the request's plan; neither changes it."""
+``response`` rewrites the answer on its way back (run by the transform, once per whole
+answer or streamed chunk: its ``choices``, and ``prompt_logprobs`` where vLLM puts them at
+the top). Both read the request's plan; neither changes it."""
 
 from __future__ import annotations
 
@@ -20,8 +21,8 @@ class Defence(Protocol):
     def request(self, ctx: RequestContext, body: dict[str, Any], guard_plugin: bool) -> None:
         """Rewrite ``body`` (what vLLM will get) in place."""
 
-    def response(self, ctx: RequestContext, choices: list[Any], streaming: bool) -> None:
-        """Rewrite the answer's ``choices`` in place."""
+    def response(self, ctx: RequestContext, payload: dict[str, Any], streaming: bool) -> None:
+        """Rewrite the answer (a whole response or one streamed chunk) in place."""
 
 
 DEFENCES: tuple[Defence, ...] = (LogprobChannel(), SeedPolicy(), SamplingControls(), Decoy())

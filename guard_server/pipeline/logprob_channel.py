@@ -68,14 +68,20 @@ def check_tier_cap(ctx: RequestContext) -> None:
 
 
 class LogprobChannel:
-    """The plan's logprob cap on the way up; hardened values on the way back."""
+    """The tier's logprob cap on the way up; hardened values on the way back.
+
+    A flagged client (``perturb`` and above) asks vLLM for exactly what any client of its
+    tier would, and gets as many values back, sorted the same way: its plan hardens them
+    harder and lets only the first few keep their rank (``LogprobHardening.ranked``), so
+    neither the count nor the ``x-guard-policy`` note tells it apart.
+    """
 
     def request(self, ctx: RequestContext, body: dict[str, Any], guard_plugin: bool) -> None:
-        """Lower the count to the plan's cap (a perturbed client's is smaller than the tier's)."""
+        """Lower the count to the plan's cap (the tier's), and note hardening."""
         if not wants_logprobs(ctx):
             return
         plan = ctx.plan
-        assert plan is not None
+        assert plan is not None and ctx.client is not None
         count_field = _count_field(ctx)
         if plan.logprob_cap == 0:
             _drop_logprobs(body)
@@ -84,15 +90,15 @@ class LogprobChannel:
         if (body.get(count_field) or 0) > plan.logprob_cap:
             body[count_field] = plan.logprob_cap
             ctx.note("clamped", count_field)
-        if plan.hardening.active:
+        if ctx.client.tier.hardening.active:  # the tier's, never the plan's: that would tell
             ctx.note("hardened", "logprobs")
 
-    def response(self, ctx: RequestContext, choices: list[Any], streaming: bool) -> None:
+    def response(self, ctx: RequestContext, payload: dict[str, Any], streaming: bool) -> None:
         """Harden every returned value in place."""
         assert ctx.plan is not None
         if not ctx.plan.hardening.active:
             return
-        for choice in choices:
+        for choice in payload.get("choices") or ():
             logprobs = choice.get("logprobs")
             if not logprobs:
                 continue
@@ -114,32 +120,66 @@ def _key(ctx: RequestContext) -> bytes:
     return ctx.logprob_key
 
 
+def _listed_chat(item: dict[str, Any], top: list[dict[str, Any]]) -> bool:
+    """Whether a chat position's sampled token is among its top ones."""
+    return any(entry["token"] == item["token"] for entry in top)
+
+
+def _listed_completion(ctx: RequestContext, token: str, top: dict[str, float] | None) -> bool:
+    """Whether a completion position's sampled token is among the top ones asked for: vLLM
+    adds it after them (one entry more) when it is not."""
+    return not top or len(top) <= (ctx.body.get("logprobs") or 0) or token != list(top)[-1]
+
+
 def _harden_position(
-    ctx: RequestContext, position: int, values: dict[str, float], sampled: str | None
+    ctx: RequestContext,
+    position: int,
+    values: dict[str, float],
+    sampled: str | None,
+    sampled_listed: bool,
 ) -> dict[str, float]:
-    tokens = list(values)
-    index = tokens.index(sampled) if sampled is not None else None
+    """One position's hardened values; with a ``ranked`` plan, in the order to list them.
+    ``sampled_listed``: whether the sampled token is among the top ones asked for."""
     assert ctx.plan is not None
-    hardened = ctx.plan.hardening.apply(_key(ctx), position, tokens, list(values.values()), index)
-    return dict(zip(tokens, hardened, strict=True))
+    hardening = ctx.plan.hardening
+    tokens = list(values)
+    raw = list(values.values())
+    index = tokens.index(sampled) if sampled is not None else None
+    if hardening.ranked is None:
+        hardened = hardening.apply(_key(ctx), position, tokens, raw, index)
+        return dict(zip(tokens, hardened, strict=True))
+    pinned = None if sampled_listed else index
+    raw, order = hardening.rerank(_key(ctx), position, tokens, raw, pinned)
+    hardened = hardening.apply(_key(ctx), position, tokens, raw, index)
+    place = {i: rank for rank, i in enumerate(order)}
+    listed = sorted(range(len(tokens)), key=lambda i: (-hardened[i], place[i]))
+    return {tokens[i]: hardened[i] for i in listed}
 
 
 def _harden_chat(ctx: RequestContext, items: Any, start: int) -> int:
+    assert ctx.plan is not None
+    ranked = ctx.plan.hardening.ranked is not None
     count = 0
     for offset, item in enumerate(items):
         top = item.get("top_logprobs") or []
         values = {item["token"]: item["logprob"]}
         for entry in top:
             values.setdefault(entry["token"], entry["logprob"])
-        hardened = _harden_position(ctx, start + offset, values, item["token"])
+        listed = not ranked or _listed_chat(item, top)
+        hardened = _harden_position(ctx, start + offset, values, item["token"], listed)
         item["logprob"] = hardened[item["token"]]
         for entry in top:
             entry["logprob"] = hardened[entry["token"]]
+        if top and ranked:
+            order = list(hardened)
+            top.sort(key=lambda entry: order.index(entry["token"]))
         count += 1
     return count
 
 
 def _harden_completion(ctx: RequestContext, logprobs: dict[str, Any], start: int) -> int:
+    assert ctx.plan is not None
+    ranked = ctx.plan.hardening.ranked is not None
     tokens = logprobs.get("tokens") or []
     sampled = logprobs.get("token_logprobs") or []
     tops = logprobs.get("top_logprobs") or []
@@ -152,9 +192,10 @@ def _harden_completion(ctx: RequestContext, logprobs: dict[str, Any], start: int
         if not values:
             continue
         sampled_token = token if value is not None else None
-        hardened = _harden_position(ctx, start + offset, values, sampled_token)
+        listed = not ranked or _listed_completion(ctx, token, top)
+        hardened = _harden_position(ctx, start + offset, values, sampled_token, listed)
         if value is not None:
             sampled[offset] = hardened[token]
         if top:
-            tops[offset] = {t: hardened[t] for t in top}
+            tops[offset] = {t: v for t, v in hardened.items() if t in top}
     return len(tokens)

@@ -1,9 +1,10 @@
 """Plan: turn the client's risk into one immutable decision for the request.
 
 The plan holds everything the later stages act on: the action, the limits admission
-applies, the logprob cap and hardening, the sampling controls sent to the plugin and the
-decoy. Admission, the upstream rewrite, the response transform, the audit log and the
-metrics read only the plan, so all of them agree on what was done and why.
+applies (and the client's own, which its headers show), the logprob cap and hardening, the
+sampling controls sent to the plugin and the decoy. Admission, the upstream rewrite, the
+response transform, the audit log and the metrics read only the plan, so all of them agree
+on what was done and why.
 
 In ``shadow`` detection mode the plan records the action the score calls for
 (``assessed``) and serves the request as ``pass``. An operator's pin overrides both the
@@ -21,7 +22,7 @@ from guard_server.defences.logprobs import LogprobHardening
 from guard_server.detection.scoring import ACTIONS, Assessment
 from guard_server.metrics import GuardMetrics
 from guard_server.pipeline.context import RequestContext
-from guard_server.pipeline.decoy import DecoyPlan, plan_decoy
+from guard_server.pipeline.decoy import DecoyPlan, decoy_prompts, plan_decoy
 from guard_server.pipeline.sampling import SamplingPlan
 from guard_server.state.base import LimitSpec
 from guard_server.state.review import Pin, ReviewState
@@ -39,8 +40,9 @@ class Plan:
     assessed: str  # what the risk score calls for (differs from `action` in shadow mode)
     mode: str  # enforce or shadow
     reason: str  # for operators: the score, its threshold and its largest signals
-    limits: LimitSpec
-    logprob_cap: int
+    limits: LimitSpec  # what admission applies (tightened from `tighten` on)
+    advertised: LimitSpec  # what x-ratelimit-limit-* shows: the client's configured limits
+    logprob_cap: int  # the tier's: a flagged client gets as many values back as any other
     hardening: LogprobHardening
     sampling: SamplingPlan
     decoy: DecoyPlan | None
@@ -69,9 +71,15 @@ def planned_action(client: Client, assessed: str, pin: Pin | None) -> str:
 
 
 def make_plan(
-    secret: bytes, client: Client, assessment: Assessment | None, pin: Pin | None = None
+    secret: bytes,
+    client: Client,
+    assessment: Assessment | None,
+    prompts: tuple[object, ...] = ((),),
+    *,
+    pin: Pin | None = None,
 ) -> Plan:
-    """The plan for one request of ``client`` at its current ``assessment`` and ``pin``."""
+    """The plan for one request of ``client`` at its current ``assessment`` and ``pin``;
+    ``prompts`` key the misinformation decoy's digit maps (see ``decoy.decoy_prompts``)."""
     tier = client.tier
     detection = tier.detection
     assessed = assessment.action if assessment is not None else "pass"
@@ -83,10 +91,15 @@ def make_plan(
     hardening = tier.hardening
     sigma = tier.sampling.noise.sigma
     if rank >= _RANK["perturb"]:
-        logprob_cap = min(logprob_cap, perturb.max_top)
-        hardening = replace(hardening, noise_scale=max(hardening.noise_scale, perturb.noise_scale))
+        # Same count back as any client of the tier (a smaller one would tell): only the
+        # first `max_top` keep their rank, the rest come back in a keyed order, all noisier.
+        hardening = replace(
+            hardening,
+            noise_scale=max(hardening.noise_scale, perturb.noise_scale),
+            ranked=perturb.max_top,
+        )
         sigma = max(sigma, perturb.sampling_sigma)
-    decoy = plan_decoy(secret, client) if action == "decoy" else None
+    decoy = plan_decoy(secret, client, prompts) if action == "decoy" else None
     if decoy is not None:
         sigma = max(sigma, decoy.sigma)
     return Plan(
@@ -95,6 +108,7 @@ def make_plan(
         mode=mode,
         reason=_reason(client, assessment, pin),
         limits=client.limits if rank == 0 else _tightened(client.limits, detection.tighten_factor),
+        advertised=client.limits,
         logprob_cap=logprob_cap,
         hardening=hardening,
         sampling=SamplingPlan(
@@ -163,7 +177,8 @@ class Planner:
         assessment = ctx.assessment
         review = self.review
         pin = review.pin_of(client.id) if review is not None else None
-        ctx.plan = make_plan(ctx.settings.secret, client, assessment, pin)
+        prompts = decoy_prompts(ctx.endpoint, ctx.body)
+        ctx.plan = make_plan(ctx.settings.secret, client, assessment, prompts, pin=pin)
         self._track(client.id, *ctx.plan.counted)
         if review is not None and assessment is not None:
             review.note(client.id, assessment.score, assessment.action)

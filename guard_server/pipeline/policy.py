@@ -19,7 +19,7 @@ async def apply_tier_policy(ctx: RequestContext) -> None:
     assert ctx.client is not None
     tier = ctx.client.tier
     body = ctx.body
-    if ctx.model not in ctx.settings.model_names or not tier.may_use(ctx.model):
+    if ctx.model not in ctx.settings.public_models or not tier.may_use(ctx.model):
         raise model_not_found(ctx.model)
     for name in body:
         if name not in tier.allowed_fields and name != "vllm_xargs":

@@ -59,5 +59,5 @@ class SamplingControls:
         if args:
             body["vllm_xargs"] = args
 
-    def response(self, ctx: RequestContext, choices: list[Any], streaming: bool) -> None:
+    def response(self, ctx: RequestContext, payload: dict[str, Any], streaming: bool) -> None:
         """Nothing: the plugin's work is already in the sampled text."""

@@ -26,5 +26,5 @@ class SeedPolicy:
         body["seed"] = rekeyed_seed(ctx.settings.secret, ctx.client.id, body, seed)
         ctx.note("rekeyed", "seed")
 
-    def response(self, ctx: RequestContext, choices: list[Any], streaming: bool) -> None:
+    def response(self, ctx: RequestContext, payload: dict[str, Any], streaming: bool) -> None:
         """Nothing: the answer is what the re-keyed seed sampled."""

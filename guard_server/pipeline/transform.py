@@ -1,5 +1,6 @@
-"""Transform the upstream's answer on its way back: the public model name, usage accounting
-and every defence's response half. Works on whole responses and on streamed chunks alike."""
+"""Transform the upstream's answer on its way back: the public model name and system
+fingerprint, usage accounting and every defence's response half. Works on whole responses
+and on streamed chunks alike."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from typing import Any
 
 from guard_server.pipeline.context import RequestContext
 from guard_server.pipeline.defences import DEFENCES
+from guard_server.pipeline.fingerprint import system_fingerprint
 
 
 def _take_usage(ctx: RequestContext, payload: dict[str, Any]) -> None:
@@ -16,17 +18,26 @@ def _take_usage(ctx: RequestContext, payload: dict[str, Any]) -> None:
         ctx.completion_tokens = int(usage.get("completion_tokens") or 0)
 
 
-def _defend(ctx: RequestContext, choices: Any, streaming: bool) -> None:
-    if choices:
+def _stamp(ctx: RequestContext, payload: dict[str, Any]) -> None:
+    """The public model name, and the configured ``system_fingerprint`` where vLLM set one."""
+    payload["model"] = ctx.model
+    if "system_fingerprint" in payload:
+        payload["system_fingerprint"] = system_fingerprint(
+            ctx.settings, ctx.model, payload["system_fingerprint"]
+        )
+
+
+def _defend(ctx: RequestContext, payload: dict[str, Any], streaming: bool) -> None:
+    if payload.get("choices") or payload.get("prompt_logprobs"):
         for defence in DEFENCES:
-            defence.response(ctx, choices, streaming)
+            defence.response(ctx, payload, streaming)
 
 
 def transform_response(ctx: RequestContext, body: dict[str, Any]) -> None:
     """Rewrite a whole (non-streaming) response in place."""
-    body["model"] = ctx.model
+    _stamp(ctx, body)
     _take_usage(ctx, body)
-    _defend(ctx, body.get("choices"), streaming=False)
+    _defend(ctx, body, streaming=False)
 
 
 def transform_chunk(ctx: RequestContext, chunk: dict[str, Any]) -> bool:
@@ -35,8 +46,8 @@ def transform_chunk(ctx: RequestContext, chunk: dict[str, Any]) -> bool:
         _take_usage(ctx, chunk)
         if not ctx.client_wants_usage:
             return False
-    chunk["model"] = ctx.model
-    _defend(ctx, chunk.get("choices"), streaming=True)
+    _stamp(ctx, chunk)
+    _defend(ctx, chunk, streaming=True)
     return True
 
 

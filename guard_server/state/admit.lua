@@ -1,18 +1,34 @@
 -- Atomic admission for one scope: refill both token buckets, drop expired concurrency
 -- slots, and consume only if every limit passes. Time is Redis' own, shared by replicas.
--- KEYS[1]: bucket hash {r, t, ts}   KEYS[2]: sorted set of slots scored by expiry (ms)
--- ARGV: rpm, tpm, concurrency (0 = unlimited), tokens, slot id, slot ttl (ms)
+-- KEYS[1]: bucket hash {r, t, ts, sr, st}   KEYS[2]: sorted set of slots scored by expiry (ms)
+-- ARGV: rpm, tpm, concurrency (0 = unlimited), tokens, slot id, slot ttl (ms), shown rpm,
+-- shown tpm (0 = not tightened). While tightened, sr/st are the configured limits' buckets
+-- (what the headers show): they continue r/t as they were, spend what r/t spend, and r/t
+-- take their level back when tightening ends.
 local now_parts = redis.call('TIME')
 local now = tonumber(now_parts[1]) * 1000 + math.floor(tonumber(now_parts[2]) / 1000)
 local rpm, tpm, conc = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
 local want, slot, ttl = tonumber(ARGV[4]), ARGV[5], tonumber(ARGV[6])
+local srpm, stpm = tonumber(ARGV[7] or '0'), tonumber(ARGV[8] or '0')
 
-local saved = redis.call('HMGET', KEYS[1], 'r', 't', 'ts')
+local saved = redis.call('HMGET', KEYS[1], 'r', 't', 'ts', 'sr', 'st')
 local requests, tokens, updated = tonumber(saved[1]), tonumber(saved[2]), tonumber(saved[3])
+local shown_r, shown_t = tonumber(saved[4]), tonumber(saved[5])
 if updated == nil then
-  requests, tokens, updated = rpm, tpm, now
+  requests, tokens, updated = math.max(rpm, srpm), math.max(tpm, stpm), now
 end
 local elapsed = math.max(0, now - updated)
+-- The shown buckets: continued (or started from the level r/t had) while tightened ...
+if srpm > 0 then
+  shown_r = math.min(srpm, (shown_r or requests) + elapsed * srpm / 60000)
+elseif shown_r ~= nil then
+  requests, shown_r = shown_r, nil  -- ... and taken back by r/t when tightening ends
+end
+if stpm > 0 then
+  shown_t = math.min(stpm, (shown_t or tokens) + elapsed * stpm / 60000)
+elseif shown_t ~= nil then
+  tokens, shown_t = shown_t, nil
+end
 if rpm > 0 then requests = math.min(rpm, requests + elapsed * rpm / 60000) end
 if tpm > 0 then tokens = math.min(tpm, tokens + elapsed * tpm / 60000) end
 
@@ -36,6 +52,8 @@ end
 if verdict == 'ok' then
   if rpm > 0 then requests = requests - 1 end
   if tpm > 0 then tokens = tokens - want end
+  if shown_r ~= nil then shown_r = shown_r - 1 end
+  if shown_t ~= nil then shown_t = shown_t - want end
   if conc > 0 then
     redis.call('ZADD', KEYS[2], now + ttl, slot)
     redis.call('PEXPIRE', KEYS[2], ttl)
@@ -43,6 +61,11 @@ if verdict == 'ok' then
   end
 end
 redis.call('HSET', KEYS[1], 'r', requests, 't', tokens, 'ts', now)
+if shown_r ~= nil then redis.call('HSET', KEYS[1], 'sr', shown_r)
+elseif saved[4] then redis.call('HDEL', KEYS[1], 'sr') end
+if shown_t ~= nil then redis.call('HSET', KEYS[1], 'st', shown_t)
+elseif saved[5] then redis.call('HDEL', KEYS[1], 'st') end
 -- An idle bucket is full again after a minute: let Redis forget it then.
 redis.call('PEXPIRE', KEYS[1], 60000)
-return {verdict, tostring(requests), tostring(tokens), in_flight, math.ceil(retry_ms)}
+return {verdict, tostring(requests), tostring(tokens), in_flight, math.ceil(retry_ms),
+        tostring(shown_r or requests), tostring(shown_t or tokens)}

@@ -36,6 +36,10 @@ class Admission:
     retry_after_s: float = 0.0
     remaining_requests: float | None = None
     remaining_tokens: float | None = None
+    # The configured ("shown") limits' bucket while a tighter one is enforced; otherwise the
+    # same as remaining_* (what x-ratelimit-remaining-* shows).
+    shown_requests: float | None = None
+    shown_tokens: float | None = None
     in_flight: int = 0
     slot: str = ""
     reserved_tokens: int = 0
@@ -51,15 +55,36 @@ class StateStore(abc.ABC):
 
     @abc.abstractmethod
     async def admit(
-        self, scope: str, spec: LimitSpec, tokens: int, slot: str, slot_ttl_s: float
+        self,
+        scope: str,
+        spec: LimitSpec,
+        tokens: int,
+        slot: str,
+        slot_ttl_s: float,
+        shown: LimitSpec | None = None,
     ) -> Admission:
         """Check every limit of ``scope`` and, only if all pass, consume one request,
         reserve ``tokens`` and take concurrency slot ``slot`` (which expires after
-        ``slot_ttl_s`` even if never released)."""
+        ``slot_ttl_s`` even if never released).
+
+        ``shown``: the client's configured limits while ``spec`` is a tightened version of
+        them. A second pair of buckets then runs at the ``shown`` rates, spending what the
+        enforced ones spend, for the headers (``Admission.shown_*``): it continues the
+        bucket as it was when tightening began, and the enforced bucket takes its level
+        back when it ends, so the headers never jump.
+        """
 
     @abc.abstractmethod
-    async def settle(self, scope: str, spec: LimitSpec, slot: str, refund_tokens: int) -> None:
-        """Release ``slot`` and give back ``refund_tokens`` (negative: charge more)."""
+    async def settle(
+        self,
+        scope: str,
+        spec: LimitSpec,
+        slot: str,
+        refund_tokens: int,
+        shown: LimitSpec | None = None,
+    ) -> None:
+        """Release ``slot`` and give back ``refund_tokens`` (negative: charge more), to the
+        ``shown`` bucket too while there is one."""
 
     @abc.abstractmethod
     async def observe(

@@ -29,6 +29,8 @@ class _Scope:
     tokens: float
     updated: float
     slots: dict[str, float] = field(default_factory=dict)  # slot -> expiry
+    shown_requests: float | None = None  # the configured limits' buckets, while tightened
+    shown_tokens: float | None = None
 
 
 @dataclass(slots=True)
@@ -68,6 +70,10 @@ class _Campaign:
         return CampaignProfile(self.members.count(), self.prompts.count(), self.max_top)
 
 
+def _first(value: float | None, fallback: float | None) -> float | None:
+    return fallback if value is None else value
+
+
 class MemoryStore(StateStore):
     """Token buckets and risk profiles in this process only (one replica).
 
@@ -85,22 +91,36 @@ class MemoryStore(StateStore):
     def __len__(self) -> int:
         return len(self._scopes)
 
-    def _refill(self, scope: str, spec: LimitSpec, now: float) -> _Scope:
+    def _refill(
+        self, scope: str, spec: LimitSpec, now: float, shown: LimitSpec | None = None
+    ) -> _Scope:
         state = self._scopes.get(scope)
         if state is None:
             state = _Scope(
-                float(spec.requests_per_minute or 0), float(spec.tokens_per_minute or 0), now
+                float((shown or spec).requests_per_minute or 0),
+                float((shown or spec).tokens_per_minute or 0),
+                now,
             )
             self._scopes[scope] = state
         else:
             self._scopes.move_to_end(scope)
         elapsed = max(0.0, now - state.updated)
-        if spec.requests_per_minute:
-            rate = spec.requests_per_minute
-            state.requests = min(rate, state.requests + elapsed * rate / 60)
-        if spec.tokens_per_minute:
-            rate = spec.tokens_per_minute
-            state.tokens = min(rate, state.tokens + elapsed * rate / 60)
+        tightened = shown is not None and shown != spec
+        for kind, rate, shown_rate in (
+            ("requests", spec.requests_per_minute, shown.requests_per_minute if shown else None),
+            ("tokens", spec.tokens_per_minute, shown.tokens_per_minute if shown else None),
+        ):
+            level, kept = getattr(state, kind), getattr(state, "shown_" + kind)
+            if tightened and shown_rate:
+                # The shown bucket continues the configured one (first time: from the level
+                # the bucket had before the tighter limit capped it).
+                base = level if kept is None else kept
+                setattr(state, "shown_" + kind, min(shown_rate, base + elapsed * shown_rate / 60))
+            elif kept is not None:
+                level = kept  # tightening ended: the bucket takes the shown level back
+                setattr(state, "shown_" + kind, None)
+            if rate:
+                setattr(state, kind, min(rate, level + elapsed * rate / 60))
         state.updated = now
         if state.slots:
             for slot, expiry in list(state.slots.items()):
@@ -109,10 +129,16 @@ class MemoryStore(StateStore):
         return state
 
     async def admit(
-        self, scope: str, spec: LimitSpec, tokens: int, slot: str, slot_ttl_s: float
+        self,
+        scope: str,
+        spec: LimitSpec,
+        tokens: int,
+        slot: str,
+        slot_ttl_s: float,
+        shown: LimitSpec | None = None,
     ) -> Admission:
         now = self._clock()
-        state = self._refill(scope, spec, now)
+        state = self._refill(scope, spec, now, shown)
         rpm, tpm, concurrency = (
             spec.requests_per_minute,
             spec.tokens_per_minute,
@@ -131,23 +157,38 @@ class MemoryStore(StateStore):
                 state.requests -= 1
             if tpm:
                 state.tokens -= tokens
+            if state.shown_requests is not None:
+                state.shown_requests -= 1
+            if state.shown_tokens is not None:
+                state.shown_tokens -= tokens
             if concurrency:
                 state.slots[slot] = now + slot_ttl_s
                 verdict.slot = slot
             verdict.reserved_tokens = tokens
         verdict.remaining_requests = state.requests if rpm else None
         verdict.remaining_tokens = state.tokens if tpm else None
+        verdict.shown_requests = _first(state.shown_requests, verdict.remaining_requests)
+        verdict.shown_tokens = _first(state.shown_tokens, verdict.remaining_tokens)
         verdict.in_flight = len(state.slots)
         self._forget_idle(now)
         return verdict
 
-    async def settle(self, scope: str, spec: LimitSpec, slot: str, refund_tokens: int) -> None:
+    async def settle(
+        self,
+        scope: str,
+        spec: LimitSpec,
+        slot: str,
+        refund_tokens: int,
+        shown: LimitSpec | None = None,
+    ) -> None:
         state = self._scopes.get(scope)
         if state is None:
             return
         state.slots.pop(slot, None)
         if spec.tokens_per_minute and refund_tokens:
             state.tokens = min(spec.tokens_per_minute, state.tokens + refund_tokens)
+        if state.shown_tokens is not None and shown and shown.tokens_per_minute and refund_tokens:
+            state.shown_tokens = min(shown.tokens_per_minute, state.shown_tokens + refund_tokens)
 
     async def observe(
         self, client: str, features: RequestFeatures

@@ -24,6 +24,13 @@ def _script(name: str) -> str:
     return resources.files(__package__).joinpath(name).read_text()
 
 
+def _shown_rates(spec: LimitSpec, shown: LimitSpec | None) -> tuple[int, int]:
+    """The shown buckets' rates for the scripts: 0 when not tightened (see admit.lua)."""
+    if shown is None or shown == spec:
+        return 0, 0
+    return shown.requests_per_minute or 0, shown.tokens_per_minute or 0
+
+
 class RedisStore(StateStore):
     """Limits shared by every guard replica that points at the same Redis."""
 
@@ -46,8 +53,15 @@ class RedisStore(StateStore):
         return [f"{tag}:bucket", f"{tag}:slots"]
 
     async def admit(
-        self, scope: str, spec: LimitSpec, tokens: int, slot: str, slot_ttl_s: float
+        self,
+        scope: str,
+        spec: LimitSpec,
+        tokens: int,
+        slot: str,
+        slot_ttl_s: float,
+        shown: LimitSpec | None = None,
     ) -> Admission:
+        shown_rpm, shown_tpm = _shown_rates(spec, shown)
         args = [
             spec.requests_per_minute or 0,
             spec.tokens_per_minute or 0,
@@ -55,9 +69,11 @@ class RedisStore(StateStore):
             tokens,
             slot,
             int(slot_ttl_s * 1000),
+            shown_rpm,
+            shown_tpm,
         ]
         try:
-            verdict, requests, left, in_flight, retry_ms = await self._admit(
+            verdict, requests, left, in_flight, retry_ms, shown_r, shown_t = await self._admit(
                 keys=self._keys(scope), args=args
             )
         except (RedisError, OSError) as exc:
@@ -70,16 +86,30 @@ class RedisStore(StateStore):
             retry_after_s=int(retry_ms) / 1000,
             remaining_requests=float(requests) if spec.requests_per_minute else None,
             remaining_tokens=float(left) if spec.tokens_per_minute else None,
+            shown_requests=float(shown_r) if spec.requests_per_minute else None,
+            shown_tokens=float(shown_t) if spec.tokens_per_minute else None,
             in_flight=int(in_flight),
             slot=slot if allowed and spec.concurrent_requests else "",
             reserved_tokens=tokens if allowed else 0,
         )
 
-    async def settle(self, scope: str, spec: LimitSpec, slot: str, refund_tokens: int) -> None:
+    async def settle(
+        self,
+        scope: str,
+        spec: LimitSpec,
+        slot: str,
+        refund_tokens: int,
+        shown: LimitSpec | None = None,
+    ) -> None:
         try:
             await self._settle(
                 keys=self._keys(scope),
-                args=[spec.tokens_per_minute or 0, refund_tokens, slot],
+                args=[
+                    spec.tokens_per_minute or 0,
+                    refund_tokens,
+                    slot,
+                    _shown_rates(spec, shown)[1],
+                ],
             )
         except (RedisError, OSError) as exc:
             raise StateUnavailable(str(exc)) from exc

@@ -10,12 +10,13 @@ from importlib import metadata
 from pathlib import Path
 
 from guard_server.config.schema import BundledTeacherSettings, UpstreamSettings
+from guard_server.teacher import MODEL_DIR
 from guard_server.upstream import smollm2
 from guard_server.upstream.vllm_process import VllmProcess
 
 log = logging.getLogger(__name__)
 
-TEACHER_DIR = Path(__file__).resolve().parents[1] / "teacher" / "model"
+TEACHER_DIR = MODEL_DIR
 PLUGIN = "guard_server.vllm_plugin:GuardLogitsProcessor"
 
 

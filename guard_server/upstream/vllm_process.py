@@ -27,8 +27,8 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def _die_with_parent() -> None:
-    """In the child: get SIGTERM if the guard dies, even by SIGKILL (Linux only)."""
+def die_with_parent() -> None:
+    """In a child (``preexec_fn``): get SIGTERM when its parent dies, even by SIGKILL (Linux)."""
     with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
 
@@ -95,7 +95,7 @@ class VllmProcess:
             stderr=subprocess.STDOUT,
             env=env,
             start_new_session=True,
-            preexec_fn=_die_with_parent,
+            preexec_fn=die_with_parent,
         )
         if output is not subprocess.DEVNULL:
             output.close()

@@ -1,21 +1,14 @@
-"""Shared harness of the attack simulators: vLLM and a guard on loopback, keys, batched requests."""
+"""What the attack simulators share: vLLM and a guard on loopback (the harness), the tiers' limits,
+keys, batched requests."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
 import contextlib
-import json
 import os
-import random
-import signal
-import socket
-import subprocess
 import sys
 import tempfile
-import time
-import urllib.error
-import urllib.request
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,16 +22,23 @@ from guard_server.config.schema import TierPolicy
 from guard_server.defences.logprobs import LogprobHardening
 from guard_server.pipeline.auth import hash_key
 from guard_server.teacher import MODEL_DIR, SERVED_MODEL_NAME
-from guard_server.upstream.vllm_process import VllmProcess
+from guard_server.testing import (
+    DEFAULT_POLICY,
+    DEMO_KEY,
+    TRUSTED_KEY,
+    GuardProcess,
+    free_port,
+    running_vllm,
+    vllm_process,
+    write_config,
+)
 
-REPO = Path(__file__).resolve().parents[2]
-POLICY_FILE = REPO / "policies" / "default.yaml"
+POLICY_FILE = DEFAULT_POLICY
 PORTS = range(8700, 8800)
+"""The ports set aside for the attack harness's vLLM and guard."""
 MODEL = SERVED_MODEL_NAME
 
-TRUSTED_KEY = "sk-guard-trusted"
-"""The demo key of the trusted tier (policies/demo-clients.yaml)."""
-DEFAULT_KEY = "sk-guard-demo"
+DEFAULT_KEY = DEMO_KEY
 """The demo key of the default tier (policies/demo-clients.yaml)."""
 EXTRA_DEFAULT_KEYS = ("sk-attack-default-2", "sk-attack-default-3")
 """Two more default-tier keys that only the harness's own guard knows (multi-key averaging)."""
@@ -164,43 +164,8 @@ def completion_logprobs(response: Response) -> list[tuple[str, float, dict[str, 
 # --------------------------------------------------------------------------- processes
 
 
-def _free_port(ports: range = PORTS) -> int:
-    candidates = list(ports)
-    random.shuffle(candidates)
-    for port in candidates:
-        with socket.socket() as sock:
-            try:
-                sock.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return port
-    raise RuntimeError(f"no free port in {ports.start}-{ports.stop - 1}")
-
-
-def vllm_process(model_dir: Path, log_path: Path, max_logprobs: int = 20) -> VllmProcess:
-    """vLLM on ``model_dir`` on a port in 8700-8799 (context length capped by the model's)."""
-    config = json.loads((model_dir / "config.json").read_text())
-    extra: list[str] = []
-    positions = int(config.get("max_position_embeddings") or 256)
-    if positions < 256:
-        extra = ["--max-model-len", str(positions)]
-    return VllmProcess(
-        model_dir,
-        MODEL,
-        port=_free_port(),
-        max_logprobs=max_logprobs,
-        extra_args=extra,
-        log_path=log_path,
-    )
-
-
 def write_guard_config(
-    directory: Path,
-    vllm_url: str,
-    port: int,
-    *,
-    detection: bool = False,
-    served_model: str = MODEL,
+    directory: Path, vllm_url: str, *, detection: bool = False, served_model: str = MODEL
 ) -> Path:
     """A guard config with the repo's tiers, the demo clients and two more default-tier keys.
 
@@ -220,68 +185,17 @@ def write_guard_config(
     (directory / "tiers.yaml").write_text(yaml.safe_dump({"tiers": tiers}))
     (directory / "clients.yaml").write_text(yaml.safe_dump({"clients": clients}))
     (directory / "secret").write_bytes(SECRET)
-    config = {
-        "server": {"host": "127.0.0.1", "port": port},
-        "upstreams": {
-            MODEL: {
-                "urls": [vllm_url],
-                "served_model": served_model,
-                "timeouts": {"connect": 5, "read": 120, "total": 600},
-            }
+    return write_config(
+        directory,
+        [vllm_url],
+        model=MODEL,
+        policies=["tiers.yaml", "clients.yaml"],
+        upstream={
+            "served_model": served_model,
+            "timeouts": {"connect": 5, "read": 120, "total": 600},
         },
-        "secret": {"file": str(directory / "secret")},
-        "policies": ["tiers.yaml", "clients.yaml"],
-    }
-    path = directory / "guard.yaml"
-    path.write_text(yaml.safe_dump(config))
-    return path
-
-
-class GuardServer:
-    """``guard-server serve`` as a child process (stopped by :meth:`stop`)."""
-
-    def __init__(self, config: Path, port: int, log_path: Path) -> None:
-        self.config = config
-        self.port = port
-        self.log_path = log_path
-        self.process: subprocess.Popen[bytes] | None = None
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def start(self, timeout_s: float = 60.0) -> GuardServer:
-        """Start the guard and wait until it is ready (its upstream healthy)."""
-        with open(self.log_path, "ab") as log:
-            self.process = subprocess.Popen(
-                [sys.executable, "-m", "guard_server", "serve", "--config", str(self.config),
-                 "--port", str(self.port)],
-                stdout=log, stderr=subprocess.STDOUT, cwd=REPO,
-                env={**os.environ, "PYTHONUNBUFFERED": "1"},
-            )  # fmt: skip
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"guard exited early; see {self.log_path}")
-            try:
-                with urllib.request.urlopen(self.url + "/readyz", timeout=1):
-                    return self
-            except (urllib.error.URLError, OSError):
-                time.sleep(0.2)
-        self.stop()
-        raise TimeoutError(f"guard not ready within {timeout_s:.0f} s; see {self.log_path}")
-
-    def stop(self) -> None:
-        """SIGTERM, then SIGKILL if it does not exit."""
-        process = self.process
-        if process is None or process.poll() is not None:
-            return
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(20)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        secret={"file": str(directory / "secret")},
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -324,22 +238,15 @@ def running_stack(
             workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="attacks-")))
         workdir.mkdir(parents=True, exist_ok=True)
         if vllm_url is None:
-            vllm = vllm_process(model_dir, workdir / "vllm.log")
-            stack.callback(vllm.stop)
+            vllm = vllm_process(model_dir, workdir / "vllm.log", ports=PORTS)
             print(f"starting vLLM on {model_dir} at {vllm.url} ...", file=sys.stderr, flush=True)
-            vllm.start()
-            vllm.wait_healthy(timeout_s=600)
+            stack.enter_context(running_vllm(vllm))
             vllm_url = vllm.url
-        port = _free_port()
-        guard = GuardServer(
-            write_guard_config(
-                workdir, vllm_url, port, detection=detection, served_model=served_model
-            ),
-            port,
-            workdir / "guard.log",
+        config = write_guard_config(
+            workdir, vllm_url, detection=detection, served_model=served_model
         )
-        stack.callback(guard.stop)
-        guard.start()
+        guard = GuardProcess(config, workdir / "guard.log", port=free_port(PORTS))
+        stack.enter_context(guard)
         yield Stack(guard.url, vllm_url.rstrip("/"), model_dir)
 
 

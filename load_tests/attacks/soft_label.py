@@ -33,8 +33,8 @@ from load_tests.attacks.common import (
     stack_from_args,
     threads,
 )
-from load_tests.attacks.soft_student import Score, SoftExample, make_example, timed_run
 from load_tests.lab import student
+from load_tests.lab.soft_student import Score, SoftExample, make_example, timed_run
 
 SIZES = (1000, 5000, 20000)
 QUICK_SIZES = (300,)

@@ -44,8 +44,8 @@ from load_tests.attacks.soft_label import (
     mean_emitted_probability,
     synthetic_example,
 )
-from load_tests.attacks.soft_student import train
 from load_tests.lab import story, student
+from load_tests.lab.soft_student import train
 from load_tests.lab.train_storyteller import STORYTELLER_DIR, evaluate, heldout_nll
 
 SIZES = (100, 1000, 5000)

@@ -15,10 +15,8 @@ from pathlib import Path
 import torch
 from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
 
-from guard_server.teacher import task
+from guard_server.teacher import MODEL_DIR, task
 from load_tests.lab import lm
-
-TEACHER_DIR = Path(__file__).resolve().parents[2] / "guard_server" / "teacher" / "model"
 
 Pair = tuple[str, str]
 """One distillation example: (completion prompt text, teacher's answer text)."""
@@ -38,7 +36,7 @@ class StudentConfig:
     weight_decay: float = 0.05
 
 
-def load_tokenizer(path: Path = TEACHER_DIR) -> PreTrainedTokenizerFast:
+def load_tokenizer(path: Path = MODEL_DIR) -> PreTrainedTokenizerFast:
     """The teacher's tokenizer."""
     return PreTrainedTokenizerFast.from_pretrained(path)
 

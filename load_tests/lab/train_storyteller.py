@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
 
-from guard_server.upstream.bundled_teacher import TEACHER_DIR
+from guard_server.teacher import MODEL_DIR
 from load_tests.lab import lm, story
 
 STORYTELLER_DIR = Path(__file__).resolve().parent / "storyteller"
@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     start = time.monotonic()
-    tokenizer = PreTrainedTokenizerFast.from_pretrained(TEACHER_DIR)
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(MODEL_DIR)
     model = lm.llama(tokenizer, layers=args.layers)
     print(f"params {sum(p.numel() for p in model.parameters()):,}", flush=True)
     lm.train_lm(

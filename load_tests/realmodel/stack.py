@@ -21,11 +21,10 @@ from typing import Any
 import yaml
 
 from guard_server.pipeline.auth import hash_key
+from guard_server.testing import DEFAULT_POLICY, GuardProcess, running_vllm, write_config
 from guard_server.upstream import smollm2
 from guard_server.upstream.bundled_teacher import managed_vllm
-from tests.processes import GuardProcess
 
-REPO = Path(__file__).resolve().parents[2]
 MODEL = "smollm2"
 SECRET_ENV = "GUARD_REALMODEL_SECRET"
 SECRET = "real-model-lab-fixed-secret-0123456789abcdef"
@@ -37,7 +36,7 @@ STARTUP_TIMEOUT_S = 900.0
 
 
 def _tiers() -> dict[str, dict[str, Any]]:
-    repo = yaml.safe_load((REPO / "policies" / "default.yaml").read_text())["tiers"]
+    repo = yaml.safe_load(DEFAULT_POLICY.read_text())["tiers"]
     off = {"enabled": False}
     tiers = {name: {**policy, "detection": off} for name, policy in repo.items()}
     base = tiers["default"]
@@ -63,7 +62,7 @@ def key(client: str) -> str:
     return clients()[client][1]
 
 
-def write_config(directory: Path, vllm_url: str | None, vllm_port: int = 0) -> Path:
+def write_lab_config(directory: Path, vllm_url: str | None, vllm_port: int = 0) -> Path:
     """The guard's config and policy file for the lab, in ``directory``.
 
     With ``vllm_url`` None there is no upstream: ``serve --teacher smollm2`` then runs vLLM
@@ -77,26 +76,23 @@ def write_config(directory: Path, vllm_url: str | None, vllm_port: int = 0) -> P
         },
     }
     (directory / "policy.yaml").write_text(yaml.safe_dump(policy))
-    config: dict[str, Any] = {
-        "server": {"host": "127.0.0.1", "port": 0},
-        "secret": {"env": SECRET_ENV},
-        "policies": [str(directory / "policy.yaml")],
-    }
+    sections: dict[str, Any] = {"secret": {"env": SECRET_ENV}}
     if vllm_url is None:
         # A first start compiles the model: minutes on a busy 2-core machine.
-        config["bundled_teacher"] = {
+        sections["bundled_teacher"] = {
             "model": "smollm2",
             "port": vllm_port,
             "startup_timeout_s": STARTUP_TIMEOUT_S,
         }
-    else:
-        timeouts = {"connect": 2, "read": 300, "total": 900}
-        config["upstreams"] = {
-            MODEL: {"urls": [vllm_url], "guard_plugin": True, "timeouts": timeouts}
-        }
-    path = directory / "guard.yaml"
-    path.write_text(yaml.safe_dump(config))
-    return path
+    timeouts = {"connect": 2, "read": 300, "total": 900}
+    return write_config(
+        directory,
+        [vllm_url] if vllm_url else [],
+        model=MODEL,
+        policies=[directory / "policy.yaml"],
+        upstream={"guard_plugin": True, "timeouts": timeouts},
+        **sections,
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -137,12 +133,8 @@ def running_lab(
         if vllm_url is None:
             smollm2.ensure_model()
             vllm = managed_vllm("smollm2", MODEL, log_path=workdir / "vllm.log", dtype=dtype)
-            stack.callback(vllm.stop)
-            vllm.start()
-            vllm.wait_healthy(900)
+            stack.enter_context(running_vllm(vllm, timeout_s=900))
             vllm_url = vllm.url
-        config = write_config(workdir, vllm_url)
-        guard = GuardProcess(config, workdir / "guard.log").start()
-        stack.callback(guard.stop)
-        guard.wait_ready()
+        config = write_lab_config(workdir, vllm_url)
+        guard = stack.enter_context(GuardProcess(config, workdir / "guard.log"))
         yield Lab(guard, config, vllm_url.rstrip("/"))

@@ -258,7 +258,27 @@ def test_only_the_guard_reaches_vllm_and_redis(
         (rules,) = policies[app]
         assert rules == [{"from": guard_only, "ports": [{"port": port, "protocol": "TCP"}]}]
     (guard_rules,) = policies["guard-server"]
-    assert [r["ports"] for r in guard_rules] == [[{"port": 8080, "protocol": "TCP"}]]
+    api, metrics = guard_rules
+    assert api == {"ports": [{"port": 8080, "protocol": "TCP"}]}  # clients: the API port only
+    assert metrics["ports"] == [{"port": 9464, "protocol": "TCP"}]
+    assert [set(peer) for peer in metrics["from"]] == [{"namespaceSelector"}]  # Prometheus'
+
+
+@pytest.mark.parametrize("kustomization", KUSTOMIZATIONS)
+def test_metrics_have_their_own_port_and_the_api_port_serves_none(
+    rendered: dict[str, list[dict[str, Any]]], kustomization: str
+) -> None:
+    objects = rendered[kustomization]
+    config = yaml.safe_load(config_files(objects)["guard.yaml"])
+    ports = {p["name"]: p["containerPort"] for p in _guard_container(objects)["ports"]}
+    assert config["metrics"]["port"] == ports["metrics"] != ports["http"]
+    assert config["server"]["port"] == ports["http"]
+    services = {o["metadata"]["name"]: o for o in objects if o["kind"] == "Service"}
+    assert [p["targetPort"] for p in services["guard"]["spec"]["ports"]] == ["http"]
+    metrics = services["guard-metrics"]
+    assert [p["targetPort"] for p in metrics["spec"]["ports"]] == ["metrics"]
+    for monitor in (o for o in objects if o["kind"] == "ServiceMonitor"):
+        assert [e["port"] for e in monitor["spec"]["endpoints"]] == ["metrics"]
 
 
 @pytest.mark.parametrize("kustomization", KUSTOMIZATIONS)

@@ -12,9 +12,8 @@ import yaml
 
 from guard_server import top_clients
 from guard_server.metrics import GuardMetrics
-from guard_server.upstream.vllm_process import free_port
+from guard_server.testing import GuardProcess, free_port, write_test_config
 from tests.deploy.toolchain import DEPLOY
-from tests.processes import GuardProcess, write_config
 
 DASHBOARD = DEPLOY / "grafana" / "guard-server.json"
 RULES = DEPLOY / "prometheus" / "guard-rules.yaml"
@@ -62,7 +61,7 @@ def exported(tmp_path_factory: pytest.TempPathFactory) -> set[str]:
     lines are always there. The upstream is a closed port: /metrics works without vLLM.
     """
     directory = tmp_path_factory.mktemp("guard-metrics")
-    config = write_config(directory, [f"http://127.0.0.1:{free_port()}"])
+    config = write_test_config(directory, [f"http://127.0.0.1:{free_port()}"])
     guard = GuardProcess(config, directory / "guard.log").start()
     try:
         text = guard.metrics()

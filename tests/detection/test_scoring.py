@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import uuid
-
 import pytest
 
 from guard_server.detection.features import extract_features, template_of
@@ -12,8 +10,6 @@ from guard_server.detection.scoring import assess
 from guard_server.detection.sketches import DistinctCounter
 from guard_server.openai_fields import Endpoint
 from guard_server.state.memory import MemoryStore
-from guard_server.state.redis import RedisStore
-from tests.processes import RedisProcess
 
 THRESHOLDS = {"tighten": 0.35, "perturb": 0.4, "decoy": 0.45, "block": 0.95}
 
@@ -78,17 +74,6 @@ def test_a_campaign_raises_every_member() -> None:
     hydra = assess(member, CampaignProfile(60, 2400, 1.0), THRESHOLDS)
     assert alone.action == "pass"
     assert hydra.action != "pass" and hydra.contributions["campaign"] > 0.2
-
-
-@pytest.fixture(params=["memory", "redis"])
-async def store(request: pytest.FixtureRequest):  # type: ignore[no-untyped-def]
-    if request.param == "memory":
-        yield MemoryStore()
-        return
-    server: RedisProcess = request.getfixturevalue("redis_server")
-    redis_store = RedisStore(server.url, prefix=f"t{uuid.uuid4().hex[:8]}")
-    yield redis_store
-    await redis_store.close()
 
 
 async def test_both_stores_build_the_same_profile(store) -> None:  # type: ignore[no-untyped-def]

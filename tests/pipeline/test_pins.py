@@ -25,7 +25,7 @@ from guard_server.state.memory import MemoryStore
 from guard_server.state.redis import RedisStore
 from guard_server.state.review import MemoryReview, Pin
 from guard_server.state.review_redis import RedisReview
-from tests.processes import DEMO_KEY, POLICIES, RedisProcess
+from guard_server.testing import DEMO_KEY, POLICIES, RedisProcess
 
 SETTINGS = load_settings(POLICIES / "guard.yaml")
 CLIENT = SETTINGS.clients_by_id["demo"]
@@ -41,7 +41,7 @@ def _shadow(client: Client) -> Client:
 
 
 def test_allow_serves_as_pass_and_still_records_the_score() -> None:
-    plan = make_plan(SETTINGS.secret, CLIENT, DECOY, _pin("allow"))
+    plan = make_plan(SETTINGS.secret, CLIENT, DECOY, pin=_pin("allow"))
     assert (plan.action, plan.assessed, plan.pin) == ("pass", "decoy", "allow")
     assert plan.mode == "enforce"
     assert plan.decoy is None and plan.limits == CLIENT.limits
@@ -53,7 +53,7 @@ def test_allow_serves_as_pass_and_still_records_the_score() -> None:
 
 @pytest.mark.parametrize("client", [CLIENT, _shadow(CLIENT)], ids=["enforce", "shadow"])
 def test_deny_blocks_whatever_the_score_and_the_mode(client: Client) -> None:
-    plan = make_plan(SETTINGS.secret, client, None, _pin("deny"))
+    plan = make_plan(SETTINGS.secret, client, None, pin=_pin("deny"))
     assert (plan.action, plan.assessed, plan.pin) == ("block", "pass", "deny")
     assert plan.reason.startswith("pinned deny")
     assert plan.counted == ("block", "pinned")

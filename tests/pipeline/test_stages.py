@@ -22,7 +22,7 @@ from guard_server.pipeline.score import FRESH_REQUESTS, REASSESS_EVERY, RiskScor
 from guard_server.pipeline.transform import transform_chunk
 from guard_server.pipeline.validate import validate_request
 from guard_server.state.memory import MemoryStore
-from tests.processes import DEMO_KEY, POLICIES, TRUSTED_KEY
+from guard_server.testing import DEMO_KEY, POLICIES, TRUSTED_KEY
 
 SETTINGS = load_settings(POLICIES / "guard.yaml")
 

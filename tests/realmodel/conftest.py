@@ -15,10 +15,9 @@ from collections.abc import Iterator
 import openai
 import pytest
 
+from guard_server.testing import GuardProcess, free_port
 from guard_server.upstream import smollm2
-from guard_server.upstream.vllm_process import free_port
 from load_tests.realmodel import stack
-from tests.processes import GuardProcess
 
 START_TIMEOUT_S = stack.STARTUP_TIMEOUT_S + 60
 
@@ -30,14 +29,16 @@ def smollm2_lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[stack.Lab]
     external = os.environ.get("GUARD_TEST_SMOLLM2_URL")
     with stack.secret_in_env():
         if external:
-            config = stack.write_config(directory, external.rstrip("/"))
+            config = stack.write_lab_config(directory, external.rstrip("/"))
             guard = GuardProcess(config, directory / "guard.log")
             vllm_url = external.rstrip("/")
         else:
             smollm2.ensure_model()
             vllm_port = free_port()
-            config = stack.write_config(directory, None, vllm_port)
-            guard = GuardProcess(config, directory / "guard.log", ["--teacher", "smollm2"])
+            config = stack.write_lab_config(directory, None, vllm_port)
+            guard = GuardProcess(
+                config, directory / "guard.log", extra_args=["--teacher", "smollm2"]
+            )
             vllm_url = f"http://127.0.0.1:{vllm_port}"
         guard.start(timeout_s=START_TIMEOUT_S)
         try:

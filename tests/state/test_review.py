@@ -18,7 +18,7 @@ from guard_server.state.memory import MemoryStore
 from guard_server.state.redis import RedisStore
 from guard_server.state.review import MemoryReview, Pin, board_score, board_value
 from guard_server.state.review_redis import RedisReview
-from tests.processes import RedisProcess
+from guard_server.testing import RedisProcess
 
 
 def _features(prompt: str) -> RequestFeatures:
@@ -268,9 +268,7 @@ async def test_the_channel_is_followed_again_after_redis_restarts() -> None:
         await b.review.start()
         server.stop()
         await asyncio.sleep(0.5)  # B's reader notices and retries
-        restarted = RedisProcess()
-        restarted.port = server.port  # the same address, empty (no persistence)
-        server = restarted.start()
+        server = RedisProcess(port=server.port).start()  # the same address, empty
         await _eventually(lambda: b.review._following.is_set(), timeout_s=15)
         await a.review.set_pin("alice", _pin("deny", 60))
         # No tick runs (an hour apart): only the channel, followed again, can carry it.

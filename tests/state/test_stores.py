@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import AsyncIterator
 
 import pytest
 import redis.asyncio as aioredis
@@ -12,18 +11,7 @@ import redis.asyncio as aioredis
 from guard_server.state.base import LimitSpec, StateStore
 from guard_server.state.memory import MemoryStore
 from guard_server.state.redis import RedisStore
-from tests.processes import RedisProcess
-
-
-@pytest.fixture(params=["memory", "redis"])
-async def store(request: pytest.FixtureRequest) -> AsyncIterator[StateStore]:
-    if request.param == "memory":
-        yield MemoryStore()
-        return
-    server: RedisProcess = request.getfixturevalue("redis_server")
-    redis_store = RedisStore(server.url, prefix=f"t{uuid.uuid4().hex[:8]}")
-    yield redis_store
-    await redis_store.close()
+from guard_server.testing import RedisProcess
 
 
 def _scope() -> str:
@@ -87,7 +75,7 @@ async def test_redis_keys_share_a_hash_tag_and_expire(redis_server: RedisProcess
 
 async def test_redis_down_raises_state_unavailable() -> None:
     from guard_server.state.base import StateUnavailable
-    from guard_server.upstream.vllm_process import free_port
+    from guard_server.testing import free_port
 
     store = RedisStore(f"redis://127.0.0.1:{free_port()}/0")
     with pytest.raises(StateUnavailable):

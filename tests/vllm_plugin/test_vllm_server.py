@@ -7,48 +7,27 @@ test here; one test also compares against the session's plain vLLM (``vllm_url``
 
 from __future__ import annotations
 
-import os
-import socket
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from importlib.metadata import entry_points
-from pathlib import Path
 from typing import Any
 
 import openai
 import pytest
 
 from guard_server.defences.watermark import score
-from guard_server.upstream.bundled_teacher import TEACHER_DIR
-from guard_server.upstream.vllm_process import VllmProcess
+from guard_server.testing import model_dir_under_test, vllm_process
+from guard_server.upstream.bundled_teacher import plugin_args
 
-MODEL_DIR = Path(os.environ.get("GUARD_TEST_MODEL_DIR", str(TEACHER_DIR)))
-PLUGIN = "guard_server.vllm_plugin:GuardLogitsProcessor"
+MODEL_DIR = model_dir_under_test()
 PROMPTS = ["12+34=", "The secret is", "507+219=", "hello world", "9+9="]
 WM_KEY = 918_273_645
 NOISE = {"guard_noise_seed": 4242, "guard_noise_sigma": 3.0}
+PORTS = range(8500, 8600)
+"""The ports set aside for this module's vLLM."""
 
 pytestmark = pytest.mark.skipif(
     not (MODEL_DIR / "config.json").exists(), reason=f"no model at {MODEL_DIR}"
 )
-
-
-def _port() -> int:
-    """A free port in 8500-8599 (the range set aside for these tests)."""
-    for port in range(8500, 8600):
-        with socket.socket() as sock:
-            try:
-                sock.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return port
-    raise RuntimeError("no free port in 8500-8599")
-
-
-def _plugin_args() -> list[str]:
-    """``--logits-processors``, unless the installed entry point loads the plugin already."""
-    installed = {entry.value for entry in entry_points(group="vllm.logits_processors")}
-    return [] if PLUGIN in installed else ["--logits-processors", PLUGIN]
 
 
 @pytest.fixture(scope="module")
@@ -57,13 +36,7 @@ def vllm(
 ) -> Iterator[openai.OpenAI]:
     """vLLM with the guard plugin, and an SDK client pointed straight at it."""
     log = tmp_path_factory.mktemp("vllm_plugin") / "vllm.log"
-    process = VllmProcess(
-        MODEL_DIR,
-        "teacher",
-        port=_port(),
-        extra_args=_plugin_args(),
-        log_path=log,
-    )
+    process = vllm_process(MODEL_DIR, log, ports=PORTS, extra_args=plugin_args())
     process.start()
     try:
         request.getfixturevalue("vllm_url")  # the plain one, for comparison: start both at once
