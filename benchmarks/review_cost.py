@@ -50,6 +50,7 @@ def plan_stage(rounds: int = 15, calls: int = 20_000) -> dict[str, float]:
     from multidict import CIMultiDict, CIMultiDictProxy
     from prometheus_client import CollectorRegistry
 
+    from guard_server.canonical import canonical_input
     from guard_server.config.loader import load_settings
     from guard_server.detection.scoring import Assessment
     from guard_server.metrics import GuardMetrics
@@ -63,6 +64,8 @@ def plan_stage(rounds: int = 15, calls: int = 20_000) -> dict[str, float]:
     client = settings.clients_by_id["demo"]
     headers = CIMultiDictProxy(CIMultiDict())
     ctx = RequestContext(Endpoint.CHAT, settings, headers, 0.0, client=client)
+    ctx.body = {**BODY, "messages": [{"role": "user", "content": "What is 2 + 3?"}]}
+    ctx.canonical = canonical_input(Endpoint.CHAT, ctx.body)
     ctx.assessment = Assessment(0.12, {"logprobs": 0.05, "max_top_logprobs": 0.07}, "pass")
     no_pins = MemoryReview(MemoryStore())
     pinned = MemoryReview(MemoryStore())

@@ -27,6 +27,7 @@ from pathlib import Path
 import psutil
 
 import guard_server.app as guard_app
+from guard_server.canonical import canonical_input
 from guard_server.config.loader import load_settings
 from guard_server.detection.features import extract_features
 from guard_server.openai_fields import Endpoint
@@ -92,7 +93,8 @@ async def _populate(store: StateStore, settings, count: int, slot_ttl_s: float) 
         tier = client.tier
         body = client_body(i)
         if tier.detection.enabled:
-            features = extract_features(Endpoint.CHAT, body, False, max(1, tier.logprobs.max_top))
+            canonical = canonical_input(Endpoint.CHAT, body)
+            features = extract_features(canonical, max(1, tier.logprobs.max_top))
             await store.observe(client.id, features)
         if not client.limits.unlimited:
             scope = f"c:{client.id}"

@@ -21,6 +21,7 @@ from guard_server.openai_fields import Endpoint
 from guard_server.pipeline.admit import Admitter
 from guard_server.pipeline.audit import AuditLog
 from guard_server.pipeline.auth import authenticate
+from guard_server.pipeline.canonicalize import canonicalize
 from guard_server.pipeline.context import RequestContext
 from guard_server.pipeline.plan import Planner
 from guard_server.pipeline.policy import apply_tier_policy
@@ -63,10 +64,12 @@ class GenerationHandler:
         self.endpoint = endpoint
         self.admitter = admitter
         # The stages after authentication and body parsing, in order: what the request may
-        # ask for is settled before it is scored, and one plan is made before anything acts.
+        # ask for is settled before it is scored, what the model will see of it is taken once
+        # (every key and count derives from that), and one plan is made before anything acts.
         self.stages: tuple[Stage, ...] = (
             validate_request,
             apply_tier_policy,
+            canonicalize,
             scorer,
             planner,
             admitter,
@@ -263,15 +266,41 @@ class ClientWriter:
 
 
 async def _read_body(request: web.Request, ctx: RequestContext) -> bytes:
-    limit = ctx.settings.config.server.max_body_bytes
-    if request.content_length is not None and request.content_length > limit:
+    """The whole body: up to its ``Content-Length`` (or the end of a chunked body), 413 past
+    ``max_body_bytes``, 408 when it does not arrive within ``body_timeout_s``."""
+    server = ctx.settings.config.server
+    limit = server.max_body_bytes
+    declared = request.content_length
+    if declared is not None and declared > limit:
         raise _too_large(limit)
-    body = await request.content.read(limit + 1)
-    if len(body) > limit:
-        raise _too_large(limit)
+    try:
+        async with asyncio.timeout(server.body_timeout_s):
+            body = await _read_until_end(request.content, limit)
+    except TimeoutError:
+        raise GuardError(
+            408,
+            f"The request body did not arrive within {server.body_timeout_s:g} seconds.",
+            code="request_timeout",
+        ) from None
+    if declared is not None and len(body) < declared:
+        raise bad_request(
+            f"The request body ended after {len(body)} of its {declared} bytes (Content-Length)."
+        )
     if not body:
         raise bad_request("The request body is empty; send a JSON object.")
     return body
+
+
+async def _read_until_end(content: aiohttp.StreamReader, limit: int) -> bytes:
+    """Everything until the body ends; 413 as soon as it passes ``limit`` bytes."""
+    chunks: list[bytes] = []
+    size = 0
+    while chunk := await content.read(limit + 1 - size):
+        chunks.append(chunk)
+        size += len(chunk)
+        if size > limit:
+            raise _too_large(limit)
+    return b"".join(chunks)
 
 
 def _too_large(limit: int) -> GuardError:

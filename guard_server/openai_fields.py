@@ -153,6 +153,29 @@ BOUNDABLE: frozenset[str] = frozenset(
 )
 
 
+# The chat content-part types vLLM 0.32 parses (vllm/renderers/chat_utils.py, MM_PARSER_MAP;
+# a plain string in a content list is a ``text`` part). Tiers allow them by name.
+CONTENT_PART_TYPES: frozenset[str] = frozenset(
+    {
+        "text",
+        "input_text",
+        "output_text",
+        "refusal",
+        "thinking",
+        "tool_reference",
+        "image_url",
+        "input_image",
+        "image_embeds",
+        "audio_url",
+        "input_audio",
+        "audio_embeds",
+        "video_url",
+        "video_embeds",
+        "prompt_embeds",
+    }
+)
+
+
 def expand_field_selectors(selectors: list[str]) -> frozenset[str]:
     """Turn ``["@openai", "echo"]`` into the set of field names; raise ValueError on a bad name."""
     names: set[str] = set()

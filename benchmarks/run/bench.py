@@ -135,6 +135,17 @@ class Bench:
                 "passthrough": {
                     "models": ["*"],
                     "allow_fields": ["@openai", "@vllm_sampling", "@vllm_advanced"],
+                    "bounds": dict.fromkeys(("max_tokens", "n", "temperature", "prompt_logprobs")),
+                    "max_prompts": 1024,
+                    "logprobs": {
+                        "max_top": 20,
+                        "noise": {"scale": 0},
+                        "quantize": {"mode": "none"},
+                        "allow_echo": True,
+                        "with_constraints": "allow",
+                    },
+                    "logit_bias": {"mode": "allow", "max_abs": 100, "with_logprobs": "allow"},
+                    "seed": "allow",
                     "detection": {"enabled": False},
                 }
             },

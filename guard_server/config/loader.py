@@ -46,6 +46,8 @@ class Tier:
     models: frozenset[str] | None  # None: every configured model
     allowed_fields: frozenset[str]
     bounds: dict[str, Bound]
+    max_prompts: int
+    content_parts: frozenset[str]
     logprobs: LogprobPolicy
     hardening: LogprobHardening
     logit_bias: LogitBiasPolicy
@@ -172,7 +174,9 @@ def _resolve_tier(name: str, policy: TierPolicy) -> Tier:
         name=name,
         models=models,
         allowed_fields=expand_field_selectors(policy.allow_fields),
-        bounds=dict(policy.bounds),
+        bounds={name: bound for name, bound in policy.bounds.items() if bound is not None},
+        max_prompts=policy.max_prompts,
+        content_parts=frozenset(policy.content_parts),
         logprobs=policy.logprobs,
         hardening=logprob_hardening(policy.logprobs),
         logit_bias=policy.logit_bias,

@@ -9,7 +9,7 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from guard_server.detection.scoring import DISTINCT_RAMP
-from guard_server.openai_fields import BOUNDABLE, expand_field_selectors
+from guard_server.openai_fields import BOUNDABLE, CONTENT_PART_TYPES, expand_field_selectors
 
 _KEY_HASH = re.compile(r"^sha256:[0-9a-f]{64}$")
 
@@ -27,6 +27,7 @@ class ServerSettings(_Strict):
     host: str = "127.0.0.1"
     port: Annotated[int, Field(ge=0, le=65535)] = 8080
     max_body_bytes: Annotated[int, Field(ge=1024)] = 1_048_576
+    body_timeout_s: Annotated[float, Field(gt=0)] = 30.0
     policy_header: bool = True
     reload_interval_s: Annotated[float, Field(gt=0)] = 2.0
     drain_timeout_s: Annotated[float, Field(ge=0)] = 60.0
@@ -221,7 +222,7 @@ class Bound(_Strict):
 class LogprobNoise(_Strict):
     """Keyed noise on returned logprob values (see guard_server.defences.logprobs)."""
 
-    scale: Annotated[float, Field(ge=0, le=50)] = 0.0
+    scale: Annotated[float, Field(ge=0, le=50)] = 1.0
     preserve_order: bool = True
     normalize: bool = True
 
@@ -229,21 +230,27 @@ class LogprobNoise(_Strict):
 class LogprobQuantize(_Strict):
     """Rounding of returned logprob values: to a grid (down), or ranks only."""
 
-    mode: Literal["none", "grid", "rank"] = "none"
+    mode: Literal["none", "grid", "rank"] = "grid"
     step: Annotated[float, Field(gt=0, le=10)] = 0.5
 
 
 class LogprobPolicy(_Strict):
     """What the logprob channel reveals to one tier."""
 
-    max_top: Annotated[int, Field(ge=0, le=1000)] = 20
+    max_top: Annotated[int, Field(ge=0, le=1000)] = 5
     on_exceed: Literal["clamp", "reject"] = "clamp"
     noise: LogprobNoise = LogprobNoise()
     quantize: LogprobQuantize = LogprobQuantize()
     exact_sampled_above: Annotated[float, Field(gt=0.5, le=1)] | None = None
     """The sampled token's own value comes back exact when its probability is at least this
     (so it is the position's top token); the others are hardened into the mass it leaves."""
-    allow_echo: bool = True
+    allow_echo: bool = False
+    with_constraints: Literal["reject", "strip", "allow"] = "reject"
+    """Logprobs together with constrained decoding (structured outputs, a JSON
+    ``response_format``, forced tool calls, ``allowed_token_ids``): vLLM renormalises the
+    returned values over the tokens the constraint allows, so they are exact logit differences
+    between tokens the client picked. ``reject``: 400; ``strip``: drop the logprobs;
+    ``allow``: return them (hardened as usual, never one exact value)."""
 
     @model_validator(mode="after")
     def _exact_needs_values(self) -> LogprobPolicy:
@@ -264,10 +271,10 @@ class LogprobPolicy(_Strict):
 class LogitBiasPolicy(_Strict):
     """How `logit_bias` is treated, when the tier allows the field at all."""
 
-    mode: Literal["allow", "strip", "reject", "limit"] = "allow"
-    max_entries: Annotated[int, Field(ge=0)] = 300
-    max_abs: Annotated[float, Field(ge=0, le=100)] = 100.0
-    with_logprobs: Literal["allow", "reject"] = "allow"
+    mode: Literal["allow", "strip", "reject", "limit"] = "limit"
+    max_entries: Annotated[int, Field(ge=0)] = 10
+    max_abs: Annotated[float, Field(ge=0, le=100)] = 5.0
+    with_logprobs: Literal["allow", "reject"] = "reject"
 
 
 class SamplingNoise(_Strict):
@@ -378,15 +385,29 @@ class DetectionPolicy(_Strict):
     decoy: DecoyAction = DecoyAction()
 
 
+DEFAULT_BOUNDS: dict[str, Bound] = {
+    "max_tokens": Bound(max=128, on_exceed="clamp"),
+    "n": Bound(max=4, on_exceed="reject"),
+    "temperature": Bound(min=0, max=2, on_exceed="reject"),
+    "prompt_logprobs": Bound(max=5, on_exceed="clamp"),
+}
+"""The bounds a tier gets for every field it does not bound itself (``null`` opts out)."""
+
+
 class TierPolicy(_Strict):
-    """What one tier's clients may ask for."""
+    """What one tier's clients may ask for. Every key left out takes its safe value."""
 
     models: list[str] = ["*"]
     allow_fields: list[str] = ["@openai", "@vllm_sampling"]
-    bounds: dict[str, Bound] = {}
+    bounds: Annotated[dict[str, Bound | None], Field(validate_default=True)] = {}
+    """Merged over :data:`DEFAULT_BOUNDS`; a field set to ``null`` is left unbounded."""
+    max_prompts: Annotated[int, Field(ge=1)] = 4
+    """Prompts one completions request may batch (``prompt`` as a list); more is 400."""
+    content_parts: list[str] = ["text"]
+    """Chat content-part types the tier may send (``type`` of each part); others are 400."""
     logprobs: LogprobPolicy = LogprobPolicy()
     logit_bias: LogitBiasPolicy = LogitBiasPolicy()
-    seed: Literal["allow", "strip", "rekey"] = "allow"
+    seed: Literal["allow", "strip", "rekey"] = "rekey"
     limits: RateLimits = RateLimits()
     detection: DetectionPolicy = DetectionPolicy()
     sampling: SamplingPolicy = SamplingPolicy()
@@ -402,13 +423,25 @@ class TierPolicy(_Strict):
 
     @field_validator("bounds")
     @classmethod
-    def _boundable(cls, bounds: dict[str, Bound]) -> dict[str, Bound]:
+    def _boundable(cls, bounds: dict[str, Bound | None]) -> dict[str, Bound | None]:
         for name in bounds:
             if name not in BOUNDABLE:
                 raise ValueError(
                     f"{name!r} cannot be bounded; boundable fields: {', '.join(sorted(BOUNDABLE))}"
                 )
-        return bounds
+        merged = {**DEFAULT_BOUNDS, **bounds}
+        return {name: bound for name, bound in merged.items() if bound is not None}
+
+    @field_validator("content_parts")
+    @classmethod
+    def _known_parts(cls, parts: list[str]) -> list[str]:
+        unknown = sorted(set(parts) - CONTENT_PART_TYPES)
+        if unknown:
+            raise ValueError(
+                f"unknown content part type(s) {', '.join(map(repr, unknown))}; known types: "
+                + ", ".join(sorted(CONTENT_PART_TYPES))
+            )
+        return parts
 
 
 class ClientEntry(_Strict):

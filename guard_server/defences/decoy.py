@@ -19,7 +19,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
-from guard_server.defences.keys import client_key, request_key
+from guard_server.defences.keys import client_key, identity_key
 
 _DIGITS = "0123456789"
 
@@ -45,9 +45,9 @@ class DigitMap:
         return [forward.get(byte, byte) for byte in data]
 
 
-def digit_map(secret: bytes, client_id: str, prompt: object) -> DigitMap:
-    """The keyed derangement for ``client_id`` asking ``prompt`` (any JSON value)."""
-    seed = request_key(client_key(secret, "decoy-digits", client_id), prompt)
+def digit_map(secret: bytes, client_id: str, identity: bytes) -> DigitMap:
+    """The keyed derangement for ``client_id`` asking the prompt of canonical ``identity``."""
+    seed = identity_key(client_key(secret, "decoy-digits", client_id), identity)
     rng = random.Random(seed)
     shifted = list(_DIGITS)
     while any(a == b for a, b in zip(shifted, _DIGITS, strict=True)):

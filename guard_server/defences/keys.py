@@ -1,11 +1,13 @@
-"""Per-client keys derived from the server secret, so clients cannot predict or cancel them."""
+"""Per-client keys derived from the server secret, so clients cannot predict or cancel them.
+
+Request-level keys take a digest of the request's canonical model input
+(``guard_server.canonical``), never its bytes: bytes the model ignores change no key.
+"""
 
 from __future__ import annotations
 
 import hashlib
 import hmac
-
-import orjson
 
 
 def client_key(secret: bytes, purpose: str, client_id: str) -> bytes:
@@ -14,23 +16,22 @@ def client_key(secret: bytes, purpose: str, client_id: str) -> bytes:
     return hmac.new(secret, message, hashlib.sha256).digest()
 
 
-def request_key(key: bytes, material: object) -> bytes:
-    """A key for one request's content (for example its prompt), derived from a client key."""
-    data = orjson.dumps(material, option=orjson.OPT_SORT_KEYS)
-    return hashlib.blake2b(data, key=key, digest_size=32).digest()
+def identity_key(key: bytes, identity: bytes) -> bytes:
+    """A key for one prompt (its canonical identity), derived from a client key."""
+    return hashlib.blake2b(identity, key=key, digest_size=32).digest()
 
 
-def rekeyed_seed(secret: bytes, client_id: str, body: dict[str, object], seed: int) -> int:
+def rekeyed_seed(secret: bytes, client_id: str, digest: bytes) -> int:
     """The seed vLLM gets in place of a client's own.
 
-    Keyed by the client and by everything else in the request, so repeating a request
-    reproduces its answer, while changing any parameter (temperature, bias, prompt) under
-    the same seed gives unrelated randomness: a fixed seed no longer lets a client resample
-    one distribution under controlled changes.
+    ``digest`` is the canonical input's digest, which covers the prompt, the template inputs
+    and every sampling field, the client's seed among them. So repeating a request reproduces
+    its answer, while changing anything that changes sampling (temperature, bias, prompt)
+    under the same seed gives unrelated randomness: a fixed seed no longer lets a client
+    resample one distribution under controlled changes.
     """
-    rest = {name: value for name, value in body.items() if name != "seed"}
-    digest = request_key(client_key(secret, "seed", client_id), [rest, seed])
-    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+    key = identity_key(client_key(secret, "seed", client_id), digest)
+    return int.from_bytes(key[:8], "little") & ((1 << 63) - 1)
 
 
 def _int31(digest: bytes) -> int:
@@ -42,11 +43,12 @@ def watermark_key(secret: bytes, client_id: str) -> int:
     return _int31(client_key(secret, "watermark", client_id))
 
 
-def sampling_noise_seed(secret: bytes, client_id: str, body: dict[str, object]) -> int:
+def sampling_noise_seed(secret: bytes, client_id: str, identity: bytes) -> int:
     """The 31-bit seed of the plugin's logit noise for one request.
 
-    Keyed by client and request content: the same request meets the same noise again, so
-    resampling it cannot average the noise away, and clients cannot predict it.
+    Keyed by client and by the identity of the request's prompt(s) only: the same prompt
+    meets the same noise again whatever else the request changes (temperature, ``n``,
+    ``max_tokens``, ...), so resampling it cannot average the noise away, and clients
+    cannot predict it.
     """
-    material = {name: value for name, value in body.items() if name not in ("stream", "seed")}
-    return _int31(request_key(client_key(secret, "sampling-noise", client_id), material))
+    return _int31(identity_key(client_key(secret, "sampling-noise", client_id), identity))

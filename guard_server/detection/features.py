@@ -1,35 +1,48 @@
-"""What one request says about its sender: prompt identity, template, client fingerprint."""
+"""What one request says about its sender: prompt identities, template, client fingerprint.
+
+Everything here is computed from the request's canonical model input
+(``guard_server.canonical``), never from its bytes.
+"""
 
 from __future__ import annotations
 
 import hashlib
 import re
+from collections import OrderedDict
 from dataclasses import dataclass
-from functools import lru_cache
-from typing import Any
 
 import orjson
 
+from guard_server.canonical import CanonicalInput
 from guard_server.openai_fields import Endpoint
 
 _NUMBER = re.compile(r"\d+")
+_ENDPOINT_NAMES = {endpoint: endpoint.value for endpoint in Endpoint}  # Enum.value is slow
 _TEMPLATE_HEAD = 16  # characters of the last turn's template in the fingerprint
+_NORMALIZED_CHARS = 4096
+"""Characters of a turn normalized for the fingerprint: a script's scaffolding shows in a
+turn's head, and the work per request stays bounded whatever the size of the body."""
 # Request fields that describe *how* a client's software asks, not *what* it asks.
-_STYLE_FIELDS = frozenset((
+_STYLE_FIELDS = (
     "max_tokens", "max_completion_tokens", "temperature", "top_p", "top_k", "n", "stop",
-    "logprobs", "top_logprobs", "presence_penalty", "frequency_penalty", "seed", "logit_bias",
-))  # fmt: skip
+    "presence_penalty", "frequency_penalty", "seed", "logit_bias",
+)  # fmt: skip
 
 
 @dataclass(slots=True)  # not frozen: built per request, and frozen __init__ costs 4x
 class RequestFeatures:
     """The features of one request that detection keeps (no prompt text)."""
 
-    prompt_hash: str
+    prompt_hashes: tuple[str, ...]  # one 64-bit hex identity per prompt of the request
     fingerprint: str
     wants_logprobs: bool
     max_top: bool
     logit_bias: bool
+
+    @property
+    def prompts(self) -> int:
+        """How many prompts the request counts as."""
+        return len(self.prompt_hashes)
 
 
 def _digest(data: bytes) -> str:
@@ -45,45 +58,65 @@ def _template_head(text: str) -> str:
     """``template_of(text)[:16]``, normalizing only as much of a long text as it needs."""
     head = template_of(text[: 2 * _TEMPLATE_HEAD])
     if len(head) <= _TEMPLATE_HEAD and len(text) > 2 * _TEMPLATE_HEAD:
-        head = template_of(text)  # digits or spaces collapsed it: normalize it all
+        head = template_of(text[:_NORMALIZED_CHARS])  # digits or spaces collapsed it
     return head[:_TEMPLATE_HEAD]
 
 
-@lru_cache(maxsize=4096)
-def _scaffold_line(role: object, content: str) -> str:
-    """One earlier turn, normalized (system prompts and few-shot turns repeat: cached)."""
-    return f"{role}:{template_of(content)}"
+class ScaffoldLines:
+    """The normalized form of earlier turns (system prompts and few-shot turns repeat), as
+    8-byte digests keyed by a hash of the turn (Python's keyed 64-bit string hash): every
+    entry has the same small size, so the cache is bounded in bytes (about 200 bytes an
+    entry) whatever the texts. A turn is normalized on its first ``_NORMALIZED_CHARS``
+    characters."""
+
+    def __init__(self, max_entries: int = 4096) -> None:
+        self.max_entries = max_entries
+        self._lines: OrderedDict[int, str] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._lines)
+
+    def digest(self, role: str, text: str) -> str:
+        """The digest of ``role: template_of(text)``."""
+        key = hash((role, text))
+        line = self._lines.get(key)
+        if line is None:
+            template = template_of(text[:_NORMALIZED_CHARS])
+            line = self._lines[key] = _digest(f"{role}:{template}".encode())
+            if len(self._lines) > self.max_entries:
+                self._lines.popitem(last=False)
+        else:
+            self._lines.move_to_end(key)
+        return line
 
 
-def _texts(endpoint: Endpoint, body: dict[str, Any]) -> tuple[str, str]:
-    """(the scaffolding around the last user turn, the last user turn)."""
-    if endpoint is Endpoint.CHAT:
-        messages = body["messages"]
-        last = str(messages[-1].get("content") or "")
-        scaffold = "\n".join(
-            _scaffold_line(m.get("role"), str(m.get("content") or "")) for m in messages[:-1]
-        )
-        return scaffold, last
-    prompt = body["prompt"]
-    return "", prompt if isinstance(prompt, str) else orjson.dumps(prompt).decode()
+SCAFFOLD_LINES = ScaffoldLines()
 
 
-def extract_features(
-    endpoint: Endpoint, body: dict[str, Any], wants_logprobs: bool, max_top: int
-) -> RequestFeatures:
-    """Features of a validated request body (before the guard rewrites it)."""
-    scaffold, last = _texts(endpoint, body)
-    style = {k: v for k, v in body.items() if k in _STYLE_FIELDS and v is not None}
+def extract_features(canonical: CanonicalInput, max_top: int) -> RequestFeatures:
+    """Features of a request's canonical input (before the guard rewrites it). ``max_top``
+    is the tier's logprob cap: asking for that many counts as asking for the most."""
+    if canonical.endpoint is Endpoint.CHAT:
+        *earlier, (_, last) = canonical.turns
+        scaffold = [SCAFFOLD_LINES.digest(role, text) for role, text in earlier]
+    else:
+        scaffold, last = [], canonical.prompt_texts[0]
+    sampling = canonical.sampling
+    style = {name: sampling[name] for name in _STYLE_FIELDS if name in sampling}
     if "logit_bias" in style:
         style["logit_bias"] = len(style["logit_bias"])
+    count = canonical.logprobs
+    if count is not None:
+        style["logprobs"] = count
     signature = orjson.dumps(
-        [endpoint.value, scaffold, _template_head(last), style], option=orjson.OPT_SORT_KEYS
+        [_ENDPOINT_NAMES[canonical.endpoint], scaffold, _template_head(last), style],
+        option=orjson.OPT_SORT_KEYS,
     )
-    count = body.get("top_logprobs") if endpoint is Endpoint.CHAT else body.get("logprobs")
+    wants = count is not None
     return RequestFeatures(
-        prompt_hash=_digest(orjson.dumps([scaffold, last])),
+        prompt_hashes=tuple(identity[:8].hex() for identity in canonical.identities),
         fingerprint=_digest(signature),
-        wants_logprobs=wants_logprobs,
-        max_top=wants_logprobs and isinstance(count, int) and (count == -1 or count >= max_top),
-        logit_bias=bool(body.get("logit_bias")),
+        wants_logprobs=wants,
+        max_top=wants and (count == -1 or count >= max_top),
+        logit_bias=bool(sampling.get("logit_bias")),
     )

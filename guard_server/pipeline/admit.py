@@ -13,6 +13,7 @@ import logging
 import math
 import uuid
 
+from guard_server.canonical import prompt_list
 from guard_server.errors import GuardError
 from guard_server.metrics import GuardMetrics
 from guard_server.openai_fields import Endpoint
@@ -26,17 +27,23 @@ _DEFAULT_COMPLETION = {Endpoint.CHAT: 256, Endpoint.COMPLETIONS: 16}
 
 
 def estimate_tokens(ctx: RequestContext) -> int:
-    """A cheap upper-ish estimate of a request's tokens (prompt by characters, plus n × max)."""
+    """A cheap upper-ish estimate of a request's tokens: its prompt tokens (text by
+    characters, token-id prompts exactly) plus prompts × n × max_tokens."""
+    canonical = ctx.canonical
+    assert canonical is not None
     body = ctx.body
     if ctx.endpoint is Endpoint.CHAT:
-        chars = sum(len(str(message.get("content") or "")) for message in body["messages"])
+        prompt_tokens = sum(len(text) for _, text in canonical.turns) // _CHARS_PER_TOKEN + 1
     else:
-        prompt = body["prompt"]
-        chars = len(prompt) if isinstance(prompt, str) else len(str(prompt))
+        prompt_tokens = sum(_prompt_tokens(prompt) for prompt in prompt_list(body["prompt"]))
     completion = (
         body.get("max_tokens") or body.get("max_completion_tokens")
     ) or _DEFAULT_COMPLETION[ctx.endpoint]
-    return chars // _CHARS_PER_TOKEN + 1 + completion * (body.get("n") or 1)
+    return prompt_tokens + canonical.prompts * canonical.n * completion
+
+
+def _prompt_tokens(prompt: str | list[int]) -> int:
+    return len(prompt) if isinstance(prompt, list) else len(prompt) // _CHARS_PER_TOKEN + 1
 
 
 def _duration(seconds: float) -> str:
@@ -105,6 +112,7 @@ class Admitter:
         limits = ctx.plan.limits
         if limits.unlimited:
             return
+        assert ctx.canonical is not None
         estimate = estimate_tokens(ctx)
         try:
             admission = await self.store.admit(
@@ -113,7 +121,8 @@ class Admitter:
                 estimate,
                 uuid.uuid4().hex,
                 self.slot_ttl_s,
-                _shown(ctx.plan.advertised, limits),
+                requests=ctx.canonical.prompts,
+                shown=_shown(ctx.plan.advertised, limits),
             )
         except StateUnavailable as exc:
             self._state_failed(exc)

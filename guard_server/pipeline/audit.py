@@ -48,6 +48,7 @@ class AuditLog:
         if self.settings.only_flagged and (plan is None or plan.assessed == "pass"):
             return
         assessment = ctx.assessment
+        canonical = ctx.canonical
         record = {
             "event": "request",
             "ts": round(time.time(), 3),
@@ -56,6 +57,8 @@ class AuditLog:
             "endpoint": ctx.endpoint.value,
             "model": ctx.model,
             "status": ctx.status,
+            "prompts": canonical.prompts if canonical else None,  # the work: prompts x n
+            "n": canonical.n if canonical else None,
             "action": plan.action if plan else None,
             "assessed": plan.assessed if plan else None,
             "mode": plan.mode if plan else None,

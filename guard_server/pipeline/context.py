@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, Any
 
 from multidict import CIMultiDictProxy
 
+from guard_server.canonical import CanonicalInput
 from guard_server.config.loader import Client, Settings
 from guard_server.detection.scoring import Assessment
 from guard_server.openai_fields import Endpoint
@@ -26,6 +27,7 @@ class RequestContext:
     started: float
     client: Client | None = None
     body: dict[str, Any] = field(default_factory=dict)
+    canonical: CanonicalInput | None = None  # set by the canonicalize stage, after the policy
     model: str = ""
     stream: bool = False
     client_wants_usage: bool = False
@@ -39,7 +41,7 @@ class RequestContext:
     fingerprint: str = ""
     body_hash: str = ""
     plan: Plan | None = None  # set once by the plan stage, read by every later one
-    logprob_key: bytes | None = None
+    logprob_keys: dict[int, bytes] = field(default_factory=dict)  # per prompt of the request
     logprob_positions: dict[int, int] = field(default_factory=dict)  # per choice, streams
     prompt_tokens: int = 0
     completion_tokens: int = 0

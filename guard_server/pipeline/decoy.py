@@ -16,7 +16,6 @@ from typing import Any
 
 from guard_server.config.loader import Client
 from guard_server.defences.decoy import DigitMap, digit_map
-from guard_server.openai_fields import Endpoint
 from guard_server.pipeline.context import RequestContext
 
 _HOT_TEMPERATURE = 2.0
@@ -41,25 +40,15 @@ class DecoyPlan:
     maps: tuple[DigitMap, ...] = ()  # source `misinformation`: one digit map per prompt
 
 
-def decoy_prompts(endpoint: Endpoint, body: dict[str, Any]) -> tuple[object, ...]:
-    """The request's prompts, each keying its own digit map: the chat's messages, or each
-    prompt of a completions batch (so a prompt gets the same map alone or in a batch)."""
-    if endpoint is Endpoint.CHAT:
-        return (body.get("messages"),)
-    prompt = body.get("prompt")
-    if isinstance(prompt, list) and prompt and isinstance(prompt[0], str | list):
-        return tuple(prompt)
-    return (prompt,)
-
-
-def plan_decoy(secret: bytes, client: Client, prompts: tuple[object, ...]) -> DecoyPlan:
-    """The decoy the client's tier configures, for a request with ``prompts``."""
+def plan_decoy(secret: bytes, client: Client, identities: tuple[bytes, ...]) -> DecoyPlan:
+    """The decoy the client's tier configures, for a request whose prompts have the canonical
+    ``identities``: each prompt gets its own digit map, the same alone or in a batch."""
     decoy = client.tier.detection.decoy
     if decoy.source == "model":
         return DecoyPlan("model", model=decoy.model)
     if decoy.source == "perturbed":
         return DecoyPlan("perturbed", sigma=decoy.perturbed_sigma)
-    maps = tuple(digit_map(secret, client.id, prompt) for prompt in prompts)
+    maps = tuple(digit_map(secret, client.id, identity) for identity in identities)
     return DecoyPlan("misinformation", maps=maps)
 
 

@@ -1,23 +1,52 @@
 """The logprob channel, both halves: how many values a request may ask for (the tier's cap,
-then the plan's), and the hardening of the values that come back (keyed noise, order,
-normalization, grid), on whole responses and streamed chunks alike."""
+then the plan's), whether it may ask for them under constrained decoding, and the hardening
+of the values that come back (keyed noise, order, normalization, grid) on whole responses
+and streamed chunks alike, prompt logprobs included.
+
+Each prompt's values are hardened under a key derived from the client and that prompt's
+canonical identity alone (``guard_server.canonical``): bytes the model ignores, or the other
+prompts batched with it, change nothing.
+"""
 
 from __future__ import annotations
 
 from typing import Any
 
-from guard_server.defences.keys import client_key, request_key
+from guard_server.canonical import logprob_count
+from guard_server.defences.keys import client_key, identity_key
 from guard_server.errors import bad_request
 from guard_server.openai_fields import Endpoint
 from guard_server.pipeline.context import RequestContext
 
+_PROMPT_POSITIONS = "prompt-logprob-noise"  # the key purpose for prompt logprobs
+_GENERATED_POSITIONS = "logprob-noise"
+
 
 def wants_logprobs(ctx: RequestContext) -> bool:
     """Whether the request (as rewritten so far) asks for logprob values."""
-    value = ctx.body.get("logprobs")
-    if ctx.endpoint is Endpoint.CHAT:
-        return value is True
-    return value is not None
+    return logprob_count(ctx.endpoint, ctx.body) is not None
+
+
+def constraint_of(endpoint: Endpoint, body: dict[str, Any]) -> str | None:
+    """The field that constrains decoding, if any: vLLM then renormalises the returned
+    logprobs over the tokens the constraint allows (its grammar mask comes before them).
+
+    Checked against vLLM 0.32: every ``structured_outputs`` kind; a ``response_format`` other
+    than ``text`` (json_object, json_schema, structural_tag); ``tools`` unless ``tool_choice``
+    is ``none`` (named and ``required`` choices become a JSON-schema grammar, and with a tool
+    parser ``auto`` adds a structural tag); ``allowed_token_ids`` (it forces the sampled token
+    into a chosen set, as a large ``logit_bias`` would).
+    """
+    if body.get("structured_outputs") is not None:
+        return "structured_outputs"
+    response_format = body.get("response_format")
+    if isinstance(response_format, dict) and response_format.get("type", "text") != "text":
+        return "response_format"
+    if endpoint is Endpoint.CHAT and body.get("tools") and body.get("tool_choice") != "none":
+        return "tool_choice" if body.get("tool_choice") is not None else "tools"
+    if body.get("allowed_token_ids"):
+        return "allowed_token_ids"
+    return None
 
 
 def _count_field(ctx: RequestContext) -> str:
@@ -31,17 +60,19 @@ def _drop_logprobs(body: dict[str, Any]) -> None:
 
 def check_tier_cap(ctx: RequestContext) -> None:
     """The tier policy's half: cap ``top_logprobs`` (chat) / ``logprobs`` (completions) at the
-    tier's ``max_top`` (0: no logprobs at all), clamping or rejecting as the tier says, and
-    refuse ``echo`` with logprobs unless the tier allows it."""
+    tier's ``max_top`` (0: no logprobs at all), clamping or rejecting as the tier says; refuse
+    ``echo`` with logprobs unless the tier allows it; and refuse or drop logprobs under
+    constrained decoding unless the tier opts in (``with_constraints``)."""
     assert ctx.client is not None
-    policy = ctx.client.tier.logprobs
+    tier = ctx.client.tier
+    policy = tier.logprobs
     body = ctx.body
     count_field = _count_field(ctx)
     count = body.get(count_field)
     if policy.max_top == 0 and wants_logprobs(ctx):
         if policy.on_exceed == "reject":
             raise bad_request(
-                f"Logprobs are not available to tier `{ctx.client.tier.name}`.",
+                f"Logprobs are not available to tier `{tier.name}`.",
                 param="logprobs",
                 code="value_out_of_range",
             )
@@ -53,7 +84,7 @@ def check_tier_cap(ctx: RequestContext) -> None:
         if policy.on_exceed == "reject":
             raise bad_request(
                 f"`{count_field}` is {count}, above the maximum of {policy.max_top} "
-                f"allowed for tier `{ctx.client.tier.name}`.",
+                f"allowed for tier `{tier.name}`.",
                 param=count_field,
                 code="value_out_of_range",
             )
@@ -65,6 +96,19 @@ def check_tier_cap(ctx: RequestContext) -> None:
             param="echo",
             code="parameter_not_allowed",
         )
+    constraint = constraint_of(ctx.endpoint, body)
+    if constraint is None or not wants_logprobs(ctx) or policy.with_constraints == "allow":
+        return
+    if policy.with_constraints == "reject":
+        raise bad_request(
+            f"Logprobs cannot be combined with `{constraint}` for tier `{tier.name}`: under "
+            "constrained decoding the returned values are renormalised over the tokens the "
+            "constraint allows. Drop the logprobs or the constraint.",
+            param=constraint,
+            code="parameter_not_allowed",
+        )
+    _drop_logprobs(body)
+    ctx.note("stripped", "logprobs")
 
 
 class LogprobChannel:
@@ -78,10 +122,13 @@ class LogprobChannel:
 
     def request(self, ctx: RequestContext, body: dict[str, Any], guard_plugin: bool) -> None:
         """Lower the count to the plan's cap (the tier's), and note hardening."""
-        if not wants_logprobs(ctx):
-            return
         plan = ctx.plan
         assert plan is not None and ctx.client is not None
+        hardened = ctx.client.tier.hardening.active  # the tier's, never the plan's: that would tell
+        if body.get("prompt_logprobs") is not None and hardened:
+            ctx.note("hardened", "prompt_logprobs")
+        if not wants_logprobs(ctx):
+            return
         count_field = _count_field(ctx)
         if plan.logprob_cap == 0:
             _drop_logprobs(body)
@@ -95,29 +142,54 @@ class LogprobChannel:
 
     def response(self, ctx: RequestContext, payload: dict[str, Any], streaming: bool) -> None:
         """Harden every returned value in place."""
-        assert ctx.plan is not None
+        assert ctx.plan is not None and ctx.canonical is not None
         if not ctx.plan.hardening.active:
             return
+        n = ctx.canonical.n
         for choice in payload.get("choices") or ():
+            index = choice.get("index", 0)
+            prompt = index // n if ctx.endpoint is Endpoint.COMPLETIONS else 0
+            prompt_logprobs = choice.get("prompt_logprobs")
+            if prompt_logprobs:
+                harden_prompt_logprobs(ctx, prompt, prompt_logprobs)
             logprobs = choice.get("logprobs")
             if not logprobs:
                 continue
-            index = choice.get("index", 0)
             start = ctx.logprob_positions.get(index, 0) if streaming else 0
+            key = _key(ctx, _GENERATED_POSITIONS, prompt)
             if ctx.endpoint is Endpoint.CHAT:
-                count = _harden_chat(ctx, logprobs.get("content") or (), start)
+                count = _harden_chat(ctx, key, logprobs.get("content") or (), start)
             else:
-                count = _harden_completion(ctx, logprobs, start)
+                count = _harden_completion(ctx, key, logprobs, start)
             ctx.logprob_positions[index] = start + count
 
 
-def _key(ctx: RequestContext) -> bytes:
-    if ctx.logprob_key is None:
-        assert ctx.client is not None
-        material = ctx.body.get("messages" if ctx.endpoint is Endpoint.CHAT else "prompt")
-        base = client_key(ctx.settings.secret, "logprob-noise", ctx.client.id)
-        ctx.logprob_key = request_key(base, material)
-    return ctx.logprob_key
+def _key(ctx: RequestContext, purpose: str, prompt: int) -> bytes:
+    """The hardening key of one prompt of the request (cached per request)."""
+    slot = prompt if purpose == _GENERATED_POSITIONS else -1 - prompt
+    key = ctx.logprob_keys.get(slot)
+    if key is None:
+        assert ctx.client is not None and ctx.canonical is not None
+        base = client_key(ctx.settings.secret, purpose, ctx.client.id)
+        key = ctx.logprob_keys[slot] = identity_key(base, ctx.canonical.identities[prompt])
+    return key
+
+
+def harden_prompt_logprobs(ctx: RequestContext, prompt: int, positions: list[Any]) -> None:
+    """Harden vLLM's ``prompt_logprobs`` of one prompt in place: per position, a map of token
+    id to ``{"logprob", "rank", "decoded_token"}``, the prompt's own token first."""
+    assert ctx.plan is not None
+    if not ctx.plan.hardening.active:
+        return
+    key = _key(ctx, _PROMPT_POSITIONS, prompt)
+    for position, entries in enumerate(positions):
+        if not entries:
+            continue
+        tokens = list(entries)
+        values = [entries[token]["logprob"] for token in tokens]
+        hardened = ctx.plan.hardening.apply(key, position, tokens, values, 0)
+        for token, value in zip(tokens, hardened, strict=True):
+            entries[token]["logprob"] = value
 
 
 def _listed_chat(item: dict[str, Any], top: list[dict[str, Any]]) -> bool:
@@ -133,6 +205,7 @@ def _listed_completion(ctx: RequestContext, token: str, top: dict[str, float] | 
 
 def _harden_position(
     ctx: RequestContext,
+    key: bytes,
     position: int,
     values: dict[str, float],
     sampled: str | None,
@@ -146,17 +219,17 @@ def _harden_position(
     raw = list(values.values())
     index = tokens.index(sampled) if sampled is not None else None
     if hardening.ranked is None:
-        hardened = hardening.apply(_key(ctx), position, tokens, raw, index)
+        hardened = hardening.apply(key, position, tokens, raw, index)
         return dict(zip(tokens, hardened, strict=True))
     pinned = None if sampled_listed else index
-    raw, order = hardening.rerank(_key(ctx), position, tokens, raw, pinned)
-    hardened = hardening.apply(_key(ctx), position, tokens, raw, index)
+    raw, order = hardening.rerank(key, position, tokens, raw, pinned)
+    hardened = hardening.apply(key, position, tokens, raw, index)
     place = {i: rank for rank, i in enumerate(order)}
     listed = sorted(range(len(tokens)), key=lambda i: (-hardened[i], place[i]))
     return {tokens[i]: hardened[i] for i in listed}
 
 
-def _harden_chat(ctx: RequestContext, items: Any, start: int) -> int:
+def _harden_chat(ctx: RequestContext, key: bytes, items: Any, start: int) -> int:
     assert ctx.plan is not None
     ranked = ctx.plan.hardening.ranked is not None
     count = 0
@@ -166,7 +239,7 @@ def _harden_chat(ctx: RequestContext, items: Any, start: int) -> int:
         for entry in top:
             values.setdefault(entry["token"], entry["logprob"])
         listed = not ranked or _listed_chat(item, top)
-        hardened = _harden_position(ctx, start + offset, values, item["token"], listed)
+        hardened = _harden_position(ctx, key, start + offset, values, item["token"], listed)
         item["logprob"] = hardened[item["token"]]
         for entry in top:
             entry["logprob"] = hardened[entry["token"]]
@@ -177,7 +250,9 @@ def _harden_chat(ctx: RequestContext, items: Any, start: int) -> int:
     return count
 
 
-def _harden_completion(ctx: RequestContext, logprobs: dict[str, Any], start: int) -> int:
+def _harden_completion(
+    ctx: RequestContext, key: bytes, logprobs: dict[str, Any], start: int
+) -> int:
     assert ctx.plan is not None
     ranked = ctx.plan.hardening.ranked is not None
     tokens = logprobs.get("tokens") or []
@@ -193,7 +268,7 @@ def _harden_completion(ctx: RequestContext, logprobs: dict[str, Any], start: int
             continue
         sampled_token = token if value is not None else None
         listed = not ranked or _listed_completion(ctx, token, top)
-        hardened = _harden_position(ctx, start + offset, values, sampled_token, listed)
+        hardened = _harden_position(ctx, key, start + offset, values, sampled_token, listed)
         if value is not None:
             sampled[offset] = hardened[token]
         if top:

@@ -22,7 +22,8 @@ from guard_server.defences.logprobs import LogprobHardening
 from guard_server.detection.scoring import ACTIONS, Assessment
 from guard_server.metrics import GuardMetrics
 from guard_server.pipeline.context import RequestContext
-from guard_server.pipeline.decoy import DecoyPlan, decoy_prompts, plan_decoy
+from guard_server.pipeline.decoy import DecoyPlan, plan_decoy
+from guard_server.pipeline.logprob_channel import constraint_of
 from guard_server.pipeline.sampling import SamplingPlan
 from guard_server.state.base import LimitSpec
 from guard_server.state.review import Pin, ReviewState
@@ -74,12 +75,15 @@ def make_plan(
     secret: bytes,
     client: Client,
     assessment: Assessment | None,
-    prompts: tuple[object, ...] = ((),),
+    identities: tuple[bytes, ...] = (b"",),
+    constrained: bool = False,
     *,
     pin: Pin | None = None,
 ) -> Plan:
-    """The plan for one request of ``client`` at its current ``assessment`` and ``pin``;
-    ``prompts`` key the misinformation decoy's digit maps (see ``decoy.decoy_prompts``)."""
+    """The plan for one request of ``client`` at its current ``assessment`` and ``pin``.
+    ``identities`` (the canonical identity of each prompt) key the misinformation decoy's
+    digit maps; under constrained decoding (``constrained``) no logprob value comes back
+    exact."""
     tier = client.tier
     detection = tier.detection
     assessed = assessment.action if assessment is not None else "pass"
@@ -89,6 +93,8 @@ def make_plan(
     perturb = detection.perturb
     logprob_cap = tier.logprobs.max_top
     hardening = tier.hardening
+    if constrained and hardening.exact_above is not None:
+        hardening = replace(hardening, exact_above=None)
     sigma = tier.sampling.noise.sigma
     if rank >= _RANK["perturb"]:
         # Same count back as any client of the tier (a smaller one would tell): only the
@@ -99,7 +105,7 @@ def make_plan(
             ranked=perturb.max_top,
         )
         sigma = max(sigma, perturb.sampling_sigma)
-    decoy = plan_decoy(secret, client, prompts) if action == "decoy" else None
+    decoy = plan_decoy(secret, client, identities) if action == "decoy" else None
     if decoy is not None:
         sigma = max(sigma, decoy.sigma)
     return Plan(
@@ -175,10 +181,13 @@ class Planner:
         client = ctx.client
         assert client is not None
         assessment = ctx.assessment
+        assert ctx.canonical is not None
         review = self.review
         pin = review.pin_of(client.id) if review is not None else None
-        prompts = decoy_prompts(ctx.endpoint, ctx.body)
-        ctx.plan = make_plan(ctx.settings.secret, client, assessment, prompts, pin=pin)
+        constrained = constraint_of(ctx.endpoint, ctx.body) is not None
+        ctx.plan = make_plan(
+            ctx.settings.secret, client, assessment, ctx.canonical.identities, constrained, pin=pin
+        )
         self._track(client.id, *ctx.plan.counted)
         if review is not None and assessment is not None:
             review.note(client.id, assessment.score, assessment.action)

@@ -1,9 +1,11 @@
-"""Apply the tier policy: allowed models and fields, and bounds that clamp or reject."""
+"""Apply the tier policy: allowed models, fields and content parts, prompts per request, and
+bounds that clamp or reject."""
 
 from __future__ import annotations
 
 import math
 
+from guard_server.canonical import first_disallowed_part, prompt_count
 from guard_server.config.schema import Bound
 from guard_server.errors import bad_request, model_not_found
 from guard_server.openai_fields import Endpoint
@@ -31,6 +33,8 @@ async def apply_tier_policy(ctx: RequestContext) -> None:
     if "vllm_xargs" in body:
         del body["vllm_xargs"]
         ctx.note("stripped", "vllm_xargs")
+    _check_content_parts(ctx)
+    _check_prompt_count(ctx)
     for name, bound in tier.bounds.items():
         targets = ("max_tokens", "max_completion_tokens") if name == "max_tokens" else (name,)
         for field in targets:
@@ -46,6 +50,37 @@ async def apply_tier_policy(ctx: RequestContext) -> None:
         and body.get("max_completion_tokens") is None
     ):
         body["max_tokens"] = int(max_tokens.max)
+
+
+def _check_content_parts(ctx: RequestContext) -> None:
+    """Content parts of a type the tier does not allow never reach vLLM."""
+    assert ctx.client is not None
+    if ctx.endpoint is not Endpoint.CHAT:
+        return
+    tier = ctx.client.tier
+    kind = first_disallowed_part(ctx.body["messages"], tier.content_parts)
+    if kind is not None:
+        allowed = ", ".join(f"`{name}`" for name in sorted(tier.content_parts))
+        raise bad_request(
+            f"Content parts of type `{kind}` are not allowed for tier `{tier.name}` "
+            f"(allowed: {allowed}).",
+            param="messages",
+            code="parameter_not_allowed",
+        )
+
+
+def _check_prompt_count(ctx: RequestContext) -> None:
+    """A batched completions request may carry at most the tier's ``max_prompts`` prompts."""
+    assert ctx.client is not None
+    tier = ctx.client.tier
+    prompts = prompt_count(ctx.endpoint, ctx.body)
+    if prompts > tier.max_prompts:
+        raise bad_request(
+            f"`prompt` batches {prompts} prompts; tier `{tier.name}` allows at most "
+            f"{tier.max_prompts} per request. Send them in several requests.",
+            param="prompt",
+            code="value_out_of_range",
+        )
 
 
 def _enforce_bound(ctx: RequestContext, field: str, bound: Bound) -> None:

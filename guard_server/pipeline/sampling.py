@@ -27,11 +27,12 @@ class SamplingPlan:
 
 def plugin_args(ctx: RequestContext) -> dict[str, Any]:
     """The plugin parameters for this request (empty: the plugin leaves it untouched)."""
-    assert ctx.client is not None and ctx.plan is not None
+    assert ctx.client is not None and ctx.plan is not None and ctx.canonical is not None
     sampling = ctx.plan.sampling
     args: dict[str, Any] = {}
     if sampling.noise_sigma > 0:
-        args["guard_noise_seed"] = sampling_noise_seed(ctx.settings.secret, ctx.client.id, ctx.body)
+        identity = ctx.canonical.batch_identity
+        args["guard_noise_seed"] = sampling_noise_seed(ctx.settings.secret, ctx.client.id, identity)
         args["guard_noise_sigma"] = sampling.noise_sigma
         args["guard_noise_kind"] = sampling.noise_kind
     bounds = sampling.bounds

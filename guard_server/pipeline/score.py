@@ -10,7 +10,6 @@ from guard_server.detection.features import RequestFeatures, extract_features
 from guard_server.detection.scoring import Assessment, assess
 from guard_server.metrics import GuardMetrics
 from guard_server.pipeline.context import RequestContext
-from guard_server.pipeline.logprob_channel import wants_logprobs
 from guard_server.state.base import StateStore, StateUnavailable
 
 log = logging.getLogger(__name__)
@@ -43,9 +42,8 @@ class RiskScorer:
         tier = ctx.client.tier
         if not tier.detection.enabled:
             return
-        features = extract_features(
-            ctx.endpoint, ctx.body, wants_logprobs(ctx), max(1, tier.logprobs.max_top)
-        )
+        assert ctx.canonical is not None
+        features = extract_features(ctx.canonical, max(1, tier.logprobs.max_top))
         ctx.fingerprint = features.fingerprint
         client_id = ctx.client.id
         try:

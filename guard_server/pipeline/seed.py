@@ -23,7 +23,8 @@ class SeedPolicy:
             del body["seed"]
             ctx.note("stripped", "seed")
             return
-        body["seed"] = rekeyed_seed(ctx.settings.secret, ctx.client.id, body, seed)
+        assert ctx.canonical is not None
+        body["seed"] = rekeyed_seed(ctx.settings.secret, ctx.client.id, ctx.canonical.digest)
         ctx.note("rekeyed", "seed")
 
     def response(self, ctx: RequestContext, payload: dict[str, Any], streaming: bool) -> None:

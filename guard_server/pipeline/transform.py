@@ -9,6 +9,7 @@ from typing import Any
 from guard_server.pipeline.context import RequestContext
 from guard_server.pipeline.defences import DEFENCES
 from guard_server.pipeline.fingerprint import system_fingerprint
+from guard_server.pipeline.logprob_channel import harden_prompt_logprobs
 
 
 def _take_usage(ctx: RequestContext, payload: dict[str, Any]) -> None:
@@ -37,6 +38,8 @@ def transform_response(ctx: RequestContext, body: dict[str, Any]) -> None:
     """Rewrite a whole (non-streaming) response in place."""
     _stamp(ctx, body)
     _take_usage(ctx, body)
+    if body.get("prompt_logprobs"):  # chat's, for the whole response (vLLM refuses it on streams)
+        harden_prompt_logprobs(ctx, 0, body["prompt_logprobs"])
     _defend(ctx, body, streaming=False)
 
 

@@ -6,6 +6,7 @@ from typing import Any
 
 import orjson
 
+from guard_server.canonical import check_messages
 from guard_server.errors import bad_request
 from guard_server.openai_fields import FIELDS, REQUIRED, Endpoint, JsonType
 from guard_server.pipeline.context import RequestContext
@@ -61,6 +62,7 @@ def _check_messages(messages: list[Any]) -> None:
                 f"messages[{index}] must be an object with a string `role`.",
                 param=f"messages[{index}]",
             )
+    check_messages(messages)
 
 
 def _check_prompt(prompt: str | list[Any]) -> None:

@@ -1,15 +1,16 @@
 -- Atomic admission for one scope: refill both token buckets, drop expired concurrency
 -- slots, and consume only if every limit passes. Time is Redis' own, shared by replicas.
 -- KEYS[1]: bucket hash {r, t, ts, sr, st}   KEYS[2]: sorted set of slots scored by expiry (ms)
--- ARGV: rpm, tpm, concurrency (0 = unlimited), tokens, slot id, slot ttl (ms), shown rpm,
--- shown tpm (0 = not tightened). While tightened, sr/st are the configured limits' buckets
--- (what the headers show): they continue r/t as they were, spend what r/t spend, and r/t
--- take their level back when tightening ends.
+-- ARGV: rpm, tpm, concurrency (0 = unlimited), tokens, slot id, slot ttl (ms), requests
+-- (a batch costs one request per prompt), shown rpm, shown tpm (0 = not tightened). While
+-- tightened, sr/st are the configured limits' buckets (what the headers show): they continue
+-- r/t as they were, spend what r/t spend, and r/t take their level back when tightening ends.
 local now_parts = redis.call('TIME')
 local now = tonumber(now_parts[1]) * 1000 + math.floor(tonumber(now_parts[2]) / 1000)
 local rpm, tpm, conc = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
 local want, slot, ttl = tonumber(ARGV[4]), ARGV[5], tonumber(ARGV[6])
-local srpm, stpm = tonumber(ARGV[7] or '0'), tonumber(ARGV[8] or '0')
+local cost = tonumber(ARGV[7]) or 1
+local srpm, stpm = tonumber(ARGV[8] or '0'), tonumber(ARGV[9] or '0')
 
 local saved = redis.call('HMGET', KEYS[1], 'r', 't', 'ts', 'sr', 'st')
 local requests, tokens, updated = tonumber(saved[1]), tonumber(saved[2]), tonumber(saved[3])
@@ -39,9 +40,10 @@ if conc > 0 then
 end
 
 local needed = math.min(want, tpm)
+local needed_requests = math.min(cost, rpm)
 local verdict, retry_ms = 'ok', 0
-if rpm > 0 and requests < 1 then
-  verdict, retry_ms = 'requests', (1 - requests) * 60000 / rpm
+if rpm > 0 and requests < needed_requests then
+  verdict, retry_ms = 'requests', (needed_requests - requests) * 60000 / rpm
 elseif tpm > 0 and tokens < needed then
   verdict, retry_ms = 'tokens', (needed - tokens) * 60000 / tpm
 elseif conc > 0 and in_flight >= conc then
@@ -50,9 +52,9 @@ elseif conc > 0 and in_flight >= conc then
 end
 
 if verdict == 'ok' then
-  if rpm > 0 then requests = requests - 1 end
+  if rpm > 0 then requests = requests - cost end
   if tpm > 0 then tokens = tokens - want end
-  if shown_r ~= nil then shown_r = shown_r - 1 end
+  if shown_r ~= nil then shown_r = shown_r - cost end
   if shown_t ~= nil then shown_t = shown_t - want end
   if conc > 0 then
     redis.call('ZADD', KEYS[2], now + ttl, slot)

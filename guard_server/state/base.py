@@ -61,11 +61,14 @@ class StateStore(abc.ABC):
         tokens: int,
         slot: str,
         slot_ttl_s: float,
+        *,
+        requests: int = 1,
         shown: LimitSpec | None = None,
     ) -> Admission:
-        """Check every limit of ``scope`` and, only if all pass, consume one request,
-        reserve ``tokens`` and take concurrency slot ``slot`` (which expires after
-        ``slot_ttl_s`` even if never released).
+        """Check every limit of ``scope`` and, only if all pass, consume ``requests``
+        requests (a batch counts one per prompt), reserve ``tokens`` and take concurrency
+        slot ``slot`` (which expires after ``slot_ttl_s`` even if never released). A cost
+        above a whole minute's allowance needs a full bucket, as tokens do.
 
         ``shown``: the client's configured limits while ``spec`` is a tightened version of
         them. A second pair of buckets then runs at the ``shown`` rates, spending what the
@@ -90,7 +93,8 @@ class StateStore(abc.ABC):
     async def observe(
         self, client: str, features: RequestFeatures
     ) -> tuple[ClientProfile, CampaignProfile]:
-        """Fold one request into the client's profile and its fingerprint's; return both."""
+        """Fold one request into the client's profile and its fingerprint's, as one request
+        per prompt it batches (timing once), in one round trip; return both."""
 
     async def count(self, client: str, features: RequestFeatures) -> None:
         """Fold one request in, like :meth:`observe`, when the profiles are not needed."""

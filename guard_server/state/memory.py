@@ -44,6 +44,7 @@ class _Risk:
     logit_bias: float = 0.0
     gap_mean: float = 0.0
     gap_sq: float = 0.0
+    timed: bool = False  # whether a gap between two requests was seen yet
     fingerprint: str = ""
 
     def snapshot(self) -> ClientProfile:
@@ -135,6 +136,8 @@ class MemoryStore(StateStore):
         tokens: int,
         slot: str,
         slot_ttl_s: float,
+        *,
+        requests: int = 1,
         shown: LimitSpec | None = None,
     ) -> Admission:
         now = self._clock()
@@ -145,20 +148,21 @@ class MemoryStore(StateStore):
             spec.concurrent_requests,
         )
         needed_tokens = min(tokens, tpm) if tpm else 0
+        needed_requests = min(requests, rpm) if rpm else 0
         verdict = Admission(allowed=True)
-        if rpm and state.requests < 1:
-            verdict = Admission(False, "requests", (1 - state.requests) * 60 / rpm)
+        if rpm and state.requests < needed_requests:
+            verdict = Admission(False, "requests", (needed_requests - state.requests) * 60 / rpm)
         elif tpm and state.tokens < needed_tokens:
             verdict = Admission(False, "tokens", (needed_tokens - state.tokens) * 60 / tpm)
         elif concurrency and len(state.slots) >= concurrency:
             verdict = Admission(False, "concurrency", min(state.slots.values()) - now)
         if verdict.allowed:
             if rpm:
-                state.requests -= 1
+                state.requests -= requests
             if tpm:
                 state.tokens -= tokens
             if state.shown_requests is not None:
-                state.shown_requests -= 1
+                state.shown_requests -= requests
             if state.shown_tokens is not None:
                 state.shown_tokens -= tokens
             if concurrency:
@@ -205,23 +209,26 @@ class MemoryStore(StateStore):
         if risk.updated is not None:
             gap = max(0.0, now - risk.updated)
             risk.requests *= 2 ** (-gap / HALF_LIFE_S)
-            if risk.total == 1:
-                risk.gap_mean, risk.gap_sq = gap, gap * gap
+            if not risk.timed:
+                risk.gap_mean, risk.gap_sq, risk.timed = gap, gap * gap, True
             else:
                 risk.gap_mean += GAP_ALPHA * (gap - risk.gap_mean)
                 risk.gap_sq += GAP_ALPHA * (gap * gap - risk.gap_sq)
+        prompts = features.prompts
+        weight = _share_weight(prompts)  # `prompts` steps of the moving averages at once
         risk.updated = now
-        risk.requests += 1
-        risk.total += 1
-        risk.logprob += SHARE_ALPHA * (features.wants_logprobs - risk.logprob)
-        risk.max_top += SHARE_ALPHA * (features.max_top - risk.max_top)
-        risk.logit_bias += SHARE_ALPHA * (features.logit_bias - risk.logit_bias)
-        risk.prompts.add(features.prompt_hash)
+        risk.requests += prompts
+        risk.total += prompts
+        risk.logprob += weight * (features.wants_logprobs - risk.logprob)
+        risk.max_top += weight * (features.max_top - risk.max_top)
+        risk.logit_bias += weight * (features.logit_bias - risk.logit_bias)
         risk.fingerprint = features.fingerprint
         campaign = _touch(self._campaigns, features.fingerprint, _Campaign, self._max_profiles)
         campaign.members.add(client_hash(client))
-        campaign.prompts.add(features.prompt_hash)
-        campaign.max_top += SHARE_ALPHA * (features.max_top - campaign.max_top)
+        for prompt_hash in features.prompt_hashes:
+            risk.prompts.add(prompt_hash)
+            campaign.prompts.add(prompt_hash)
+        campaign.max_top += weight * (features.max_top - campaign.max_top)
         return risk, campaign
 
     async def peek(self, client: str) -> tuple[ClientProfile | None, CampaignProfile | None]:
@@ -250,6 +257,12 @@ class MemoryStore(StateStore):
                 scopes.move_to_end(scope)  # a stream still holds it: look again later
                 continue
             del scopes[scope]
+
+
+@lru_cache(maxsize=64)
+def _share_weight(steps: int) -> float:
+    """The weight of a new value after ``steps`` steps of a moving average with SHARE_ALPHA."""
+    return 1.0 - (1.0 - SHARE_ALPHA) ** steps
 
 
 @lru_cache(maxsize=16384)

@@ -59,6 +59,8 @@ class RedisStore(StateStore):
         tokens: int,
         slot: str,
         slot_ttl_s: float,
+        *,
+        requests: int = 1,
         shown: LimitSpec | None = None,
     ) -> Admission:
         shown_rpm, shown_tpm = _shown_rates(spec, shown)
@@ -69,11 +71,12 @@ class RedisStore(StateStore):
             tokens,
             slot,
             int(slot_ttl_s * 1000),
+            requests,
             shown_rpm,
             shown_tpm,
         ]
         try:
-            verdict, requests, left, in_flight, retry_ms, shown_r, shown_t = await self._admit(
+            verdict, left_requests, left, in_flight, retry_ms, shown_r, shown_t = await self._admit(
                 keys=self._keys(scope), args=args
             )
         except (RedisError, OSError) as exc:
@@ -84,7 +87,7 @@ class RedisStore(StateStore):
             allowed=allowed,
             exceeded=None if allowed else verdict,
             retry_after_s=int(retry_ms) / 1000,
-            remaining_requests=float(requests) if spec.requests_per_minute else None,
+            remaining_requests=float(left_requests) if spec.requests_per_minute else None,
             remaining_tokens=float(left) if spec.tokens_per_minute else None,
             shown_requests=float(shown_r) if spec.requests_per_minute else None,
             shown_tokens=float(shown_t) if spec.tokens_per_minute else None,
@@ -128,13 +131,13 @@ class RedisStore(StateStore):
         ttl_ms = int(IDLE_TTL_S * 1000)
         client_call = (
             self._observe_client.sha, 2, *self._risk_keys(client),
-            features.prompt_hash, features.fingerprint, int(features.wants_logprobs),
-            int(features.max_top), int(features.logit_bias), SHARE_ALPHA, GAP_ALPHA,
-            HALF_LIFE_S, ttl_ms,
+            features.fingerprint, int(features.wants_logprobs), int(features.max_top),
+            int(features.logit_bias), SHARE_ALPHA, GAP_ALPHA, HALF_LIFE_S, ttl_ms,
+            *features.prompt_hashes,
         )  # fmt: skip
         campaign_call = (
             self._observe_campaign.sha, 3, *self._campaign_keys(features.fingerprint),
-            client, features.prompt_hash, int(features.max_top), SHARE_ALPHA, ttl_ms,
+            client, int(features.max_top), SHARE_ALPHA, ttl_ms, *features.prompt_hashes,
         )  # fmt: skip
         try:
             mine, shared = await self._evalsha_pipeline(client_call, campaign_call)

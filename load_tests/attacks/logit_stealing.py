@@ -35,7 +35,7 @@ from pathlib import Path
 import numpy as np
 from tokenizers import Tokenizer
 
-from guard_server.defences.keys import client_key, request_key
+from guard_server.defences.keys import client_key, identity_key
 from guard_server.defences.logprobs import LogprobHardening
 from guard_server.teacher import task
 from load_tests.attacks.common import (
@@ -306,7 +306,7 @@ def hardened_what_if(
     base = client_key(f"what-if:{seed}".encode().ljust(32, b"\0"), "logprob-noise", "attacker")
     out = np.full_like(truth, np.nan)
     for i, prompt in enumerate(prompts):
-        key = request_key(base, prompt)
+        key = identity_key(base, prompt.encode())
         order = np.argsort(-truth[i])[:k]
         for j in range(len(columns)):
             picked = list(dict.fromkeys([*order.tolist(), j]))

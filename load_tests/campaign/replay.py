@@ -24,6 +24,7 @@ def replay_detection(sims: list[Simulator], thresholds: dict[str, float]) -> lis
     this measures detection only. The top-k cap and the distinct-prompts ramp are the
     defended tier's, as in the guard.
     """
+    from guard_server.canonical import canonical_input
     from guard_server.detection.features import extract_features
     from guard_server.detection.scoring import assess
     from guard_server.openai_fields import Endpoint
@@ -50,13 +51,7 @@ def replay_detection(sims: list[Simulator], thresholds: dict[str, float]) -> lis
             sim, stream = streams[name]
             clock[0] = at_s
             endpoint = Endpoint.CHAT if query.endpoint == "chat" else Endpoint.COMPLETIONS
-            body = query.body
-            wants = (
-                body.get("logprobs") is True
-                if query.endpoint == "chat"
-                else (body.get("logprobs") is not None)
-            )
-            features = extract_features(endpoint, body, wants, max(1, max_top))
+            features = extract_features(canonical_input(endpoint, query.body), max(1, max_top))
             profile, campaign = loop.run_until_complete(store.observe(query.client, features))
             assessment = assess(profile, campaign, thresholds, distinct_ramp)
             outcome = Outcome(sim.name, sim.kind, sim.role, query, "")

@@ -8,8 +8,10 @@ import statistics
 
 import pytest
 
-from guard_server.defences.keys import client_key, rekeyed_seed, request_key
+from guard_server.canonical import canonical_input
+from guard_server.defences.keys import client_key, identity_key, rekeyed_seed
 from guard_server.defences.logprobs import FLOOR, NEAR_ONE, LogprobHardening, keyed_normal
+from guard_server.openai_fields import Endpoint
 
 SECRET = b"s" * 32
 
@@ -22,7 +24,7 @@ def _random_position(rng: random.Random, k: int = 6) -> tuple[list[str], list[fl
 
 
 def test_keyed_normal_is_deterministic_and_standard() -> None:
-    key = request_key(client_key(SECRET, "logprob-noise", "alice"), "prompt")
+    key = identity_key(client_key(SECRET, "logprob-noise", "alice"), b"prompt")
     draws = [keyed_normal(key, position, "tok") for position in range(20_000)]
     assert draws[:50] == [keyed_normal(key, position, "tok") for position in range(50)]
     assert abs(statistics.fmean(draws)) < 0.03
@@ -38,8 +40,8 @@ def test_keys_differ_by_client_purpose_and_prompt() -> None:
     }
     assert len(keys) == 4
     base = client_key(SECRET, "logprob-noise", "alice")
-    assert request_key(base, [{"a": 1, "b": 2}]) == request_key(base, [{"b": 2, "a": 1}])
-    assert request_key(base, "x") != request_key(base, "y")
+    assert identity_key(base, b"x") == identity_key(base, b"x")
+    assert identity_key(base, b"x") != identity_key(base, b"y")
 
 
 @pytest.mark.parametrize("seed", range(20))
@@ -108,9 +110,13 @@ def test_rank_mode_returns_minus_rank_and_floor_is_kept() -> None:
 
 
 def test_rekeyed_seed_reproduces_only_the_same_request() -> None:
-    body = {"model": "m", "prompt": "p", "temperature": 1.0, "seed": 7}
-    same = rekeyed_seed(SECRET, "alice", dict(body), 7)
-    assert same == rekeyed_seed(SECRET, "alice", dict(body), 7)
-    assert same != rekeyed_seed(SECRET, "alice", {**body, "temperature": 0.9}, 7)
-    assert same != rekeyed_seed(SECRET, "bob", dict(body), 7)
+    def digest(**fields: object) -> bytes:
+        body = {"model": "m", "prompt": "p", "temperature": 1.0, "seed": 7, **fields}
+        return canonical_input(Endpoint.COMPLETIONS, body).digest
+
+    same = rekeyed_seed(SECRET, "alice", digest())
+    assert same == rekeyed_seed(SECRET, "alice", digest(stream=True, user="x"))
+    assert same != rekeyed_seed(SECRET, "alice", digest(temperature=0.9))
+    assert same != rekeyed_seed(SECRET, "alice", digest(seed=8))
+    assert same != rekeyed_seed(SECRET, "bob", digest())
     assert 0 <= same < 2**63

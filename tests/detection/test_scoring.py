@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from guard_server.detection.features import extract_features, template_of
+from guard_server.canonical import canonical_input
+from guard_server.detection.features import RequestFeatures, extract_features, template_of
 from guard_server.detection.profile import CampaignProfile, ClientProfile
 from guard_server.detection.scoring import assess
 from guard_server.detection.sketches import DistinctCounter
@@ -21,19 +22,23 @@ def _chat(text: str, system: str | None = None, **fields: object) -> dict:
     return {"model": "teacher", "messages": messages, **fields}
 
 
+def _features(body: dict, endpoint: Endpoint = Endpoint.CHAT) -> RequestFeatures:
+    return extract_features(canonical_input(endpoint, body), 5)
+
+
 def test_one_script_shares_a_fingerprint_across_numbers() -> None:
-    a = extract_features(Endpoint.CHAT, _chat("What is 12 + 7?", max_tokens=5), False, 5)
-    b = extract_features(Endpoint.CHAT, _chat("What is 480 + 3?", max_tokens=5), False, 5)
-    other = extract_features(Endpoint.CHAT, _chat("What is 12 + 7?", "Be terse."), False, 5)
+    a = _features(_chat("What is 12 + 7?", max_tokens=5))
+    b = _features(_chat("What is 480 + 3?", max_tokens=5))
+    other = _features(_chat("What is 12 + 7?", "Be terse."))
     assert a.fingerprint == b.fingerprint != other.fingerprint
-    assert a.prompt_hash != b.prompt_hash
+    assert a.prompt_hashes != b.prompt_hashes
     assert template_of("What  is 12+7?") == "what is #+#?"
 
 
 def test_max_top_means_at_the_tier_cap() -> None:
     body = _chat("hi", logprobs=True, top_logprobs=5)
-    assert extract_features(Endpoint.CHAT, body, True, 5).max_top
-    assert not extract_features(Endpoint.CHAT, {**body, "top_logprobs": 2}, True, 5).max_top
+    assert _features(body).max_top
+    assert not _features({**body, "top_logprobs": 2}).max_top
 
 
 def test_distinct_counter_is_exact_when_small_and_close_when_large() -> None:
@@ -79,7 +84,7 @@ def test_a_campaign_raises_every_member() -> None:
 async def test_both_stores_build_the_same_profile(store) -> None:  # type: ignore[no-untyped-def]
     for i in range(50):
         body = _chat(f"What is {i % 25} + 1?", logprobs=True, top_logprobs=5)
-        features = extract_features(Endpoint.CHAT, body, True, 5)
+        features = _features(body)
         for client in ("alice", "bob"):
             profile, campaign = await store.observe(client, features)
     assert profile.total == 50
@@ -93,11 +98,24 @@ async def test_both_stores_build_the_same_profile(store) -> None:  # type: ignor
     assert await store.peek("nobody") == (None, None)
 
 
+async def test_a_batch_counts_as_one_request_per_prompt_in_one_call(store) -> None:  # type: ignore[no-untyped-def]
+    prompts = [f"Q: {i} + 1 =" for i in range(4)]
+    batch = _features({"model": "t", "prompt": prompts, "logprobs": 5}, Endpoint.COMPLETIONS)
+    assert batch.prompts == 4
+    profile, campaign = await store.observe("carol", batch)
+    profile, campaign = await store.observe("carol", batch)
+    assert profile.total == 8 and profile.distinct_prompts == 4
+    assert profile.max_top_share == pytest.approx(1 - 0.98**8, abs=1e-6)
+    assert profile.gap_mean_s < 5  # one gap between the two requests, not seven
+    assert campaign.distinct_prompts == 4 and campaign.members == 1
+    assert campaign.max_top_share == pytest.approx(1 - 0.98**8, abs=1e-6)
+
+
 def test_memory_store_forgets_the_least_recent_profiles() -> None:
     import asyncio
 
     store = MemoryStore(max_profiles=100)
-    features = extract_features(Endpoint.CHAT, _chat("hi"), False, 5)
+    features = _features(_chat("hi"))
     for i in range(1000):
         asyncio.run(store.observe(f"client-{i}", features))
     assert asyncio.run(store.peek("client-0")) == (None, None)

@@ -16,6 +16,7 @@ from guard_server.detection.scoring import Assessment
 from guard_server.metrics import GuardMetrics
 from guard_server.openai_fields import Endpoint
 from guard_server.pipeline.auth import authenticate
+from guard_server.pipeline.canonicalize import canonicalize
 from guard_server.pipeline.context import RequestContext
 from guard_server.pipeline.plan import Planner, make_plan
 from guard_server.pipeline.policy import apply_tier_policy
@@ -72,6 +73,7 @@ async def _planned(planner: Planner, assessment: Assessment | None) -> RequestCo
     await authenticate(ctx)
     await validate_request(ctx)
     await apply_tier_policy(ctx)
+    await canonicalize(ctx)
     ctx.assessment = assessment
     await planner(ctx)
     return ctx
@@ -120,6 +122,7 @@ async def test_a_reset_on_one_replica_makes_the_others_assess_afresh(
             await authenticate(ctx)
             await validate_request(ctx)
             await apply_tier_policy(ctx)
+            await canonicalize(ctx)
             await scorer_b(ctx)
             assert ctx.assessment is not None
             return ctx.assessment

@@ -24,7 +24,7 @@ async def _send(store: MemoryStore, limits: LimitSpec, count: int) -> list[dict[
     shown = None if limits == CONFIGURED else CONFIGURED
     seen = []
     for i in range(count):
-        admission = await store.admit("c:x", limits, 40, f"s{i}", 60, shown)
+        admission = await store.admit("c:x", limits, 40, f"s{i}", 60, shown=shown)
         seen.append(ratelimit_headers(CONFIGURED, limits, admission))
     return seen
 

@@ -14,6 +14,7 @@ from guard_server.errors import GuardError
 from guard_server.metrics import GuardMetrics
 from guard_server.openai_fields import Endpoint
 from guard_server.pipeline.auth import authenticate
+from guard_server.pipeline.canonicalize import canonicalize
 from guard_server.pipeline.context import RequestContext
 from guard_server.pipeline.plan import Planner
 from guard_server.pipeline.policy import apply_tier_policy
@@ -40,6 +41,7 @@ async def _run(ctx: RequestContext) -> RequestContext:
     await authenticate(ctx)
     await validate_request(ctx)
     await apply_tier_policy(ctx)
+    await canonicalize(ctx)
     await Planner(GuardMetrics(CollectorRegistry()))(ctx)
     return ctx
 

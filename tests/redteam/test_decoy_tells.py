@@ -18,7 +18,9 @@ import openai
 import pytest
 import yaml
 
+from guard_server.canonical import canonical_input
 from guard_server.defences.decoy import digit_map
+from guard_server.openai_fields import Endpoint
 from guard_server.pipeline.auth import hash_key
 from guard_server.pipeline.decoy import Decoy, DecoyPlan
 from guard_server.teacher.task import make_problems
@@ -131,7 +133,10 @@ def test_digit_maps_differ_per_prompt_and_hold_for_a_repeat(guard: GuardProcess)
     maps = []
     for problem in PROBLEMS[:2]:
         messages = [{"role": "user", "content": problem.question}]
-        digits = digit_map(SECRET.encode(), "mapper", messages)
+        identity = canonical_input(
+            Endpoint.CHAT, {"model": "teacher", "messages": messages}
+        ).identities[0]
+        digits = digit_map(SECRET.encode(), "mapper", identity)
         maps.append(digits.forward)
         flagged = {"logprobs": True, "top_logprobs": MAX_TOP}  # keeps it flagged
         decoyed = _chat(guard, "mapper", problem.question, **flagged).parse()
@@ -215,7 +220,7 @@ def test_prompt_logprobs_of_a_decoyed_client_show_its_own_prompt(guard: GuardPro
 
 
 def test_every_text_the_model_writes_is_mapped_alike() -> None:
-    digits = digit_map(SECRET.encode(), "unit", "prompt")
+    digits = digit_map(SECRET.encode(), "unit", b"prompt")
     ctx = SimpleNamespace(plan=SimpleNamespace(decoy=DecoyPlan("misinformation", maps=(digits,))))
     ctx.body = {"n": 1}
     call = {

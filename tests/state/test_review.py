@@ -24,7 +24,11 @@ from guard_server.testing import RedisProcess
 def _features(prompt: str) -> RequestFeatures:
     digest = hashlib.blake2b(prompt.encode(), digest_size=8).hexdigest()
     return RequestFeatures(
-        prompt_hash=digest, fingerprint="fp", wants_logprobs=False, max_top=False, logit_bias=False
+        prompt_hashes=(digest,),
+        fingerprint="fp",
+        wants_logprobs=False,
+        max_top=False,
+        logit_bias=False,
     )
 
 

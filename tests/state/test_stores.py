@@ -27,6 +27,19 @@ async def test_requests_per_minute(store: StateStore) -> None:
     assert verdicts[4].remaining_requests is not None and verdicts[4].remaining_requests < 1
 
 
+async def test_a_batch_costs_one_request_per_prompt(store: StateStore) -> None:
+    spec, scope = LimitSpec(requests_per_minute=6), _scope()
+    assert (await store.admit(scope, spec, 1, "a", 60, requests=4)).allowed
+    refused = await store.admit(scope, spec, 1, "b", 60, requests=4)
+    assert not refused.allowed and refused.exceeded == "requests"
+    assert refused.remaining_requests is not None and 1.9 < refused.remaining_requests < 2.1
+    assert (await store.admit(scope, spec, 1, "c", 60, requests=2)).allowed
+    # A batch above a whole minute's allowance needs a full bucket, as tokens do.
+    big = _scope()
+    assert (await store.admit(big, spec, 1, "d", 60, requests=10)).allowed
+    assert not (await store.admit(big, spec, 1, "e", 60)).allowed
+
+
 async def test_tokens_per_minute_reserve_and_refund(store: StateStore) -> None:
     spec, scope = LimitSpec(tokens_per_minute=1000), _scope()
     first = await store.admit(scope, spec, 600, "a", 60)
