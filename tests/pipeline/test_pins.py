@@ -45,8 +45,9 @@ def test_allow_serves_as_pass_and_still_records_the_score() -> None:
     plan = make_plan(SETTINGS.secret, CLIENT, DECOY, pin=_pin("allow"))
     assert (plan.action, plan.assessed, plan.pin) == ("pass", "decoy", "allow")
     assert plan.mode == "enforce"
-    assert plan.decoy is None and plan.limits == CLIENT.limits
+    assert plan.decoy is None and plan.limits == plan.advertised == CLIENT.limits
     assert plan.logprob_cap == CLIENT.tier.logprobs.max_top
+    assert plan.hardening == CLIENT.tier.hardening  # not the perturb stage's
     assert plan.reason.startswith("pinned allow until ")
     assert "by alice@ops" in plan.reason and "risk 0.500 >= decoy" in plan.reason
     assert plan.counted == ("pass", "pinned")
