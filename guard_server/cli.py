@@ -1,4 +1,4 @@
-"""The ``guard-server`` command line: serve, check-config, trace, hash-key."""
+"""The ``guard-server`` command line: serve, check-config, trace, hash-key, clients."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+from guard_server import admin_cli
 from guard_server.config.loader import ConfigError, Settings, load_settings
 from guard_server.pipeline.auth import hash_key
 from guard_server.upstream.bundled_teacher import MODELS
@@ -54,6 +55,7 @@ def _parser() -> argparse.ArgumentParser:
     trace.add_argument("--json", action="store_true", help="print the result as JSON")
     key = commands.add_parser("hash-key", help="make a new API key (or hash one from stdin)")
     key.add_argument("--stdin", action="store_true", help="hash the key read from stdin")
+    admin_cli.add_parser(commands)
     return parser
 
 
@@ -66,6 +68,8 @@ def main(argv: list[str] | None = None) -> int:
         return _hash_key(args.stdin)
     if args.command == "trace":
         return _trace(args)
+    if args.command == "clients":
+        return admin_cli.run(args)
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )

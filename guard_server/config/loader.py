@@ -83,9 +83,10 @@ class Settings:
     files: tuple[Path, ...]
     digest: str = field(compare=False)
 
-    @property
+    @cached_property
     def clients_by_id(self) -> dict[str, Client]:
-        """Configured clients by id."""
+        """Configured clients by id (built once per settings snapshot: the admin API and
+        the metrics look clients up by id)."""
         return {client.id: client for client in self.clients_by_key_hash.values()}
 
     @property

@@ -1,10 +1,15 @@
-"""Audit: one JSON line per decision, in a rotating file. Prompt text only if enabled."""
+"""Audit: one JSON line per decision, in a rotating file. Prompt text only if enabled.
+
+Each line has an ``event``: ``request`` for a request's decision, ``pin`` and ``reset`` for
+an operator's change made through the admin API.
+"""
 
 from __future__ import annotations
 
 import logging
 import logging.handlers
 import time
+from typing import Any
 
 import orjson
 
@@ -45,6 +50,7 @@ class AuditLog:
         assessment = ctx.assessment
         canonical = ctx.canonical
         record = {
+            "event": "request",
             "ts": round(time.time(), 3),
             "client": ctx.client.id,
             "tier": ctx.client.tier.name,
@@ -57,6 +63,7 @@ class AuditLog:
             "assessed": plan.assessed if plan else None,
             "mode": plan.mode if plan else None,
             "reason": plan.reason if plan else None,
+            "pin": plan.pin if plan else None,
             "risk": assessment.score if assessment else None,
             "signals": assessment.signals() if assessment else {},
             "policy": [f"{action}={field}" for action, field in ctx.policy_actions],
@@ -66,6 +73,13 @@ class AuditLog:
             key = "messages" if ctx.endpoint is Endpoint.CHAT else "prompt"
             record["prompt"] = ctx.body.get(key)
         self._logger.info(orjson.dumps(record).decode())
+
+    def event(self, event: str, fields: dict[str, Any]) -> None:
+        """Record an operator's change (``pin``, ``reset``): who, what, when. Written
+        whatever ``only_flagged`` says."""
+        if self._logger is not None:
+            record = {"event": event, "ts": round(time.time(), 3), **fields}
+            self._logger.info(orjson.dumps(record).decode())
 
     def close(self) -> None:
         """Flush and close the file."""
