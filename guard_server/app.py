@@ -12,8 +12,8 @@ from collections.abc import AsyncIterator, Mapping
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from guard_server.admin import client_report
-from guard_server.appkeys import DRAINING, METRICS, SETTINGS, STATE, UPSTREAMS
+from guard_server import admin
+from guard_server.appkeys import AUDIT, DRAINING, METRICS, REVIEW, SETTINGS, STATE, UPSTREAMS
 from guard_server.config.loader import Settings
 from guard_server.config.reload import SettingsHolder
 from guard_server.config.schema import StateSettings, Timeouts, UpstreamSettings
@@ -32,6 +32,9 @@ from guard_server.pipeline.score import RiskScorer
 from guard_server.state.base import StateStore
 from guard_server.state.memory import MemoryStore
 from guard_server.state.redis import RedisStore
+from guard_server.state.review import MemoryReview, ReviewState
+from guard_server.state.review_redis import RedisReview
+from guard_server.top_clients import TopClientsCollector
 from guard_server.upstream.pool import UpstreamPool
 
 log = logging.getLogger(__name__)
@@ -150,6 +153,8 @@ def build_app(
     app[METRICS] = metrics
     store = _state_store(settings.config.state, settings.redis_password)
     app[STATE] = store
+    review = _review_state(store, holder)
+    app[REVIEW] = review
     app[DRAINING] = asyncio.Event()
     metrics.state_up.set(1)
 
@@ -178,9 +183,11 @@ def build_app(
             await asyncio.gather(watcher, return_exceptions=True)
 
     async def state_ctx(app: web.Application) -> AsyncIterator[None]:
+        await review.start()
         try:
             yield
         finally:
+            await review.close()
             await store.close()
 
     app.cleanup_ctx.append(state_ctx)
@@ -194,8 +201,12 @@ def build_app(
         slot_ttl_s=_slot_ttl(settings),
     )
     scorer = RiskScorer(store, metrics)
-    planner = Planner(metrics)
+    planner = Planner(metrics, review)
+    review.on_reset(scorer.forget)
+    review.on_reset(planner.forget)
+    metrics.add_collector(TopClientsCollector(review, holder))
     audit = AuditLog(settings.config.audit, worker)
+    app[AUDIT] = audit
     app.on_cleanup.append(lambda _: _close_audit(audit))
     for endpoint in Endpoint:
         handler = GenerationHandler(endpoint, holder, metrics, admitter, scorer, planner, audit)
@@ -205,7 +216,10 @@ def build_app(
     app.router.add_get("/readyz", readyz)
     if settings.config.metrics.port is None:  # then it needs a token (schema)
         app.router.add_get("/metrics", metrics_endpoint)
-    app.router.add_get("/admin/clients/{client_id}", client_report)
+    app.router.add_get("/admin/clients", admin.list_clients)
+    app.router.add_get("/admin/clients/{client_id}", admin.client_report)
+    app.router.add_post("/admin/clients/{client_id}/reset", admin.reset_client)
+    app.router.add_put("/admin/clients/{client_id}/pin", admin.pin_client)
     return app
 
 
@@ -219,6 +233,21 @@ def _state_store(state: StateSettings, password: str | None) -> StateStore:
             state.redis_url, prefix=state.key_prefix, timeout_s=state.timeout_s, password=password
         )
     return MemoryStore()
+
+
+def _review_state(store: StateStore, holder: SettingsHolder) -> ReviewState:
+    if isinstance(store, RedisStore):
+        state = holder.current.config.state
+        return RedisReview(
+            store,
+            state.redis_url,
+            prefix=state.key_prefix,
+            timeout_s=state.timeout_s,
+            top_k=lambda: holder.current.config.metrics.top_clients,
+            password=holder.current.redis_password,
+        )
+    assert isinstance(store, MemoryStore)
+    return MemoryReview(store)
 
 
 def _slot_ttl(settings: Settings) -> float:

@@ -1,4 +1,4 @@
-"""The ``guard-server`` command line: serve, check-config, trace, hash-key."""
+"""The ``guard-server`` command line: serve, check-config, trace, hash-key, clients."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+from guard_server import admin_cli
 from guard_server.config.loader import ConfigError, Settings, load_settings
 from guard_server.logs import configure_logging
 from guard_server.pipeline.auth import hash_key
@@ -63,6 +64,7 @@ def _parser() -> argparse.ArgumentParser:
     trace.add_argument("--json", action="store_true", help="print the result as JSON")
     key = commands.add_parser("hash-key", help="make a new API key (or hash one from stdin)")
     key.add_argument("--stdin", action="store_true", help="hash the key read from stdin")
+    admin_cli.add_parser(commands)
     return parser
 
 
@@ -75,6 +77,8 @@ def main(argv: list[str] | None = None) -> int:
         return _hash_key(args.stdin)
     if args.command == "trace":
         return _trace(args)
+    if args.command == "clients":
+        return admin_cli.run(args)
     try:
         settings = load_settings(args.config)
     except ConfigError as exc:

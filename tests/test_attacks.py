@@ -18,9 +18,11 @@ from guard_server.testing import (
 )
 from load_tests.attacks import (
     argmax_stealing,
+    constrained_stealing,
     honest_cost,
     logit_stealing,
     noise_averaging,
+    nonce_averaging,
     soft_label,
 )
 from load_tests.attacks.common import Target, default_hardening, tier_bias_limit
@@ -169,3 +171,40 @@ def test_honest_clients_keep_their_answers_and_their_calibration(
     assert trusted.accuracy == default.accuracy
     assert trusted.answer_ece < 0.05
     assert default.answer_ece < 0.05
+
+
+def test_variants_the_model_reads_alike_draw_no_fresh_noise(
+    tiers: tuple[Target, Target],
+) -> None:
+    """An ignored message key is refused; every accepted variant gets the same numbers."""
+    trusted, default = tiers
+    families = ("nonce key", "message name", "seed", "key order", "json spacing")
+    result = nonce_averaging.run_attack(
+        trusted, default, n_prompts=2, repeats=(1, 2, 4), families=families
+    )
+    by_name = {f.family: f for f in result.families}
+    assert by_name["nonce key"].errors == [None, None, None]
+    assert "400 unknown_parameter" in by_name["nonce key"].refusal
+    for name in families[1:]:
+        errors = by_name[name].errors
+        assert not by_name[name].refusal
+        assert errors[0] is not None and errors[0] > 0.3
+        assert max(errors) - min(errors) < 1e-9  # flat: every variant, the same noise
+
+
+def test_constrained_decoding_gives_exact_logit_differences_on_the_trusted_tier_only(
+    tiers: tuple[Target, Target], tokenizer
+) -> None:
+    trusted, default = tiers
+    strings = logit_stealing.token_strings(tokenizer)
+    columns = constrained_stealing.constrained_columns(tokenizer, 40, seed=1)
+    prompts = logit_stealing.contexts(2, seed=1, tokenizer=tokenizer)
+    exact = logit_stealing.harvest_token_ids(trusted, prompts, columns).matrix
+    stolen = constrained_stealing.harvest_constrained(trusted, prompts, columns, strings)
+    assert stolen.coverage() > 0.95
+    found = ~np.isnan(stolen.matrix)
+    np.testing.assert_allclose(stolen.matrix[found], (exact - exact[:, :1])[found], atol=1e-3)
+    refused = constrained_stealing.harvest_constrained(default, prompts, columns, strings)
+    assert refused.usable.shape[0] == 0
+    assert refused.queries == len(columns) - 1  # stops after the first context
+    assert "400 parameter_not_allowed" in refused.refusals.most_common(1)[0][0]

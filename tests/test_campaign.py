@@ -9,6 +9,7 @@ from load_tests.campaign.config import CampaignConfig, campaign_thresholds
 from load_tests.campaign.phase import run_phase
 from load_tests.campaign.replay import replay_detection, replay_summary
 from load_tests.simulators import (
+    BatchingCollector,
     BulkExtractor,
     Hydra,
     LowAndSlow,
@@ -111,3 +112,20 @@ def test_campaign_through_guard_and_vllm(tmp_path: Path, vllm_url: str) -> None:
     assert attackers["hydra"]["first_decoyed"] <= 1000
     assert attackers["hydra"]["wrong_share"] > 0.4, attackers["hydra"]
     assert len(result.pairs["bulk"]) == attackers["bulk"]["collected"]
+
+
+def test_the_batching_collector_is_counted_in_answers_and_flagged_early() -> None:
+    """Its budget counts answers (prompts x n); replayed through the guard's detection it is
+    flagged within 2,000 of them."""
+    cfg = replace(CONFIG, window_h=1.0)
+    queries = _drain(BatchingCollector("batch-bulk", 0, 2000, cfg.window_s))
+    assert len(queries) == 125 and all(q.answers == 16 for q in queries)
+    assert all(len(q.body["prompt"]) == 4 and q.body["n"] == 4 for q in queries)
+    assert len({(p.a, p.b) for q in queries for p in q.problems}) == 500
+    sims: list[Simulator] = [BatchingCollector("batch-bulk", 0, 2000, cfg.window_s)]
+    summary = replay_summary(sims, replay_detection(sims, campaign_thresholds()))
+    attacker = summary["attackers"]["batch-bulk"]
+    assert attacker["collected"] == 2000 and attacker["distinct_collected"] == 500
+    assert attacker["first_flagged_answers"] is not None
+    assert attacker["first_flagged_answers"] <= 2000
+    assert attacker["first_flagged_answers"] == 16 * attacker["first_flagged"]

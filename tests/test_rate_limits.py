@@ -213,8 +213,10 @@ def test_the_redis_password_comes_from_a_file_and_is_never_logged(
                 up = metric_value(guard.metrics(), "guard_state_backend_up")
             finally:
                 guard.stop()
-            if limited:  # the limit holds in Redis
+            if limited:  # the limit holds in Redis, and the review state follows it there
                 assert (outcomes, up) == ([200, 200, 429], 1)
+                assert "review channel lost" not in guard.log()
+                assert "review state: Redis unavailable" not in guard.log()
             else:  # refused by Redis: fail open, and say so
                 assert (outcomes, up) == ([200, 200, 200], 0)
                 assert "state backend unavailable" in guard.log()

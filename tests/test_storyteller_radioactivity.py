@@ -75,6 +75,7 @@ def _student_trace(guard: GuardProcess, config: Path, client: str) -> dict:
     return rt.trace_texts(config, generated, STORYTELLER_DIR)
 
 
+@pytest.mark.slow
 def test_student_of_watermarked_stories_is_attributed(
     story_guard: tuple[GuardProcess, Path],
 ) -> None:
@@ -86,6 +87,7 @@ def test_student_of_watermarked_stories_is_attributed(
     _assert_bystanders_clear(result)
 
 
+@pytest.mark.slow
 def test_student_of_clean_stories_is_attributed_to_nobody(
     story_guard: tuple[GuardProcess, Path],
 ) -> None:

@@ -92,9 +92,10 @@ class Settings:
     """The key each model's upstream expects (``upstreams.<model>.api_key``), read at load."""
     redis_password: str | None = field(default=None, repr=False)
 
-    @property
+    @cached_property
     def clients_by_id(self) -> dict[str, Client]:
-        """Configured clients by id."""
+        """Configured clients by id (built once per settings snapshot: the admin API and
+        the metrics look clients up by id)."""
         return {client.id: client for client in self.clients_by_key_hash.values()}
 
     @property

@@ -140,6 +140,8 @@ class MetricsSettings(_Strict):
     """
 
     client_label: bool = False
+    # guard_client_risk shows this many clients at most: the review board's top (0: none).
+    top_clients: Annotated[int, Field(ge=0, le=1000)] = 20
     port: Annotated[int, Field(ge=0, le=65535)] | None = DEFAULT_METRICS_PORT
     host: str | None = None  # the metrics listener's address; default server.host
     token_hash: str | None = None  # sha256 of a bearer token /metrics then requires

@@ -1,6 +1,9 @@
 """Audit: one JSON line per decision, to a rotating file or to stdout. Prompt text only if
 enabled.
 
+Each line has an ``event``: ``request`` for a request's decision, ``pin`` and ``reset`` for
+an operator's change made through the admin API.
+
 Every file has one writer. With several worker processes each writes its own file
 (``audit.jsonl`` becomes ``audit.w0.jsonl``, ``audit.w1.jsonl``, ...): Python's rotation is
 not safe with two processes on one file. On stdout (``path: "-"``) each record is one
@@ -14,10 +17,12 @@ import logging.handlers
 import os
 import time
 from pathlib import Path
+from typing import Any
 
 import orjson
 
 from guard_server.config.schema import AuditSettings
+from guard_server.correlation import CURRENT
 from guard_server.openai_fields import Endpoint
 from guard_server.pipeline.context import RequestContext
 
@@ -90,6 +95,7 @@ class AuditLog:
         correlation = ctx.correlation
         canonical = ctx.canonical
         record = {
+            "event": "request",
             "ts": round(time.time(), 3),
             "request_id": correlation.request_id if correlation else None,
             "trace_id": correlation.trace_id if correlation else None,
@@ -104,6 +110,7 @@ class AuditLog:
             "assessed": plan.assessed if plan else None,
             "mode": plan.mode if plan else None,
             "reason": plan.reason if plan else None,
+            "pin": plan.pin if plan else None,
             "risk": assessment.score if assessment else None,
             "signals": assessment.signals() if assessment else {},
             "policy": [f"{action}={field}" for action, field in ctx.policy_actions],
@@ -113,6 +120,19 @@ class AuditLog:
             key = "messages" if ctx.endpoint is Endpoint.CHAT else "prompt"
             record["prompt"] = ctx.body.get(key)
         self._sink.write(orjson.dumps(record))
+
+    def event(self, event: str, fields: dict[str, Any]) -> None:
+        """Record an operator's change (``pin``, ``reset``): who, what, when, and the admin
+        call's request id. Written whatever ``only_flagged`` says."""
+        if self._sink is not None:
+            correlation = CURRENT.get()
+            record = {
+                "event": event,
+                "ts": round(time.time(), 3),
+                "request_id": correlation.request_id if correlation else None,
+                **fields,
+            }
+            self._sink.write(orjson.dumps(record))
 
     def close(self) -> None:
         """Flush and close the file."""

@@ -213,6 +213,12 @@ class RedisStore(StateStore):
         campaign = CampaignProfile(int(members), int(campaign_distinct), float(campaign_mt or 0))
         return profile, campaign
 
+    async def forget(self, client: str) -> None:
+        try:
+            await self._redis.delete(*self._risk_keys(client))
+        except (RedisError, OSError) as exc:
+            raise StateUnavailable(str(exc)) from exc
+
     async def ping(self) -> bool:
         """Whether Redis answers."""
         try:

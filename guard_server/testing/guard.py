@@ -10,7 +10,7 @@ from typing import Self
 
 import yaml
 
-from guard_server.testing.child import ChildProcess, free_port
+from guard_server.testing.child import REPO, ChildProcess, free_port
 
 
 class GuardProcess(ChildProcess):
@@ -20,7 +20,8 @@ class GuardProcess(ChildProcess):
     does (an upstream is healthy). As a context manager it waits for both, and stops the
     guard on exit. Its output goes to ``log_path`` (stderr to ``stderr_path`` when given:
     the audit log may be on stdout). ``workers`` and ``log_level`` become ``serve`` options
-    when given, and ``extra_args`` are appended (``["--teacher", "smollm2"]``, say).
+    when given, and ``extra_args`` are appended (``["--teacher", "smollm2"]``, say). ``cwd``
+    and ``env`` (``PYTHONPATH``) can run another checkout's guard (``load_tests.checkout``).
     """
 
     def __init__(
@@ -36,6 +37,7 @@ class GuardProcess(ChildProcess):
         name: str = "guard",
         extra_args: Sequence[str] = (),
         stderr_path: Path | None = None,
+        cwd: Path | None = None,
     ) -> None:
         self.config = config
         self.port = port or free_port()
@@ -46,7 +48,15 @@ class GuardProcess(ChildProcess):
         if log_level is not None:
             argv += ["--log-level", log_level]
         argv += extra_args
-        super().__init__(name, argv, log_path, env=env, cpus=cpus, stderr_path=stderr_path)
+        super().__init__(
+            name,
+            argv,
+            log_path,
+            env=env,
+            cwd=cwd or REPO,
+            cpus=cpus,
+            stderr_path=stderr_path,
+        )
 
     @property
     def url(self) -> str:

@@ -26,12 +26,12 @@ from guard_server.testing import (
     DEFAULT_POLICY,
     DEMO_KEY,
     TRUSTED_KEY,
-    GuardProcess,
     free_port,
     running_vllm,
     vllm_process,
     write_config,
 )
+from load_tests.checkout import Checkout, guard_process
 
 POLICY_FILE = DEFAULT_POLICY
 PORTS = range(8700, 8800)
@@ -115,7 +115,7 @@ class Counter:
 async def _post_all(
     target: Target,
     path: str,
-    bodies: Sequence[dict[str, Any]],
+    bodies: Sequence[dict[str, Any] | bytes],
     concurrency: int,
     counter: Counter | None,
 ) -> list[Response]:
@@ -127,8 +127,13 @@ async def _post_all(
         connector=connector, timeout=timeout, headers=target.headers
     ) as session:
 
-        async def one(body: dict[str, Any]) -> Response:
-            async with sem, session.post(url, json=body) as resp:
+        async def one(body: dict[str, Any] | bytes) -> Response:
+            kwargs: dict[str, Any] = (
+                {"data": body, "headers": {"Content-Type": "application/json"}}
+                if isinstance(body, bytes)
+                else {"json": body}
+            )
+            async with sem, session.post(url, **kwargs) as resp:
                 data = await resp.json(content_type=None)
                 if counter is not None:
                     counter.add(resp.status)
@@ -149,6 +154,32 @@ def completions(
     return asyncio.run(_post_all(target, "/v1/completions", full, concurrency, counter))
 
 
+def chat_completions(
+    target: Target,
+    bodies: Sequence[dict[str, Any] | bytes],
+    *,
+    concurrency: int = 32,
+    counter: Counter | None = None,
+) -> list[Response]:
+    """POST every body to ``/v1/chat/completions`` as it is (bytes are sent verbatim), in order."""
+    path = "/v1/chat/completions"
+    return asyncio.run(_post_all(target, path, bodies, concurrency, counter))
+
+
+def chat_logprobs(response: Response) -> list[tuple[str, float, dict[str, float]]]:
+    """Per generated position of choice 0 of a chat answer: (token, its logprob, the top
+    logprobs), as :func:`completion_logprobs` gives them for a completion."""
+    content = (response.body["choices"][0].get("logprobs") or {}).get("content") or []
+    return [
+        (
+            item["token"],
+            float(item["logprob"]),
+            {top["token"]: float(top["logprob"]) for top in item.get("top_logprobs") or []},
+        )
+        for item in content
+    ]
+
+
 def completion_logprobs(response: Response) -> list[tuple[str, float, dict[str, float]]]:
     """Per generated position of choice 0: (token, its logprob, the top logprobs)."""
     logprobs = response.body["choices"][0].get("logprobs") or {}
@@ -165,14 +196,20 @@ def completion_logprobs(response: Response) -> list[tuple[str, float, dict[str, 
 
 
 def write_guard_config(
-    directory: Path, vllm_url: str, *, detection: bool = False, served_model: str = MODEL
+    directory: Path,
+    vllm_url: str,
+    *,
+    detection: bool = False,
+    served_model: str = MODEL,
+    policy_file: Path = POLICY_FILE,
 ) -> Path:
     """A guard config with the repo's tiers, the demo clients and two more default-tier keys.
 
     With ``detection=False`` both tiers have extraction scoring switched off, so what is
     measured is the logprob policy alone (an attacker that stays below the detector).
+    The tiers come from ``policy_file``.
     """
-    tiers = yaml.safe_load(POLICY_FILE.read_text())["tiers"]
+    tiers = yaml.safe_load(policy_file.read_text())["tiers"]
     if not detection:
         for policy in tiers.values():
             policy["detection"] = {**(policy.get("detection") or {}), "enabled": False}
@@ -228,11 +265,12 @@ def running_stack(
     detection: bool = False,
     workdir: Path | None = None,
     served_model: str = MODEL,
+    checkout: Checkout | None = None,
 ) -> Iterator[Stack]:
     """Start vLLM (unless ``vllm_url`` is given) and a guard in front of it; stop both after.
 
     ``served_model``: the name a reused vLLM serves the model under (clients still say
-    ``teacher``)."""
+    ``teacher``). ``checkout``: run that checkout's guard and tiers instead of this one's."""
     with contextlib.ExitStack() as stack:
         if workdir is None:
             workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="attacks-")))
@@ -242,10 +280,11 @@ def running_stack(
             print(f"starting vLLM on {model_dir} at {vllm.url} ...", file=sys.stderr, flush=True)
             stack.enter_context(running_vllm(vllm))
             vllm_url = vllm.url
+        policy = checkout.policy if checkout else POLICY_FILE
         config = write_guard_config(
-            workdir, vllm_url, detection=detection, served_model=served_model
+            workdir, vllm_url, detection=detection, served_model=served_model, policy_file=policy
         )
-        guard = GuardProcess(config, workdir / "guard.log", port=free_port(PORTS))
+        guard = guard_process(checkout, config, workdir / "guard.log", port=free_port(PORTS))
         stack.enter_context(guard)
         yield Stack(guard.url, vllm_url.rstrip("/"), model_dir)
 
@@ -265,6 +304,12 @@ def add_stack_arguments(ap: argparse.ArgumentParser) -> None:
         default=MODEL,
         help="the model name the reused vLLM serves (e.g. smollm2 for the real-model lab's)",
     )
+    ap.add_argument(
+        "--guard-checkout",
+        type=Path,
+        default=None,
+        help="run the guard of this checkout (e.g. a git worktree of an earlier commit)",
+    )
 
 
 def stack_from_args(args: argparse.Namespace) -> contextlib.AbstractContextManager[Stack]:
@@ -277,6 +322,7 @@ def stack_from_args(args: argparse.Namespace) -> contextlib.AbstractContextManag
         detection=args.detection,
         workdir=args.workdir,
         served_model=args.served_model,
+        checkout=Checkout(args.guard_checkout) if args.guard_checkout else None,
     )
 
 

@@ -76,15 +76,31 @@ def _first_index(attempts: list[Attempt], predicate: Any) -> int | None:
     return None
 
 
+def _answers_until(sent: list[tuple[Attempt, int]], predicate: Any) -> int | None:
+    """The answers asked for (prompts x n per request) up to and including the first
+    attempt that satisfies ``predicate``."""
+    total = 0
+    for attempt, answers in sent:
+        total += answers
+        if predicate(attempt):
+            return total
+    return None
+
+
 def summarize_attacker(
     sim: Simulator, outcomes: list[Outcome], admin: dict[str, dict[str, Any]]
 ) -> dict[str, Any]:
     """Detection, poisoning and collection numbers for one attacker."""
-    attempts = sorted((a for o in outcomes for a in o.attempts), key=lambda a: a.sent_s)
+    sent = sorted(
+        ((a, o.query.answers) for o in outcomes for a in o.attempts),
+        key=lambda pair: pair[0].sent_s,
+    )
+    attempts = [a for a, _ in sent]
     answered = [o for o in outcomes if o.status == 200]
     collected = [o for o in answered if o.query.collect]
-    actions = [o.final.action for o in collected if o.final]
-    n = max(1, len(collected))
+    pairs = [(o, problem, text) for o in collected for problem, text in o.pairs()]
+    actions = [o.final.action for o, _, _ in pairs if o.final]
+    n = max(1, len(pairs))
     reports = [admin[c] for c in sim.clients if c in admin]
     final_actions = [r.get("action", "pass") for r in reports]
     if not reports:  # no admin API (offline replay): each key's last decision
@@ -105,13 +121,14 @@ def summarize_attacker(
         "unsent": sum(not o.attempts for o in outcomes),
         "errors": _errors(outcomes),
         "first_flagged": _first_index(attempts, _flagged),
+        "first_flagged_answers": _answers_until(sent, _flagged),
         "first_perturbed": _first_index(attempts, lambda a: a.action in ("perturb", "decoy")),
         "first_decoyed": _first_index(attempts, lambda a: a.action == "decoy"),
-        "collected": len(collected),
-        "distinct_collected": len({(o.query.problem.a, o.query.problem.b) for o in collected}),
+        "collected": len(pairs),
+        "distinct_collected": len({(p.a, p.b) for _, p, _ in pairs}),
         "decoyed_share": sum(a == "decoy" for a in actions) / n,
         "perturbed_share": sum(a == "perturb" for a in actions) / n,
-        "wrong_share": sum(not task.check(o.query.problem, o.text or "") for o in collected) / n,
+        "wrong_share": sum(not task.check(p, text) for _, p, text in pairs) / n,
         "keys_flagged_final": sum(a != "pass" for a in final_actions),
         "final_actions": {a: final_actions.count(a) for a in sorted(set(final_actions))},
         "final_score_max": max((r.get("score", 0.0) for r in reports), default=0.0),

@@ -14,6 +14,7 @@ from load_tests.campaign.config import NOMINAL_LIMITS, PHASES, QUICK, CampaignCo
 from load_tests.campaign.phase import load_phase, run_phases, save_phase
 from load_tests.campaign.report import markdown
 from load_tests.campaign.students import train_students
+from load_tests.checkout import Checkout
 from load_tests.simulators.attackers import LowAndSlow
 
 
@@ -23,7 +24,7 @@ def main(argv: list[str] | None = None) -> None:
         prog="python -m load_tests.campaign",
         description="Simulated honest users and extraction attackers against the guard: "
         "detection, false positives and the attackers' student accuracy, defended and "
-        "undefended."
+        "undefended.",
     )
     ap.add_argument("--quick", action="store_true", help="a small population and budget")
     phase_group = ap.add_mutually_exclusive_group()
@@ -55,6 +56,16 @@ def main(argv: list[str] | None = None) -> None:
         action="store_true",
         help="train students on the pairs a previous run saved in --out",
     )
+    ap.add_argument(
+        "--kinds",
+        type=lambda text: tuple(text.split(",")),
+        help="attacker kinds to simulate (comma-separated; default: all)",
+    )
+    ap.add_argument(
+        "--guard-checkout",
+        type=Path,
+        help="run the guard of this checkout (a git worktree of an earlier commit)",
+    )
     ap.add_argument("--vllm-url", help="use this vLLM instead of starting one")
     ap.add_argument("--teacher", type=Path, default=MODEL_DIR, help="model dir (and tokenizer)")
     ap.add_argument("--out", type=Path, default=REPO / "runs" / "campaign")
@@ -64,7 +75,7 @@ def main(argv: list[str] | None = None) -> None:
     overrides = {
         name: getattr(args, name)
         for name in ("budget", "honest", "batch", "hydra_keys", "window_h", "compression",
-                     "seed", "student_steps", "student_batch", "eval_n", "thresholds")
+                     "seed", "student_steps", "student_batch", "eval_n", "thresholds", "kinds")
         if getattr(args, name) is not None
     }  # fmt: skip
     cfg = replace(cfg, **overrides)
@@ -81,7 +92,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.students_only:
         results = [load_phase(p, out) for p in phases if (out / f"{p}.json").exists()]
     else:
-        results = run_phases(phases, cfg, args.vllm_url, args.teacher, out, sims, meta)
+        checkout = Checkout(args.guard_checkout) if args.guard_checkout else None
+        results = run_phases(phases, cfg, args.vllm_url, args.teacher, out, sims, meta, checkout)
     if not args.no_students:
         train_students(results, cfg, args.teacher, out / "students.json", args.student_actors)
         for result in results:

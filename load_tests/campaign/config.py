@@ -48,7 +48,7 @@ class CampaignConfig:
     student_steps: int | None = None  # None: the lab's StudentConfig
     student_batch: int | None = None
     eval_n: int = 500
-    kinds: tuple[str, ...] = ("bulk", "low_and_slow", "hydra", "mimic")
+    kinds: tuple[str, ...] = ("bulk", "low_and_slow", "hydra", "mimic", "batch_bulk")
     thresholds: tuple[float, ...] | None = None  # tighten, perturb, decoy, block (policy override)
 
     @property
@@ -103,13 +103,16 @@ def api_key(client: str) -> str:
 
 
 def campaign_tier(
-    detection: bool, compression: float, thresholds: tuple[float, ...] | None = None
+    detection: bool,
+    compression: float,
+    thresholds: tuple[float, ...] | None = None,
+    policy_file: Path = DEFAULT_POLICY,
 ) -> dict[str, Any]:
-    """The default tier of ``policies/default.yaml`` with the campaign's static limits.
+    """The default tier of ``policy_file`` with the campaign's static limits.
 
     ``thresholds`` (tighten, perturb, decoy, block) override the tier's action thresholds.
     """
-    tier = dict(yaml.safe_load(DEFAULT_POLICY.read_text())["tiers"]["default"])
+    tier = dict(yaml.safe_load(policy_file.read_text())["tiers"]["default"])
     tier["limits"] = {name: round(v * compression) for name, v in NOMINAL_LIMITS.items()}
     settings = dict(tier.get("detection", {}))
     if thresholds is not None:
@@ -121,13 +124,21 @@ def campaign_tier(
 
 
 def write_guard_config(
-    directory: Path, vllm_url: str, clients: list[str], phase: str, cfg: CampaignConfig
+    directory: Path,
+    vllm_url: str,
+    clients: list[str],
+    phase: str,
+    cfg: CampaignConfig,
+    policy_file: Path = DEFAULT_POLICY,
 ) -> Path:
-    """A guard config + policy for one phase: all clients on one tier, admin API and audit on."""
+    """A guard config + policy for one phase: all clients on one tier (``policy_file``'s
+    default tier), admin API and audit on."""
     directory = directory.resolve()  # the guard resolves relative paths from the config's folder
     directory.mkdir(parents=True, exist_ok=True)
     policy = {
-        "tiers": {phase: campaign_tier(phase == "defended", cfg.compression, cfg.thresholds)},
+        "tiers": {
+            phase: campaign_tier(phase == "defended", cfg.compression, cfg.thresholds, policy_file)
+        },
         "clients": {c: {"tier": phase, "keys": [hash_key(api_key(c))]} for c in clients},
     }
     (directory / "policy.yaml").write_text(yaml.safe_dump(policy, sort_keys=False))

@@ -12,8 +12,9 @@ from typing import Any
 import aiohttp
 import orjson
 
+from guard_server.teacher import task
 from load_tests.campaign.config import api_key
-from load_tests.simulators import Query, Reply, Simulator, reply_text
+from load_tests.simulators import Query, Reply, Simulator, reply_texts
 
 
 @dataclass(slots=True)
@@ -37,7 +38,8 @@ class Outcome:
     body_hash: str
     attempts: list[Attempt] = field(default_factory=list)
     status: int = 0  # of the last attempt; 0 = never sent (deadline or suspended key)
-    text: str | None = None
+    text: str | None = None  # the first choice's
+    texts: list[str] = field(default_factory=list)  # every choice's, in index order
     error: str | None = None
     planned_real_s: float = 0.0  # when the driver meant to send it (after back-off shifts)
     finished_s: float = 0.0
@@ -47,6 +49,11 @@ class Outcome:
     def final(self) -> Attempt | None:
         """The last attempt."""
         return self.attempts[-1] if self.attempts else None
+
+    def pairs(self) -> list[tuple[task.Problem, str]]:
+        """(problem, answer text) of every answer (one per choice of a batched reply)."""
+        texts = self.texts or ([self.text] if self.text is not None else [])
+        return [(self.query.problem_of(c), text) for c, text in enumerate(texts)]
 
 
 class Driver:
@@ -157,7 +164,8 @@ class Driver:
             outcome.status = status
             outcome.latency_s = self._now() - sent
             if status == 200 and payload is not None:
-                outcome.text = reply_text(query.endpoint, payload)
+                outcome.texts = reply_texts(query.endpoint, payload)
+                outcome.text = outcome.texts[0] if outcome.texts else ""
                 break
             if payload is not None:
                 outcome.error = str(payload.get("error", {}).get("message", ""))[:200]

@@ -13,7 +13,7 @@ from typing import Any
 
 from guard_server.teacher import task
 from guard_server.testing import (
-    GuardProcess,
+    DEFAULT_POLICY,
     free_port,
     running_vllm,
     vllm_process,
@@ -32,6 +32,7 @@ from load_tests.campaign.config import (
     write_guard_config,
 )
 from load_tests.campaign.driver import Driver, Outcome
+from load_tests.checkout import Checkout, guard_process
 from load_tests.simulators import Simulator
 
 
@@ -45,15 +46,23 @@ class PhaseResult:
 
 
 def run_phase(
-    phase: str, cfg: CampaignConfig, vllm_url: str, out: Path, sims: list[Simulator]
+    phase: str,
+    cfg: CampaignConfig,
+    vllm_url: str,
+    out: Path,
+    sims: list[Simulator],
+    checkout: Checkout | None = None,
 ) -> PhaseResult:
-    """Start a guard for ``phase``, drive the campaign through it, and summarize."""
+    """Start a guard for ``phase`` (``checkout``'s, if given), drive the campaign through
+    it, and summarize."""
     directory = out / phase
     clients = [c for sim in sims for c in sim.clients]
-    config = write_guard_config(directory, vllm_url, clients, phase, cfg)
+    policy = checkout.policy if checkout else DEFAULT_POLICY
+    config = write_guard_config(directory, vllm_url, clients, phase, cfg, policy)
     (directory / "audit.jsonl").unlink(missing_ok=True)
     thresholds = campaign_thresholds(cfg.thresholds)
-    with GuardProcess(config, directory / "guard.log", port=free_port(PORTS)) as guard:
+    guard = guard_process(checkout, config, directory / "guard.log", port=free_port(PORTS))
+    with guard:
         print(f"[{phase}] guard on {guard.url}; driving {len(sims)} actors", flush=True)
         started = time.monotonic()
         driver = Driver(guard.url, cfg.compression, cfg.deadline_real_s)
@@ -79,9 +88,10 @@ def run_phase(
     }
     pairs = {
         s.name: [
-            (task.completion_prompt(o.query.problem.question), " " + (o.text or "").strip())
+            (task.completion_prompt(problem.question), " " + text.strip())
             for o in by_actor[s.name]
             if o.status == 200 and o.query.collect
+            for problem, text in o.pairs()
         ]
         for s in sims
         if s.role == "attacker"
@@ -120,6 +130,7 @@ def run_phases(
     out: Path,
     sims: list[Simulator],
     meta: dict[str, Any],
+    checkout: Checkout | None = None,
 ) -> list[PhaseResult]:
     """Run the phases (starting vLLM unless ``vllm_url`` is given) and save each one."""
     with contextlib.ExitStack() as running:
@@ -130,7 +141,7 @@ def run_phases(
             vllm_url = vllm.url
         results = []
         for phase in phases:
-            result = run_phase(phase, cfg, vllm_url.rstrip("/"), out, sims)
+            result = run_phase(phase, cfg, vllm_url.rstrip("/"), out, sims, checkout)
             save_phase(result, meta, out)
             results.append(result)
         return results

@@ -57,7 +57,10 @@ def replay_detection(sims: list[Simulator], thresholds: dict[str, float]) -> lis
             outcome = Outcome(sim.name, sim.kind, sim.role, query, "")
             outcome.attempts.append(Attempt(at_s, 200, assessment.score, assessment.action))
             outcome.status = 200
-            outcome.text = f" The answer is {query.problem.answer}."
+            outcome.texts = [
+                f" The answer is {query.problem_of(c).answer}." for c in range(query.answers)
+            ]
+            outcome.text = outcome.texts[0]
             outcomes.append(outcome)
             reply = Reply(200, outcome.text, at_s + 1.0) if query.await_reply else None
             with contextlib.suppress(StopIteration):

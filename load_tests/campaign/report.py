@@ -43,6 +43,14 @@ def targets(summaries: dict[str, dict[str, Any]]) -> list[tuple[str, str, bool |
             f"at query {_num(first)}",
             first is not None and first <= 2000,
         ))  # fmt: skip
+    batching = defended["attackers"].get("batch-bulk")
+    if batching is not None:
+        first = batching.get("first_flagged_answers")
+        rows.append((
+            "batch-bulk flagged within 2,000 of its answers (prompts × n)",
+            f"at answer {_num(first)} (request {_num(batching['first_flagged'])})",
+            first is not None and first <= 2000,
+        ))  # fmt: skip
     if undefended is None:
         return rows
     for name, attacker in defended["attackers"].items():

@@ -84,6 +84,55 @@ class BulkExtractor(_Attacker):
             yield Query(self.name, t, "completions", body, problem, collect=True)
 
 
+class BatchingCollector(_Attacker):
+    """The bulk collector that batches: ``/v1/completions`` with ``prompt`` a list of
+    ``prompts`` distinct problems and ``n`` samples of each (sampled: vLLM wants ``n`` = 1
+    when greedy), so one request brings prompts x n answers; otherwise the bulk's habits (one
+    template, the largest ``logprobs``). Its budget counts answers; it sends clockwork requests at
+    ``rate_per_min`` prompts a minute (what a guard that counts prompts sees)."""
+
+    kind = "batch_bulk"
+
+    def __init__(
+        self,
+        name: str,
+        seed: int,
+        budget: int,
+        window_s: float,
+        model: str = "teacher",
+        prompts: int = 4,
+        n: int = 4,
+        rate_per_min: float = 40.0,
+        temperature: float = 0.7,
+        top_logprobs: int = 20,
+    ) -> None:
+        super().__init__(name, (name,), seed, budget, window_s, model)
+        self.prompts = prompts
+        self.rate = rate_per_min
+        self.params: dict[str, Any] = {
+            "max_tokens": 32,
+            "temperature": temperature,
+            "n": n,
+            "logprobs": top_logprobs,
+        }
+
+    def rate_per_min(self) -> float:
+        return self.rate
+
+    def queries(self) -> QueryStream:
+        rng = self.rng("traffic")
+        problems = DistinctProblems(self.rng("problems"))
+        per_request = self.prompts * self.params["n"]
+        requests = -(-self.budget // per_request)
+        start = 0.02 * self.window_s
+        gap = 60.0 * self.prompts / self.rate
+        for t in clockwork(rng, start, gap, requests, jitter=0.02):
+            batch = tuple(problems.next(task.QUESTION_TEMPLATES[0]) for _ in range(self.prompts))
+            prompt = [task.completion_prompt(p.question) for p in batch]
+            body = {"model": self.model, "prompt": prompt, **self.params}
+            yield Query(self.name, t, "completions", body, batch[0], collect=True, batch=batch)
+
+
 class LowAndSlow(_Attacker):
     """One key, distinct problems, well under the static limits: Poisson arrivals spread over
     the whole window, every phrasing, chat, no logprobs (the text alone distils)."""
@@ -218,4 +267,5 @@ def attackers(
         LowAndSlow("low-and-slow", seed, budget, window_s, model),
         Hydra("hydra", seed, budget, window_s, model, keys=hydra_keys),
         Mimic("mimic", seed, budget, window_s, model),
+        BatchingCollector("batch-bulk", seed, budget, window_s, model),
     ]

@@ -20,9 +20,11 @@ PATHS: dict[str, str] = {"chat": "/v1/chat/completions", "completions": "/v1/com
 class Query:
     """One request a simulated client sends, and when (simulated seconds after the start).
 
-    ``problem`` is what the last user turn asks, so the answer can be checked. ``collect``
-    marks answers an attacker keeps as training data. With ``await_reply`` the simulator
-    needs the reply (sent into its generator) before it plans its next query.
+    ``problem`` is what the last user turn asks, so the answer can be checked; a batched
+    completions request (``prompt`` a list) has every prompt's problem in ``batch`` (the
+    first is ``problem``). ``collect`` marks answers an attacker keeps as training data.
+    With ``await_reply`` the simulator needs the reply (sent into its generator) before it
+    plans its next query.
     """
 
     client: str
@@ -32,11 +34,26 @@ class Query:
     problem: task.Problem
     collect: bool = False
     await_reply: bool = False
+    batch: tuple[task.Problem, ...] = ()
 
     @property
     def path(self) -> str:
         """The HTTP path of the endpoint."""
         return PATHS[self.endpoint]
+
+    @property
+    def problems(self) -> tuple[task.Problem, ...]:
+        """The problem of every prompt, in order."""
+        return self.batch or (self.problem,)
+
+    @property
+    def answers(self) -> int:
+        """The answers the request asks for: prompts x ``n``."""
+        return len(self.problems) * int(self.body.get("n") or 1)
+
+    def problem_of(self, choice: int) -> task.Problem:
+        """The problem answered by choice ``choice`` (vLLM numbers them prompt by prompt)."""
+        return self.problems[choice // int(self.body.get("n") or 1)]
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,10 +103,15 @@ def completion_body(model: str, question: str, params: dict[str, Any]) -> dict[s
 
 def reply_text(endpoint: Endpoint, data: dict[str, Any]) -> str:
     """The first choice's text of a successful response body."""
-    choice = data["choices"][0]
+    return reply_texts(endpoint, data)[0]
+
+
+def reply_texts(endpoint: Endpoint, data: dict[str, Any]) -> list[str]:
+    """Every choice's text of a successful response body, in ``index`` order."""
+    choices = sorted(data["choices"], key=lambda choice: choice.get("index", 0))
     if endpoint == "chat":
-        return str(choice["message"].get("content") or "")
-    return str(choice.get("text") or "")
+        return [str(choice["message"].get("content") or "") for choice in choices]
+    return [str(choice.get("text") or "") for choice in choices]
 
 
 @dataclass(slots=True)
