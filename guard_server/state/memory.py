@@ -249,6 +249,9 @@ class MemoryStore(StateStore):
         now = self._clock()
         return risk.snapshot(now), campaign.snapshot(now) if campaign else None
 
+    async def forget(self, client: str) -> None:
+        self._risk.pop(client, None)
+
     def _forget_idle(self, now: float, budget: int = 8) -> None:
         """Drop scopes idle for a minute with no live slot: their buckets are full again,
         so forgetting them changes nothing and memory stays bounded. Scopes are kept in

@@ -49,10 +49,12 @@ class RedisStore(StateStore):
         url: str,
         prefix: str = "guard",
         timeout_s: float = 0.25,
+        password: str | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self._redis = aioredis.Redis.from_url(
             url,
+            password=password,
             socket_timeout=timeout_s,
             socket_connect_timeout=timeout_s,
             health_check_interval=0,
@@ -229,6 +231,12 @@ class RedisStore(StateStore):
         ]  # fmt: skip
         campaign = _campaign_profile([members, campaign_distinct, campaign_mt or 0])
         return _client_profile(mine, saved["fp"]), campaign
+
+    async def forget(self, client: str) -> None:
+        try:
+            await self._redis.delete(*self._risk_keys(client, self._clock()))
+        except (RedisError, OSError) as exc:
+            raise StateUnavailable(str(exc)) from exc
 
     async def ping(self) -> bool:
         """Whether Redis answers."""
