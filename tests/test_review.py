@@ -32,7 +32,8 @@ ADMIN_KEY = "sk-admin-review"
 CLIENTS = ["attacker", "honest", "expiring", "cli", *(f"c{i}" for i in range(5))]
 KEYS = {client: f"sk-test-review-{client}" for client in CLIENTS}
 # Asking for the tier's maximal top-k logprobs scores 0.30 from the first request: past
-# `decoy` at once, while plain requests stay at 0.
+# `decoy` at once (maximal logprobs alone count as enough evidence here: `evidence_min`),
+# while plain requests stay at 0.
 THRESHOLDS = {"tighten": 0.2, "perturb": 0.25, "decoy": 0.28, "block": 0.9}
 TOP_CLIENTS = 3
 QUESTION = [{"role": "user", "content": make_problems(1, seed=5, split="heldout")[0].question}]
@@ -41,7 +42,9 @@ QUESTION = [{"role": "user", "content": make_problems(1, seed=5, split="heldout"
 def _config(directory: Path, vllm_url: str, state: dict | None = None, **sections) -> Path:
     default = yaml.safe_load((POLICIES / "default.yaml").read_text())["tiers"]["default"]
     policy = {
-        "tiers": {"watched": {**default, "detection": {"thresholds": THRESHOLDS}}},
+        "tiers": {
+            "watched": {**default, "detection": {"thresholds": THRESHOLDS, "evidence_min": 0.2}}
+        },
         "clients": {c: {"tier": "watched", "keys": [hash_key(k)]} for c, k in KEYS.items()},
     }
     directory.mkdir(parents=True, exist_ok=True)

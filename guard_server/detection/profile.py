@@ -69,6 +69,7 @@ class ClientProfile:
     gap_var_s2: float
     fingerprint: str
     templated_share: float = 0.0  # decayed share of requests with the previous fingerprint
+    age_s: float = 0.0  # since the client's first request (while its profile lived)
 
     @property
     def regularity(self) -> float:

@@ -9,7 +9,7 @@
 | max_top_logprobs: share of requests asking for the tier's maximal top-k | E | 0.25 | 1.0 |
 | regular_timing: clockwork timing (1 − CV of gaps, ≥ 20 requests) | E | 0.15 | 1.0 |
 | templated: share of requests with the previous one's fingerprint (same script, template
-  head and parameters; ≥ 50 requests) | E | 0.10 | 0.6 → 0.9 |
+  head and parameters; ≥ 50 requests) | E | 0.15 | 0.6 → 0.9 |
 | logit_bias: share of requests using logit_bias | E | 0.10 | share 1.0 |
 | campaign: many keys share the client's fingerprint and together collect much distinct
   data in the last day (× 0.5–1 by their max-top-k share) | E | 0.40 | members 5 → 20,
@@ -21,13 +21,15 @@ clients (:meth:`ClientProfile.share`), so a key's first requests count fully. Vo
 count only their window (``detection.profile.DAY`` / ``WEEK``): a client's past forgets.
 Distinct prompts count in full only for a client whose day is at least half new prompts
 (none below a fifth): an application whose users re-ask popular questions collects far
-less new data than its distinct count suggests.
+less new data than its distinct count suggests. A client with a long history and no
+extraction evidence gets a slower ramp: from a week after its first request, both ramps
+stretch, up to twice as wide at five weeks (``TENURE_DAYS``).
 
 **Graduated actions.** The score picks the action from the thresholds, but a text-side
 action (``perturb``, ``decoy``, ``block``: they change what the client reads) also needs
 extraction-specific evidence: the evidence signals must sum to at least ``evidence_min``
-(default 0.375: for example maximal logprobs on every request *and* one template *and* some
-regularity, or maximal logprobs and clockwork timing, or a campaign). Without it the action
+(default 0.375: for example maximal logprobs on every request *and* one template, or maximal
+logprobs and clockwork timing, or a campaign). Without it the action
 stops at ``tighten``: volume alone (an evaluation run, a busy application) is throttled and
 flagged for the operator, never fed wrong answers. The assessment says so (:attr:`Assessment.note`).
 """
@@ -47,6 +49,9 @@ WEEK_RAMP_FACTOR = 5
 """The week's distinct-prompts ramp is the day's times this."""
 EVIDENCE_MIN = 0.375
 """The evidence signals' sum a text-side action needs (``detection.evidence_min``)."""
+TENURE_DAYS = (7, 35)
+"""Age (days since the first request) from which a client without evidence gets a slower
+volume ramp, and at which the ramp is twice as wide."""
 EVIDENCE = frozenset({"max_top_logprobs", "regular_timing", "templated", "logit_bias", "campaign"})
 """The extraction-specific signals; the others (distinct prompts, novelty, logprobs) measure
 volume, which honest heavy clients bring too."""
@@ -84,21 +89,31 @@ def contributions(
     profile: ClientProfile,
     campaign: CampaignProfile | None,
     distinct_ramp: tuple[int, int] = DISTINCT_RAMP,
+    evidence_min: float = EVIDENCE_MIN,
 ) -> dict[str, float]:
     """Each signal's share of the score (see the module table)."""
-    low, high = distinct_ramp
+    parts = _evidence(profile, campaign)
+    stretch = 1.0
+    if sum(parts.values()) < evidence_min:  # no extraction evidence: history counts
+        stretch += _ramp(profile.age_s / 86400, *TENURE_DAYS)
+    low, high = (stretch * bound for bound in distinct_ramp)
     volume = max(
         _ramp(profile.distinct_prompts, low, high),
         _ramp(profile.distinct_week, WEEK_RAMP_FACTOR * low, WEEK_RAMP_FACTOR * high),
     ) * _ramp(profile.novelty, 0.2, 0.5)
+    parts["distinct_prompts"] = 0.45 * volume
+    parts["logprobs"] = 0.05 * profile.share(profile.logprob_share)
+    parts["novelty"] = 0.10 * _ramp(profile.novelty, 0.7, 0.98) if profile.total >= 100 else 0.0
+    return parts
+
+
+def _evidence(profile: ClientProfile, campaign: CampaignProfile | None) -> dict[str, float]:
+    """The extraction-specific signals (``EVIDENCE``)."""
     templated = profile.share(profile.templated_share) if profile.total >= 50 else 0.0
     parts = {
-        "distinct_prompts": 0.45 * volume,
         "max_top_logprobs": 0.25 * profile.share(profile.max_top_share),
-        "logprobs": 0.05 * profile.share(profile.logprob_share),
         "regular_timing": 0.15 * profile.regularity,
-        "templated": 0.10 * _ramp(templated, 0.6, 0.9),
-        "novelty": 0.10 * _ramp(profile.novelty, 0.7, 0.98) if profile.total >= 100 else 0.0,
+        "templated": 0.15 * _ramp(templated, 0.6, 0.9),
         "logit_bias": 0.10 * profile.share(profile.logit_bias_share),
         "campaign": 0.0,
     }
@@ -121,7 +136,7 @@ def assess(
 ) -> Assessment:
     """Score a client and map the score to the highest action whose threshold it reaches;
     a text-side action only with ``evidence_min`` of evidence (else ``tighten``)."""
-    parts = contributions(profile, campaign, distinct_ramp)
+    parts = contributions(profile, campaign, distinct_ramp, evidence_min)
     parts = {name: value for name, value in parts.items() if value}
     score = min(1.0, sum(parts.values()))
     action = "pass"

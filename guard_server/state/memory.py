@@ -38,6 +38,7 @@ class _Scope:
 class _Risk:
     requests: float = 0.0
     updated: float | None = None
+    since: float | None = None
     total: int = 0
     day: WindowedDistinct = field(default_factory=lambda: WindowedDistinct(DAY))
     week: WindowedDistinct = field(default_factory=lambda: WindowedDistinct(WEEK))
@@ -64,6 +65,7 @@ class _Risk:
             gap_var_s2=self.gap_sq - self.gap_mean**2,
             fingerprint=self.fingerprint,
             templated_share=self.templated,
+            age_s=now - self.since if self.since is not None else 0.0,
         )
 
 
@@ -220,6 +222,8 @@ class MemoryStore(StateStore):
             else:
                 risk.gap_mean += GAP_ALPHA * (gap - risk.gap_mean)
                 risk.gap_sq += GAP_ALPHA * (gap * gap - risk.gap_sq)
+        if risk.since is None:
+            risk.since = now
         prompts = features.prompts
         weight = _share_weight(prompts)  # `prompts` steps of the moving averages at once
         risk.updated = now

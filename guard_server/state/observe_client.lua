@@ -14,10 +14,11 @@ local day_bucket, day_buckets = tonumber(ARGV[10]), tonumber(ARGV[11])
 local week_buckets = #KEYS - 1 - day_buckets
 local prompts = #ARGV - 14
 local p = redis.call('HMGET', KEYS[1], 'n', 'ts', 'total', 'lp', 'mt', 'lb', 'gm', 'gs', 'fp',
-  'tp')
+  'tp', 'since')
 local n, ts, total = tonumber(p[1]) or 0, tonumber(p[2]), tonumber(p[3]) or 0
 local lp, mt, lb = tonumber(p[4]) or 0, tonumber(p[5]) or 0, tonumber(p[6]) or 0
 local gm, gs, tp = tonumber(p[7]), tonumber(p[8]), tonumber(p[10]) or 0
+local since = tonumber(p[11]) or now
 if ts ~= nil then
   local gap = math.max(0, now - ts)
   n = n * math.pow(2, -gap / half_life)
@@ -40,7 +41,7 @@ if p[9] then  -- a client's first request has nothing to repeat
   tp = tp + weight * (same - tp)
 end
 redis.call('HSET', KEYS[1], 'n', n, 'ts', now, 'total', total, 'lp', lp, 'mt', mt, 'lb', lb,
-  'fp', ARGV[1], 'tp', tp)
+  'fp', ARGV[1], 'tp', tp, 'since', since)
 if gm ~= nil then redis.call('HSET', KEYS[1], 'gm', gm, 'gs', gs) end
 -- prompts per DAY bucket, as hash fields q<bucket>; fields that left the window are dropped
 local asked = redis.call('HINCRBY', KEYS[1], 'q' .. day_bucket, prompts)
@@ -67,4 +68,4 @@ end
 local day = redis.call('PFCOUNT', unpack(KEYS, 2, 1 + day_buckets))
 local week = redis.call('PFCOUNT', unpack(KEYS, 2 + day_buckets, 1 + day_buckets + week_buckets))
 return {tostring(n), total, day, week, window_requests, tostring(lp), tostring(mt), tostring(lb),
-  tostring(gm or 0), tostring(gs or 0), tostring(tp)}
+  tostring(gm or 0), tostring(gs or 0), tostring(tp), tostring(now - since)}

@@ -227,7 +227,7 @@ class RedisStore(StateStore):
         mine = [
             saved["n"], saved["total"], day, week, sum(int(saved.get(f, 0)) for f in fields),
             saved["lp"], saved["mt"], saved["lb"], saved.get("gm", 0), saved.get("gs", 0),
-            saved.get("tp", 0),
+            saved.get("tp", 0), now - float(saved.get("since", now)),
         ]  # fmt: skip
         campaign = _campaign_profile([members, campaign_distinct, campaign_mt or 0])
         return _client_profile(mine, saved["fp"]), campaign
@@ -251,7 +251,7 @@ class RedisStore(StateStore):
 
 def _client_profile(values: list, fingerprint: str) -> ClientProfile:
     """A profile from observe_client.lua's reply (or the same values read by ``peek``)."""
-    requests, total, day, week, window_requests, lp, mt, lb, gm, gs, tp = values
+    requests, total, day, week, window_requests, lp, mt, lb, gm, gs, tp, age = values
     gap_mean = float(gm)
     return ClientProfile(
         requests=float(requests),
@@ -266,6 +266,7 @@ def _client_profile(values: list, fingerprint: str) -> ClientProfile:
         gap_var_s2=float(gs) - gap_mean**2,
         fingerprint=fingerprint,
         templated_share=float(tp),
+        age_s=float(age),
     )
 
 

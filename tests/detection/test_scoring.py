@@ -151,3 +151,19 @@ def test_repeats_discount_distinct_prompts() -> None:
     assert verdict.action == "pass", verdict
     new = assess(_profile(total=3000, requests=3000, distinct_prompts=1500), None, THRESHOLDS)
     assert new.contributions["distinct_prompts"] == 0.45
+
+
+def test_a_long_history_without_evidence_slows_the_volume_ramp() -> None:
+    day = 86400.0
+    busy = dict(total=1500, requests=1500, distinct_prompts=1100, distinct_week=1100)
+    new_key = assess(_profile(**busy), None, THRESHOLDS)
+    week_old = assess(_profile(**busy, age_s=6 * day), None, THRESHOLDS)
+    veteran = assess(_profile(**busy, age_s=35 * day), None, THRESHOLDS)
+    assert new_key.contributions == week_old.contributions  # nothing before a week
+    assert new_key.action == "tighten" and veteran.action == "pass"
+    assert veteran.contributions["distinct_prompts"] < 0.1  # ramp 800 -> 2,400
+    # With extraction evidence, history buys nothing.
+    scripted = dict(busy, max_top_share=1.0, logprob_share=1.0, templated_share=1.0)
+    assert assess(_profile(**scripted, age_s=35 * day), None, THRESHOLDS).contributions == (
+        assess(_profile(**scripted), None, THRESHOLDS).contributions
+    )

@@ -110,6 +110,7 @@ async def test_volume_signals_forget_after_their_window(clocked) -> None:  # typ
     profile, _ = await store.observe("eve", _question(10_000))
     assert (profile.distinct_prompts, profile.distinct_week, profile.window_requests) == (1, 1, 1)
     assert profile.total == 302  # the decayed profile itself lives on while the key is active
+    assert profile.age_s == pytest.approx(8 * 24 * HOUR + HOUR)
 
 
 async def test_redis_bucket_keys_expire_when_they_leave_their_window(
