@@ -79,9 +79,14 @@ def keyed_normals(key: bytes, positions: Sequence[int], tokens: Sequence[str]) -
     """``keyed_normal(key, positions[i], tokens[i])`` for every ``i``, bit for bit."""
     base = keyed_blake2b(key)
     digests = bytearray()
+    last = None
     for position, token in zip(positions, tokens, strict=True):
-        hasher = base.copy()
-        hasher.update(position.to_bytes(4, "little") + token.encode())
+        if position != last:  # a run of one position's tokens shares its prefix
+            at_position = base.copy()
+            at_position.update(position.to_bytes(4, "little"))
+            last = position
+        hasher = at_position.copy()
+        hasher.update(token.encode())
         digests += hasher.digest()
     words = np.frombuffer(digests, dtype="<u8").reshape(-1, 2)
     # uint64 -> float64 rounds to nearest, as Python's int -> float does.
