@@ -83,20 +83,19 @@ async def _with_prompt_logprobs(content: str) -> RequestContext:
 
 
 async def test_prompt_logprobs_are_hardened_under_the_prompt_key() -> None:
-    first, again, other = (
-        await _with_prompt_logprobs("q"),
-        await _with_prompt_logprobs("q"),
-        await _with_prompt_logprobs("r"),
-    )
+    first = await _with_prompt_logprobs("q")
+    again = await _with_prompt_logprobs("q")
+    # Other prompts: any one may land on the same 0.5 grid points by chance, not all four.
+    others = [await _with_prompt_logprobs(content) for content in "rstu"]
     rewrite_for_upstream(first, "teacher", guard_plugin=False)
     assert ("hardened", "prompt_logprobs") in first.policy_actions
     bodies = []
-    for ctx in (first, again, other):
+    for ctx in (first, again, *others):
         body = {"choices": [], "prompt_logprobs": _prompt_logprobs()}
         transform_response(ctx, body)
         bodies.append(body["prompt_logprobs"])
     raw = _prompt_logprobs()
-    assert bodies[0] == bodies[1] and bodies[0] != bodies[2]
+    assert bodies[0] == bodies[1] and any(bodies[0] != other for other in bodies[2:])
     position = bodies[0][1]
     values = [entry["logprob"] for entry in position.values()]
     assert values != [entry["logprob"] for entry in raw[1].values()]
