@@ -1,4 +1,4 @@
-"""The ``guard-server`` command line: serve, check-config, trace, hash-key."""
+"""The ``guard-server`` command line: serve, check-config, trace, hash-key, openapi."""
 
 from __future__ import annotations
 
@@ -54,6 +54,7 @@ def _parser() -> argparse.ArgumentParser:
     trace.add_argument("--json", action="store_true", help="print the result as JSON")
     key = commands.add_parser("hash-key", help="make a new API key (or hash one from stdin)")
     key.add_argument("--stdin", action="store_true", help="hash the key read from stdin")
+    commands.add_parser("openapi", help="print the OpenAPI document of the public API")
     return parser
 
 
@@ -66,6 +67,11 @@ def main(argv: list[str] | None = None) -> int:
         return _hash_key(args.stdin)
     if args.command == "trace":
         return _trace(args)
+    if args.command == "openapi":
+        from guard_server.openapi import openapi_json
+
+        sys.stdout.buffer.write(openapi_json())
+        return 0
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
