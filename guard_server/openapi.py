@@ -209,6 +209,18 @@ def request_schema(endpoint: Endpoint) -> dict[str, Any]:
 
 
 _NULLABLE_STRING = {"type": ["string", "null"]}
+# One server-sent event (OpenAPI 3.1: the schema of an event stream describes each event).
+_SSE_EVENT = {
+    "type": "object",
+    "required": ["data"],
+    "properties": {
+        "data": {
+            "type": "string",
+            "description": "A chunk, an error object (`code`: the HTTP status), or `[DONE]`.",
+        },
+        "event": {"type": "string"},
+    },
+}
 _USAGE = {
     "type": "object",
     "required": ["prompt_tokens", "completion_tokens", "total_tokens"],
@@ -327,7 +339,7 @@ def _generation_operation(endpoint: Endpoint) -> dict[str, Any]:
                     "application/json": {
                         "schema": {"$ref": f"#/components/schemas/{_RESPONSE_SCHEMAS[endpoint]}"}
                     },
-                    "text/event-stream": {"schema": {"type": "string"}},
+                    "text/event-stream": {"schema": _SSE_EVENT},
                 },
             },
             **{status: _error_response(why) for status, why in _GENERATION_ERRORS.items()},
