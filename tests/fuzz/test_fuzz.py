@@ -6,7 +6,8 @@ The guard runs in front of the fast fake upstream (benchmarks.fake_upstream) by 
 suite starts). ``GUARD_FUZZ_EXAMPLES`` sets Hypothesis' examples per operation and mode (the
 suite's short run: 150). Requests rotate over three clients: the default tier in shadow
 detection, the trusted tier, and the default tier enforcing (so risk actions fire too).
-The tally of answers is printed at the end and written to ``GUARD_FUZZ_REPORT`` when set.
+The tally of answers is printed at the end and written to ``GUARD_FUZZ_REPORT`` when set;
+the guard's audit log (prompts included) is left in the session's ``fuzz-guard`` folder.
 RELIABILITY.md ("Fuzzing") has the long runs' commands and figures.
 """
 
@@ -35,7 +36,7 @@ from schemathesis.specs.openapi.checks import (
 )
 
 from benchmarks.procs import fake_upstream
-from guard_server.openapi import openapi_document
+from guard_server.openapi import openapi_document, openapi_json
 from guard_server.teacher import SERVED_MODEL_NAME
 from guard_server.testing import DEMO_KEY, TEST_POLICIES, TRUSTED_KEY, GuardProcess, free_port
 from guard_server.testing.config import model_dir_under_test, write_test_config
@@ -94,7 +95,12 @@ def fuzz_guard(upstream_url: str, artifacts: Path) -> Iterator[GuardProcess]:
     """A guard in front of the upstream, with the suite's policies and the fuzz client."""
     directory = artifacts / "fuzz-guard"
     directory.mkdir(exist_ok=True)
-    config = write_test_config(directory, [upstream_url], policies=[*TEST_POLICIES, FUZZ_CLIENTS])
+    config = write_test_config(
+        directory,
+        [upstream_url],
+        policies=[*TEST_POLICIES, FUZZ_CLIENTS],
+        audit={"path": str(directory / "audit.jsonl"), "include_prompts": True},
+    )
     with GuardProcess(config, directory / "guard.log") as guard:
         yield guard
     _report()
@@ -148,6 +154,13 @@ def _check_event_stream(response: requests.Response) -> None:
             continue
         assert data["object"] in ("chat.completion.chunk", "text_completion"), data
         assert isinstance(data["choices"], list), data
+
+
+def test_the_guard_serves_the_document(fuzz_guard: GuardProcess) -> None:
+    served = requests.get(fuzz_guard.url + "/openapi.json", timeout=10)
+    assert served.status_code == 200
+    assert served.headers["Content-Type"].startswith("application/json")
+    assert served.content == openapi_json()
 
 
 @SCHEMA.parametrize()
