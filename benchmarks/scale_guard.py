@@ -128,8 +128,8 @@ def main() -> None:
     stores: list[StateStore] = []
     make_store = guard_app._state_store
 
-    def capture(state):  # type: ignore[no-untyped-def]
-        store = make_store(state)
+    def capture(state, password):  # type: ignore[no-untyped-def]
+        store = make_store(state, password)
         stores.append(store)
         return store
 

@@ -7,21 +7,23 @@ import hmac
 import logging
 import signal
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from guard_server.admin import client_report
-from guard_server.appkeys import DRAINING, METRICS, SETTINGS, STATE, UPSTREAMS
+from guard_server import admin
+from guard_server.appkeys import AUDIT, DRAINING, METRICS, REVIEW, SETTINGS, STATE, UPSTREAMS
 from guard_server.config.loader import Settings
 from guard_server.config.reload import SettingsHolder
 from guard_server.config.schema import StateSettings, Timeouts, UpstreamSettings
+from guard_server.correlation import correlation_middleware
 from guard_server.errors import GuardError, unauthorized
 from guard_server.generation import GenerationHandler
 from guard_server.metrics import GuardMetrics
 from guard_server.openai_fields import Endpoint
 from guard_server.openapi import openapi_json
+from guard_server.otel import Tracing
 from guard_server.pipeline.admit import Admitter
 from guard_server.pipeline.audit import AuditLog
 from guard_server.pipeline.auth import authenticate, hash_key
@@ -31,6 +33,9 @@ from guard_server.pipeline.score import RiskScorer
 from guard_server.state.base import StateStore
 from guard_server.state.memory import MemoryStore
 from guard_server.state.redis import RedisStore
+from guard_server.state.review import MemoryReview, ReviewState
+from guard_server.state.review_redis import RedisReview
+from guard_server.top_clients import TopClientsCollector
 from guard_server.upstream.pool import UpstreamPool
 
 log = logging.getLogger(__name__)
@@ -139,28 +144,46 @@ def build_app(
     holder: SettingsHolder,
     metrics: GuardMetrics,
     upstreams: dict[str, UpstreamSettings],
+    worker: int | None = None,
+    api_keys: Mapping[str, str] | None = None,
 ) -> web.Application:
-    """The guard as an aiohttp application, in front of ``upstreams`` (model → servers)."""
+    """The guard as an aiohttp application, in front of ``upstreams`` (model → servers).
+
+    ``worker`` is this process's index when several workers serve; ``api_keys`` (model →
+    key) default to the configured ``upstreams.<model>.api_key`` values.
+    """
     settings = holder.current
+    tracing = Tracing(settings.config.tracing) if settings.config.tracing.otel else None
+    # with tracing, the server span's middleware comes first (Tracing adds it)
+    middlewares = [
+        correlation_middleware(tracing.current_trace_id if tracing else None),
+        openai_errors,
+    ]
     app = web.Application(
-        middlewares=[openai_errors],
+        middlewares=middlewares,
         client_max_size=settings.config.server.max_body_bytes,
     )
     app[SETTINGS] = holder
     app[METRICS] = metrics
-    store = _state_store(settings.config.state)
+    store = _state_store(settings.config.state, settings.redis_password)
     app[STATE] = store
+    review = _review_state(store, holder)
+    app[REVIEW] = review
     app[DRAINING] = asyncio.Event()
     metrics.state_up.set(1)
 
     async def upstreams_ctx(app: web.Application) -> AsyncIterator[None]:
-        pool = UpstreamPool(upstreams, metrics)
+        trace_configs = [tracing.client_trace_config()] if tracing else []
+        keys = settings.upstream_api_keys if api_keys is None else api_keys
+        pool = UpstreamPool(upstreams, metrics, keys, trace_configs)
         await pool.start()
         app[UPSTREAMS] = pool
         try:
             yield
         finally:
             await pool.close()
+            if tracing is not None:
+                await asyncio.to_thread(tracing.shutdown)  # exports the last spans
 
     async def reload_ctx(app: web.Application) -> AsyncIterator[None]:
         loop = asyncio.get_running_loop()
@@ -174,9 +197,11 @@ def build_app(
             await asyncio.gather(watcher, return_exceptions=True)
 
     async def state_ctx(app: web.Application) -> AsyncIterator[None]:
+        await review.start()
         try:
             yield
         finally:
+            await review.close()
             await store.close()
 
     app.cleanup_ctx.append(state_ctx)
@@ -190,8 +215,12 @@ def build_app(
         slot_ttl_s=_slot_ttl(settings),
     )
     scorer = RiskScorer(store, metrics)
-    planner = Planner(metrics)
-    audit = AuditLog(settings.config.audit)
+    planner = Planner(metrics, review)
+    review.on_reset(scorer.forget)
+    review.on_reset(planner.forget)
+    metrics.add_collector(TopClientsCollector(review, holder))
+    audit = AuditLog(settings.config.audit, worker)
+    app[AUDIT] = audit
     app.on_cleanup.append(lambda _: _close_audit(audit))
     for endpoint in Endpoint:
         handler = GenerationHandler(endpoint, holder, metrics, admitter, scorer, planner, audit)
@@ -202,7 +231,10 @@ def build_app(
     app.router.add_get("/readyz", readyz)
     if settings.config.metrics.port is None:  # then it needs a token (schema)
         app.router.add_get("/metrics", metrics_endpoint)
-    app.router.add_get("/admin/clients/{client_id}", client_report)
+    app.router.add_get("/admin/clients", admin.list_clients)
+    app.router.add_get("/admin/clients/{client_id}", admin.client_report)
+    app.router.add_post("/admin/clients/{client_id}/reset", admin.reset_client)
+    app.router.add_put("/admin/clients/{client_id}/pin", admin.pin_client)
     return app
 
 
@@ -210,10 +242,27 @@ async def _close_audit(audit: AuditLog) -> None:
     audit.close()
 
 
-def _state_store(state: StateSettings) -> StateStore:
+def _state_store(state: StateSettings, password: str | None) -> StateStore:
     if state.backend == "redis":
-        return RedisStore(state.redis_url, prefix=state.key_prefix, timeout_s=state.timeout_s)
+        return RedisStore(
+            state.redis_url, prefix=state.key_prefix, timeout_s=state.timeout_s, password=password
+        )
     return MemoryStore()
+
+
+def _review_state(store: StateStore, holder: SettingsHolder) -> ReviewState:
+    if isinstance(store, RedisStore):
+        state = holder.current.config.state
+        return RedisReview(
+            store,
+            state.redis_url,
+            prefix=state.key_prefix,
+            timeout_s=state.timeout_s,
+            top_k=lambda: holder.current.config.metrics.top_clients,
+            password=holder.current.redis_password,
+        )
+    assert isinstance(store, MemoryStore)
+    return MemoryReview(store)
 
 
 def _slot_ttl(settings: Settings) -> float:

@@ -1,4 +1,4 @@
-"""The ``guard-server`` command line: serve, check-config, trace, hash-key, openapi."""
+"""The ``guard-server`` command line: serve, check-config, trace, hash-key, clients, openapi."""
 
 from __future__ import annotations
 
@@ -13,7 +13,9 @@ import sys
 import tempfile
 from pathlib import Path
 
+from guard_server import admin_cli
 from guard_server.config.loader import ConfigError, Settings, load_settings
+from guard_server.logs import configure_logging
 from guard_server.pipeline.auth import hash_key
 from guard_server.upstream.bundled_teacher import MODELS
 from guard_server.upstream.smollm2 import ModelUnavailable
@@ -38,7 +40,15 @@ def _parser() -> argparse.ArgumentParser:
         help="the managed model to serve when no upstream is configured "
         "(overrides bundled_teacher.model; smollm2 needs scripts/install-smollm2.sh)",
     )
-    serve.add_argument("--log-level", default="INFO")
+    serve.add_argument(
+        "--log-level",
+        type=str.upper,
+        choices=["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"],
+        help="overrides logging.level (default INFO)",
+    )
+    serve.add_argument(
+        "--log-format", choices=["text", "json"], help="overrides logging.format (default text)"
+    )
     check = commands.add_parser("check-config", help="validate a config and its policy files")
     check.add_argument("file", type=Path)
     trace = commands.add_parser(
@@ -54,6 +64,7 @@ def _parser() -> argparse.ArgumentParser:
     trace.add_argument("--json", action="store_true", help="print the result as JSON")
     key = commands.add_parser("hash-key", help="make a new API key (or hash one from stdin)")
     key.add_argument("--stdin", action="store_true", help="hash the key read from stdin")
+    admin_cli.add_parser(commands)
     commands.add_parser("openapi", help="print the OpenAPI document of the public API")
     return parser
 
@@ -67,19 +78,20 @@ def main(argv: list[str] | None = None) -> int:
         return _hash_key(args.stdin)
     if args.command == "trace":
         return _trace(args)
+    if args.command == "clients":
+        return admin_cli.run(args)
     if args.command == "openapi":
         from guard_server.openapi import openapi_json
 
         sys.stdout.buffer.write(openapi_json())
         return 0
-    logging.basicConfig(
-        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
     try:
         settings = load_settings(args.config)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    logs = settings.config.logging
+    configure_logging(args.log_level or logs.level, args.log_format or logs.format)
     if args.workers is not None:
         server = settings.config.server.model_copy(update={"workers": args.workers})
         config = settings.config.model_copy(update={"server": server})
@@ -200,6 +212,8 @@ def _hash_key(from_stdin: bool) -> int:
 
 
 def _print_banner(base_url: str, settings: Settings) -> None:
+    # stdout may carry the audit log's JSON lines: the banner then goes to stderr
+    out = sys.stderr if settings.config.audit.path == "-" else sys.stdout
     model = settings.public_models[0]
     question = "What is 12 + 7?"
     teacher = settings.config.bundled_teacher
@@ -227,5 +241,6 @@ or with curl:
       -H 'Content-Type: application/json' \\
       -d '{{"model": "{model}", "messages": [{{"role": "user", "content": "{question}"}}]}}'
 """,
+        file=out,
         flush=True,
     )

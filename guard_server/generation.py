@@ -15,6 +15,7 @@ from aiohttp import web
 
 from guard_server.appkeys import UPSTREAMS
 from guard_server.config.reload import SettingsHolder
+from guard_server.correlation import CURRENT, REQUEST_ID_HEADER, correlate
 from guard_server.errors import GuardError, bad_request, upstream_error
 from guard_server.metrics import GuardMetrics
 from guard_server.openai_fields import Endpoint
@@ -63,11 +64,11 @@ class GenerationHandler:
         self.audit = audit
         self.endpoint = endpoint
         self.admitter = admitter
-        # The stages after authentication and body parsing, in order: what the request may
-        # ask for is settled before it is scored, what the model will see of it is taken once
-        # (every key and count derives from that), and one plan is made before anything acts.
+        # The stages after authentication, body parsing and validation, in order: what the
+        # request may ask for is settled before it is scored, what the model will see of it
+        # is taken once (every key and count derives from that), and one plan is made before
+        # anything acts.
         self.stages: tuple[Stage, ...] = (
-            validate_request,
             apply_tier_policy,
             canonicalize,
             scorer,
@@ -84,6 +85,7 @@ class GenerationHandler:
             settings=self.holder.current,
             headers=request.headers,
             started=time.perf_counter(),
+            correlation=CURRENT.get() or correlate(request.headers),
         )
         self.metrics.in_flight.inc()
         try:
@@ -112,12 +114,19 @@ class GenerationHandler:
         if self.audit.enabled:
             ctx.body_hash = hashlib.blake2b(raw, digest_size=16).hexdigest()
         ctx.body = parse_json_object(raw)
+        await validate_request(ctx)
+        ctx.max_model_len = request.app[UPSTREAMS].max_model_len(ctx.model)
         for stage in self.stages:
             await stage(ctx)
         assert ctx.plan is not None
         upstream = request.app[UPSTREAMS].get(ctx.plan.upstream_model or ctx.model)
         payload = rewrite_for_upstream(ctx, upstream.served_model, upstream.settings.guard_plugin)
-        headers = {**ctx.response_headers, **self._policy_headers(ctx)}
+        assert ctx.correlation is not None
+        headers = {
+            **ctx.response_headers,
+            **self._policy_headers(ctx),
+            REQUEST_ID_HEADER: ctx.correlation.request_id,
+        }
         if ctx.stream:
             return await self._relay_stream(request, ctx, upstream, payload, headers)
         return await self._relay_whole(ctx, upstream, payload, headers)
@@ -132,7 +141,7 @@ class GenerationHandler:
         self, ctx: RequestContext, upstream: ModelUpstream, payload: bytes, headers: dict[str, str]
     ) -> web.Response:
         started = time.perf_counter()
-        response = await upstream.post(self.path, payload)
+        response = await upstream.post(self.path, payload, _upstream_headers(ctx))
         try:
             if response.status != 200:
                 raise await _mapped_error(response, ctx, self.metrics)
@@ -159,7 +168,7 @@ class GenerationHandler:
         headers: dict[str, str],
     ) -> web.StreamResponse:
         started = time.perf_counter()
-        response = await upstream.post(self.path, payload)
+        response = await upstream.post(self.path, payload, _upstream_headers(ctx))
         ctx.upstream_seconds += time.perf_counter() - started
         try:
             if response.status != 200:
@@ -221,6 +230,11 @@ class GenerationHandler:
             if ctx.first_token_at is None and carries_token(chunk):
                 ctx.first_token_at = time.perf_counter()
             await out.write(b"data: " + orjson.dumps(chunk) + b"\n\n")
+
+
+def _upstream_headers(ctx: RequestContext) -> dict[str, str]:
+    assert ctx.correlation is not None
+    return ctx.correlation.upstream_headers()
 
 
 class SlowClient(Exception):
@@ -326,6 +340,17 @@ async def _mapped_error(
     except (TimeoutError, aiohttp.ClientPayloadError, aiohttp.ClientConnectionError) as exc:
         return _broken_read(exc, metrics)
     status = response.status
+    if status in (401, 403):
+        # vLLM's --api-key refused the guard's own key: the operator's problem, not the client's
+        metrics.upstream_errors.labels("auth").inc()
+        log.error(
+            "upstream refused the guard's API key (HTTP %d); check upstreams.*.api_key", status
+        )
+        return upstream_error(
+            502,
+            f"The model server refused the guard's credentials (HTTP {status}).",
+            "upstream_auth_failed",
+        )
     if 400 <= status < 500:
         return client_error(ctx.endpoint, ctx.model, ctx.body, raw, status)
     metrics.upstream_errors.labels("status").inc()

@@ -7,6 +7,7 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, multiprocess
 from prometheus_client.metrics import MetricWrapperBase
+from prometheus_client.registry import Collector
 
 _LATENCY_BUCKETS = (
     0.0005,
@@ -57,6 +58,7 @@ class GuardMetrics:
 
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry or CollectorRegistry()
+        self._collectors: list[Collector] = []
         self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
         r = self.registry
         self.requests = Counter(
@@ -213,10 +215,19 @@ class GuardMetrics:
             found = self._children[key] = metric.labels(*values)
         return found
 
+    def add_collector(self, collector: Collector) -> None:
+        """Export metrics computed at scrape time (from state every worker shares)."""
+        self._collectors.append(collector)
+        self.registry.register(collector)
+
     def exposition_registry(self) -> CollectorRegistry:
-        """What ``/metrics`` shows: this process's registry, or all workers' combined."""
+        """What ``/metrics`` shows: this process's registry, or all workers' combined (the
+        counters and gauges from every worker's files, the scrape-time collectors from the
+        worker that answers)."""
         if multiprocess_dir() is None:
             return self.registry
         combined = CollectorRegistry()
         multiprocess.MultiProcessCollector(combined)
+        for collector in self._collectors:
+            combined.register(collector)
         return combined

@@ -60,7 +60,7 @@ _GROUP_NOTES = {
 }
 
 # What validate.py checks beyond the JSON type (_check_messages, with canonical.py's key
-# tables for messages and content parts; _check_prompt; _check_stop).
+# tables for messages and content parts; _checked_prompt; _check_stop).
 _INTEGER = {"type": "integer", "minimum": INTEGER_RANGE[0], "maximum": INTEGER_RANGE[1]}
 _TOKEN_IDS = {"type": "array", "minItems": 1, "items": _INTEGER}
 

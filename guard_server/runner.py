@@ -12,6 +12,7 @@ import contextlib
 import gc
 import logging
 import os
+import secrets
 import signal
 import socket
 import time
@@ -24,7 +25,9 @@ from guard_server.appkeys import DRAINING
 from guard_server.config.loader import ConfigError, Settings
 from guard_server.config.reload import SettingsHolder
 from guard_server.config.schema import UpstreamSettings
+from guard_server.logs import ACCESS_LOGGER, AccessLogger
 from guard_server.metrics import GuardMetrics, multiprocess_dir
+from guard_server.otel import otlp_traces_endpoint
 from guard_server.upstream.bundled_teacher import start_bundled_teacher, teacher_upstream
 
 log = logging.getLogger("guard_server")
@@ -47,21 +50,30 @@ def serve(settings: Settings, host: str, port: int, on_ready) -> None:  # type: 
     if settings.secret_is_ephemeral:
         log.warning("no server secret configured: using a random one for this process only")
     upstreams = dict(config.upstreams)
+    api_keys = dict(settings.upstream_api_keys)
     teacher = None
     if not upstreams:
-        teacher = start_bundled_teacher(config.bundled_teacher)
-        upstreams = {
-            config.bundled_teacher.public_name: teacher_upstream(config.bundled_teacher, teacher)
-        }
+        # A random key, held only by the guard (and vLLM): the managed vLLM listens on
+        # loopback, and any local process could otherwise call it directly.
+        key = secrets.token_urlsafe(32)
+        tracing = config.tracing
+        teacher = start_bundled_teacher(
+            config.bundled_teacher, key, otlp_traces_endpoint(tracing) if tracing.otel else None
+        )
+        name = config.bundled_teacher.public_name
+        upstreams = {name: teacher_upstream(config.bundled_teacher, teacher)}
+        api_keys[name] = key
     metrics_at = _metrics_address(settings, host)
     try:
         if workers == 1:
             metrics_sock = None if metrics_at is None else _listen(*metrics_at)
             asyncio.run(
-                _run_worker(settings, upstreams, _listen(host, port), metrics_sock, on_ready)
+                _run_worker(
+                    settings, upstreams, api_keys, _listen(host, port), metrics_sock, on_ready
+                )
             )
         else:
-            _supervise(settings, upstreams, (host, port), metrics_at, workers, on_ready)
+            _supervise(settings, upstreams, api_keys, (host, port), metrics_at, workers, on_ready)
     finally:
         if teacher is not None:
             teacher.stop()
@@ -90,20 +102,25 @@ def _listen(host: str, port: int, reuse_port: bool = False) -> socket.socket:
 async def _run_worker(
     settings: Settings,
     upstreams: dict[str, UpstreamSettings],
+    api_keys: dict[str, str],
     sock: socket.socket,
     metrics_sock: socket.socket | None,
     on_ready,  # type: ignore[no-untyped-def]
+    worker: int | None = None,
 ) -> None:
+    """One worker's event loop and app; ``worker`` is its index when there are several."""
     metrics = GuardMetrics()
     holder = SettingsHolder(
         settings,
         on_reload=lambda ok: metrics.config_reloads.labels("success" if ok else "failure").inc(),
     )
-    app = build_app(holder, metrics, upstreams)
+    app = build_app(holder, metrics, upstreams, worker=worker, api_keys=api_keys)
+    access_log = settings.config.logging.access_log
     runner = web.AppRunner(
         app,
         handler_cancellation=True,
-        access_log=None,
+        access_log=logging.getLogger(ACCESS_LOGGER) if access_log else None,
+        access_log_class=AccessLogger,
         shutdown_timeout=settings.config.server.drain_timeout_s,
     )
     # Handlers first: a SIGTERM that arrives as soon as the port answers must drain, not kill.
@@ -160,6 +177,7 @@ def _reserve(host: str, port: int) -> socket.socket:
 def _supervise(
     settings: Settings,
     upstreams: dict[str, UpstreamSettings],
+    api_keys: dict[str, str],
     api_at: tuple[str, int],
     metrics_at: tuple[str, int] | None,
     workers: int,
@@ -175,21 +193,27 @@ def _supervise(
         reserved.append(_reserve(*metrics_at))
         metrics_at = (metrics_at[0], reserved[1].getsockname()[1])
 
-    def spawn() -> int:
+    def spawn(index: int) -> int:
         pid = os.fork()
         if pid == 0:
             code = 0
             try:
                 sock = _listen(host, port, reuse_port=True)
                 metrics_sock = None if metrics_at is None else _listen(*metrics_at, reuse_port=True)
-                asyncio.run(_run_worker(settings, upstreams, sock, metrics_sock, None))
+                asyncio.run(
+                    _run_worker(
+                        settings, upstreams, api_keys, sock, metrics_sock, None, worker=index
+                    )
+                )
             except BaseException:
                 log.exception("worker crashed")
                 code = 1
             os._exit(code)
         return pid
 
-    children = {spawn() for _ in range(workers)}
+    # pid -> worker index; a restarted worker takes over its predecessor's index (and so
+    # its audit file: still one writer per file).
+    children = {spawn(index): index for index in range(workers)}
     stopping = False
 
     def forward(signum: int, _frame: object) -> None:
@@ -211,13 +235,13 @@ def _supervise(
             break
         if pid not in children:
             continue
-        children.discard(pid)
+        index = children.pop(pid)
         if multiprocess_dir():
             multiprocess.mark_process_dead(pid)
         if not stopping:
             log.error("worker %d exited (status %d); starting another", pid, status)
             time.sleep(1)
-            children.add(spawn())
+            children[spawn(index)] = index
     for reserve in reserved:
         reserve.close()
 

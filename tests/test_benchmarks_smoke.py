@@ -70,3 +70,17 @@ def test_quick_run_writes_the_report(tmp_path: Path) -> None:
     assert {t["target"] for t in results["targets"]} >= {"default policy cost"}
     markdown = (out / "results.md").read_text()
     assert "## Targets" in markdown and "## Saturation" in markdown
+
+
+@pytest.mark.skipif(shutil.which("redis-server") is None, reason="needs redis-server")
+def test_review_cost_quick_run_and_pins_reach_the_other_guard() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "benchmarks.review_cost", "--quick"],
+        cwd=REPO, capture_output=True, text=True, timeout=240,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-4000:]
+    report = json.loads(result.stdout)
+    assert len(report["plan_stage_ns"]) == 3
+    assert set(report["latency_c1"]) == {"after memory", "after redis"}
+    propagation = report["propagation"]
+    assert propagation["next_request_on_b_obeyed"] == propagation["pins"] == 10

@@ -13,6 +13,7 @@ import pytest
 import yaml
 
 from guard_server.config.loader import ConfigError, load_settings
+from guard_server.pipeline.audit import worker_audit_path
 from guard_server.pipeline.auth import hash_key
 from guard_server.testing import (
     DEMO_KEY,
@@ -38,6 +39,58 @@ def test_the_shipped_config_is_valid() -> None:
     settings = load_settings(POLICIES / "guard.yaml")
     assert set(settings.tiers) == {"default", "trusted"}
     assert settings.model_names == ["teacher"]
+
+
+def test_relative_paths_are_resolved_against_the_config_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    folder = tmp_path / "etc"
+    folder.mkdir()
+    (folder / "secret.txt").write_text("s" * 40)
+    (folder / "policy.yaml").write_text(yaml.safe_dump(_tier()))
+    (folder / "vllm.key").write_text("sk-vllm-key\n")
+    (folder / "redis.password").write_text("redis-password")
+    config = {
+        "policies": ["policy.yaml"],
+        "secret": {"file": "secret.txt"},
+        "audit": {"path": "logs/audit.jsonl"},
+        "upstreams": {"m": {"urls": ["http://vllm:8000"], "api_key": {"file": "vllm.key"}}},
+        "state": {"redis_password": {"file": "redis.password"}},
+    }
+    (folder / "guard.yaml").write_text(yaml.safe_dump(config))
+    monkeypatch.chdir(tmp_path)  # not the config's folder
+    settings = load_settings("etc/guard.yaml")
+    assert settings.config.audit.path == str(folder / "logs" / "audit.jsonl")
+    assert settings.secret == b"s" * 40
+    assert settings.upstream_api_keys == {"m": "sk-vllm-key"}
+    assert settings.redis_password == "redis-password"
+    assert "sk-vllm-key" not in repr(settings) and "redis-password" not in repr(settings)
+    assert worker_audit_path(settings.config.audit.path, 1) == str(
+        folder / "logs" / "audit.w1.jsonl"
+    )
+    (folder / "guard.yaml").write_text(yaml.safe_dump({**config, "audit": {"path": "-"}}))
+    assert load_settings("etc/guard.yaml").config.audit.path == "-"  # stdout
+
+
+def test_credentials_come_from_the_environment_and_errors_never_show_them(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    upstream = {"urls": ["http://vllm:8000"], "api_key": {"env": "GUARD_TEST_KEY"}}
+    path = tmp_path / "guard.yaml"
+    path.write_text(yaml.safe_dump({"upstreams": {"m": upstream}}))
+    monkeypatch.delenv("GUARD_TEST_KEY", raising=False)
+    with pytest.raises(ConfigError, match=r"upstreams.m.api_key.env: .*GUARD_TEST_KEY is not set"):
+        load_settings(path)
+    monkeypatch.setenv("GUARD_TEST_KEY", "two words")
+    with pytest.raises(ConfigError, match=r"upstreams.m.api_key: the value is empty") as caught:
+        load_settings(path)
+    assert "two words" not in str(caught.value)
+    monkeypatch.setenv("GUARD_TEST_KEY", "sk-from-env")
+    assert load_settings(path).upstream_api_keys == {"m": "sk-from-env"}
+    both = {**upstream, "api_key": {"env": "GUARD_TEST_KEY", "file": "k"}}
+    path.write_text(yaml.safe_dump({"upstreams": {"m": both}}))
+    with pytest.raises(ConfigError, match="set exactly one of `env` or `file`"):
+        load_settings(path)
 
 
 def test_bad_field_error_names_file_path_and_value(tmp_path: Path) -> None:

@@ -23,6 +23,22 @@ def test_chat_completion_answers_like_vllm(client: openai.OpenAI) -> None:
     assert reply.usage.total_tokens == reply.usage.prompt_tokens + reply.usage.completion_tokens
 
 
+def test_a_filled_in_max_tokens_is_named_and_fits_the_model(client: openai.OpenAI) -> None:
+    raw = client.chat.completions.with_raw_response.create(
+        model="teacher", messages=[{"role": "user", "content": PROBLEM.question}], temperature=0
+    )
+    # the default tier fills in its 8192, lowered to the teacher's 256-token context
+    assert raw.headers["x-guard-policy"] == "tier=default; defaulted=max_tokens"
+    reply = raw.parse()
+    assert reply.choices[0].finish_reason == "stop" and check(
+        PROBLEM, reply.choices[0].message.content or ""
+    )
+    explicit = client.chat.completions.with_raw_response.create(
+        model="teacher", messages=[{"role": "user", "content": PROBLEM.question}], max_tokens=40
+    )
+    assert "x-guard-policy" not in explicit.headers
+
+
 def test_completion_with_stop_and_n(client: openai.OpenAI) -> None:
     reply = client.completions.create(
         model="teacher",

@@ -11,6 +11,7 @@ import openai
 import pytest
 import yaml
 
+from guard_server.config.loader import ConfigError, load_settings
 from guard_server.pipeline.auth import hash_key
 from guard_server.testing import (
     POLICIES,
@@ -178,3 +179,57 @@ def test_concurrency_slot_is_released_when_a_stream_client_disconnects(tmp_path:
             again.close()
         finally:
             guard.stop()
+
+
+def test_the_redis_password_comes_from_a_file_and_is_never_logged(
+    tmp_path: Path, vllm_url: str
+) -> None:
+    password = "redis-pw-" + "q" * 24
+    redis = RedisProcess(password=password).start()
+    (tmp_path / "redis.password").write_text(password + "\n")
+    (tmp_path / "wrong.password").write_text("not-the-password\n")
+    state = {"backend": "redis", "redis_url": redis.url, "key_prefix": f"pw{time.time_ns()}"}
+    try:
+        for name, source, limited in (
+            ("right", "redis.password", True),
+            ("wrong", "wrong.password", False),
+        ):
+            # relative to the config file, which _limited_guard writes one folder down
+            guard = _limited_guard(
+                tmp_path,
+                vllm_url,
+                {"requests_per_minute": 2},
+                {**state, "redis_password": {"file": f"../{source}"}, "on_failure": "open"},
+                name=name,
+            )
+            try:
+                outcomes = []
+                for _ in range(3):
+                    try:
+                        _complete(guard)
+                        outcomes.append(200)
+                    except openai.RateLimitError:
+                        outcomes.append(429)
+                up = metric_value(guard.metrics(), "guard_state_backend_up")
+            finally:
+                guard.stop()
+            if limited:  # the limit holds in Redis, and the review state follows it there
+                assert (outcomes, up) == ([200, 200, 429], 1)
+                assert "review channel lost" not in guard.log()
+                assert "review state: Redis unavailable" not in guard.log()
+            else:  # refused by Redis: fail open, and say so
+                assert (outcomes, up) == ([200, 200, 200], 0)
+                assert "state backend unavailable" in guard.log()
+            assert password not in guard.log()
+    finally:
+        redis.stop()
+
+
+def test_a_password_in_the_redis_url_is_refused_without_echoing_it(tmp_path: Path) -> None:
+    path = tmp_path / "guard.yaml"
+    path.write_text(
+        yaml.safe_dump({"state": {"redis_url": "redis://:hunter2hunter2@redis:6379/0"}})
+    )
+    with pytest.raises(ConfigError, match=r"state.redis_url: the URL holds a password") as caught:
+        load_settings(path)
+    assert "hunter2" not in str(caught.value)

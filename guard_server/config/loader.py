@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import secrets
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -14,6 +15,7 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 from guard_server.config.schema import (
+    SECRET_IN_CONFIG,
     Bound,
     ClientEntry,
     DetectionPolicy,
@@ -22,13 +24,17 @@ from guard_server.config.schema import (
     LogprobPolicy,
     PolicyFile,
     SamplingPolicy,
+    SecretSource,
     TierPolicy,
 )
 from guard_server.defences.logprobs import LogprobHardening
 from guard_server.openai_fields import expand_field_selectors
+from guard_server.otel import EXTRA_HINT
+from guard_server.otel import missing_packages as otel_missing_packages
 from guard_server.state.base import LimitSpec
 
 MIN_SECRET_BYTES = 32
+_CREDENTIAL = re.compile(rb"[\x21-\x7e]+")
 # libyaml's safe loader when available: several times faster on large client files.
 _YAML_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 _Model = TypeVar("_Model", bound=BaseModel)
@@ -78,14 +84,18 @@ class Settings:
     config: GuardConfig
     tiers: dict[str, Tier]
     clients_by_key_hash: dict[bytes, Client]
-    secret: bytes
+    secret: bytes = field(repr=False)
     secret_is_ephemeral: bool
     files: tuple[Path, ...]
     digest: str = field(compare=False)
+    upstream_api_keys: dict[str, str] = field(default_factory=dict, repr=False)
+    """The key each model's upstream expects (``upstreams.<model>.api_key``), read at load."""
+    redis_password: str | None = field(default=None, repr=False)
 
-    @property
+    @cached_property
     def clients_by_id(self) -> dict[str, Client]:
-        """Configured clients by id."""
+        """Configured clients by id (built once per settings snapshot: the admin API and
+        the metrics look clients up by id)."""
         return {client.id: client for client in self.clients_by_key_hash.values()}
 
     @property
@@ -150,7 +160,8 @@ def _validate(model: type[_Model], data: dict[str, Any], path: Path) -> _Model:
             if error["type"] == "extra_forbidden":
                 message = "unknown field"
             value = error.get("input")
-            shown = "" if isinstance(value, dict) else f" (got {value!r})"
+            hidden = isinstance(value, dict) or error["type"] == SECRET_IN_CONFIG
+            shown = "" if hidden else f" (got {value!r})"
             lines.append(f"  {location}: {message}{shown}")
         raise ConfigError("\n".join(lines)) from None
 
@@ -185,24 +196,49 @@ def _resolve_tier(name: str, policy: TierPolicy) -> Tier:
     )
 
 
+def _read_secret(source: SecretSource, base: Path, field_path: str) -> bytes:
+    """A secret's bytes from its environment variable or file; errors never show the value."""
+    if source.env is not None:
+        value = os.environ.get(source.env)
+        if value is None:
+            raise ConfigError(f"{field_path}.env: environment variable {source.env} is not set")
+        return value.encode()
+    secret_path = base / source.file  # type: ignore[operator]
+    try:
+        return secret_path.read_bytes().strip()
+    except OSError as exc:
+        raise ConfigError(f"{field_path}.file: cannot read {secret_path}: {exc.strerror}") from None
+
+
+def _read_credential(source: SecretSource, base: Path, field_path: str) -> str:
+    """A key or password for an HTTP header or Redis' AUTH: printable ASCII, no spaces."""
+    value = _read_secret(source, base, field_path)
+    if not _CREDENTIAL.fullmatch(value):
+        raise ConfigError(
+            f"{field_path}: the value is empty or not printable ASCII without spaces "
+            "(a trailing newline in a file is fine)"
+        )
+    return value.decode()
+
+
 def _load_secret(config: GuardConfig, base: Path) -> tuple[bytes, bool]:
     source = config.secret
     if source is None:
         return secrets.token_bytes(MIN_SECRET_BYTES), True
-    if source.env is not None:
-        value = os.environ.get(source.env)
-        if value is None:
-            raise ConfigError(f"secret.env: environment variable {source.env} is not set")
-        secret = value.encode()
-    else:
-        secret_path = base / source.file  # type: ignore[operator]
-        try:
-            secret = secret_path.read_bytes().strip()
-        except OSError as exc:
-            raise ConfigError(f"secret.file: cannot read {secret_path}: {exc.strerror}") from None
+    secret = _read_secret(source, base, "secret")
     if len(secret) < MIN_SECRET_BYTES:
         raise ConfigError(f"the server secret must be at least {MIN_SECRET_BYTES} bytes long")
     return secret, False
+
+
+def _resolve_paths(config: GuardConfig, base: Path) -> GuardConfig:
+    """The config with its relative file paths made absolute against the config's folder
+    (policy and secret files are resolved where they are read)."""
+    audit = config.audit
+    if audit.path and audit.path != "-" and not os.path.isabs(audit.path):
+        audit = audit.model_copy(update={"path": os.path.abspath(base / audit.path)})
+        return config.model_copy(update={"audit": audit})
+    return config
 
 
 def load_settings(path: str | os.PathLike[str]) -> Settings:
@@ -212,6 +248,7 @@ def load_settings(path: str | os.PathLike[str]) -> Settings:
     data, raw = _read_yaml(config_path)
     config = _validate(GuardConfig, data, config_path)
     base = config_path.parent
+    config = _resolve_paths(config, base)
     digest = hashlib.sha256(raw)
     files = [config_path]
     tiers: dict[str, Tier] = {}
@@ -283,7 +320,18 @@ def load_settings(path: str | os.PathLike[str]) -> Settings:
                 raise ConfigError(f"{policy_path}: clients.{client_id}.keys: key used twice")
             clients_by_key_hash[digest_bytes] = client
 
+    if config.tracing.otel and (missing := otel_missing_packages()):
+        raise ConfigError(
+            f"{config_path}: tracing.otel needs the OpenTelemetry packages ({EXTRA_HINT}); "
+            f"missing: {', '.join(missing)}"
+        )
     secret, ephemeral = _load_secret(config, base)
+    api_keys = {
+        model: _read_credential(upstream.api_key, base, f"upstreams.{model}.api_key")
+        for model, upstream in config.upstreams.items()
+        if upstream.api_key is not None
+    }
+    password = config.state.redis_password
     return Settings(
         path=config_path,
         config=config,
@@ -293,6 +341,10 @@ def load_settings(path: str | os.PathLike[str]) -> Settings:
         secret_is_ephemeral=ephemeral,
         files=tuple(files),
         digest=digest.hexdigest(),
+        upstream_api_keys=api_keys,
+        redis_password=(
+            _read_credential(password, base, "state.redis_password") if password else None
+        ),
     )
 
 

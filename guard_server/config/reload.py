@@ -11,7 +11,16 @@ from guard_server.config.loader import ConfigError, Settings, files_digest, load
 
 log = logging.getLogger(__name__)
 
-_RESTART_ONLY = ("server", "upstreams", "state", "bundled_teacher", "secret")
+_RESTART_ONLY = (
+    "server",
+    "upstreams",
+    "state",
+    "bundled_teacher",
+    "secret",
+    "audit",
+    "logging",
+    "tracing",
+)
 
 
 class SettingsHolder:
@@ -72,15 +81,24 @@ class SettingsHolder:
         changed = [
             name for name in _RESTART_ONLY if getattr(old.config, name) != getattr(new.config, name)
         ]
-        if not changed and new.secret == old.secret:
+        if not changed and (new.secret, new.upstream_api_keys, new.redis_password) == (
+            old.secret,
+            old.upstream_api_keys,
+            old.redis_password,
+        ):
             return new
         log.warning(
             "config sections %s changed; they take effect after a restart, "
             "policies and clients are applied now",
-            ", ".join(changed) or "secret",
+            ", ".join(changed) or "a secret's value",
         )
         kept = {name: getattr(old.config, name) for name in _RESTART_ONLY}
         config = new.config.model_copy(update=kept)
         return dataclasses.replace(
-            new, config=config, secret=old.secret, secret_is_ephemeral=old.secret_is_ephemeral
+            new,
+            config=config,
+            secret=old.secret,
+            secret_is_ephemeral=old.secret_is_ephemeral,
+            upstream_api_keys=old.upstream_api_keys,
+            redis_password=old.redis_password,
         )

@@ -5,13 +5,17 @@ from __future__ import annotations
 import re
 from functools import cached_property
 from typing import Annotated, Literal
+from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
 from guard_server.detection.scoring import DISTINCT_RAMP
 from guard_server.openai_fields import BOUNDABLE, CONTENT_PART_TYPES, expand_field_selectors
 
 _KEY_HASH = re.compile(r"^sha256:[0-9a-f]{64}$")
+SECRET_IN_CONFIG = "secret_in_config"
+"""The error type of a value that holds a secret: error messages never repeat it."""
 
 
 class _Strict(BaseModel):
@@ -41,6 +45,20 @@ class ServerSettings(_Strict):
     response is ended and the upstream request cancelled."""
 
 
+class SecretSource(_Strict):
+    """Where a secret comes from: an environment variable or a file (relative to the config
+    file). The value itself never goes into the YAML."""
+
+    env: str | None = None
+    file: str | None = None
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> SecretSource:
+        if (self.env is None) == (self.file is None):
+            raise ValueError("set exactly one of `env` or `file`")
+        return self
+
+
 class Timeouts(_Strict):
     """Upstream timeouts in seconds."""
 
@@ -56,6 +74,8 @@ class UpstreamSettings(_Strict):
     served_model: str | None = None
     # Whether these servers run guard_server.vllm_plugin (then `vllm_xargs` is sent).
     guard_plugin: bool = False
+    # Sent as `Authorization: Bearer` to servers started with `--api-key` (or VLLM_API_KEY).
+    api_key: SecretSource | None = None
     timeouts: Timeouts = Timeouts()
     max_connections: Annotated[int, Field(ge=1)] = 256
     health_interval_s: Annotated[float, Field(gt=0)] = 5.0
@@ -73,27 +93,31 @@ class UpstreamSettings(_Strict):
         return [url.rstrip("/") for url in urls]
 
 
-class SecretSource(_Strict):
-    """Where the server secret comes from: an environment variable or a file."""
-
-    env: str | None = None
-    file: str | None = None
-
-    @model_validator(mode="after")
-    def _exactly_one(self) -> SecretSource:
-        if (self.env is None) == (self.file is None):
-            raise ValueError("set exactly one of `env` or `file`")
-        return self
-
-
 class StateSettings(_Strict):
     """Where shared state (limits, risk scores) lives."""
 
     backend: Literal["memory", "redis"] = "memory"
     redis_url: str = "redis://127.0.0.1:6379/0"
+    redis_password: SecretSource | None = None  # Redis' `requirepass` (or the ACL user's)
     key_prefix: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.:-]+$")] = "guard"
     timeout_s: Annotated[float, Field(gt=0, le=5)] = 0.25
     on_failure: Literal["open", "closed"] = "open"
+
+    @field_validator("redis_url")
+    @classmethod
+    def _no_password_in_url(cls, url: str) -> str:
+        try:
+            password = urlsplit(url).password
+        except ValueError:
+            raise ValueError("not a valid URL") from None
+        if password:
+            # its own error type: the loader does not echo the value (it holds the password)
+            raise PydanticCustomError(
+                SECRET_IN_CONFIG,
+                "the URL holds a password: put it in `redis_password` ({env: ...} or "
+                "{file: ...}) so that the config holds no secret",
+            )
+        return url
 
 
 class RateLimits(_Strict):
@@ -116,6 +140,8 @@ class MetricsSettings(_Strict):
     """
 
     client_label: bool = False
+    # guard_client_risk shows this many clients at most: the review board's top (0: none).
+    top_clients: Annotated[int, Field(ge=0, le=1000)] = 20
     port: Annotated[int, Field(ge=0, le=65535)] | None = DEFAULT_METRICS_PORT
     host: str | None = None  # the metrics listener's address; default server.host
     token_hash: str | None = None  # sha256 of a bearer token /metrics then requires
@@ -171,11 +197,37 @@ class AdminSettings(_Strict):
 class AuditSettings(_Strict):
     """The JSON-lines audit log of decisions."""
 
+    # A file (relative to the config file; one per worker with several workers), or "-":
+    # standard output.
     path: str | None = None
     max_bytes: Annotated[int, Field(ge=4096)] = 50_000_000
     backups: Annotated[int, Field(ge=0)] = 5
     include_prompts: bool = False
     only_flagged: bool = False
+
+
+class LoggingSettings(_Strict):
+    """The guard's own logs (stderr); ``serve --log-format/--log-level`` override."""
+
+    format: Literal["text", "json"] = "text"
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"
+    access_log: bool = False  # one line per HTTP request, with its request id
+
+    @field_validator("level", mode="before")
+    @classmethod
+    def _upper(cls, value: object) -> object:
+        return value.upper() if isinstance(value, str) else value
+
+
+class TracingSettings(_Strict):
+    """OpenTelemetry spans for each ``/v1`` request and its upstream call (the ``otel``
+    extra: ``pip install 'guard-server[otel]'``), exported over OTLP/HTTP."""
+
+    otel: bool = False
+    service_name: str = "guard-server"
+    # OTLP/HTTP traces URL; unset: OTEL_EXPORTER_OTLP_TRACES_ENDPOINT, else
+    # OTEL_EXPORTER_OTLP_ENDPOINT + /v1/traces, else http://localhost:4318/v1/traces
+    otlp_endpoint: str | None = None
 
 
 class GuardConfig(_Strict):
@@ -189,6 +241,8 @@ class GuardConfig(_Strict):
     bundled_teacher: BundledTeacherSettings = BundledTeacherSettings()
     admin: AdminSettings = AdminSettings()
     audit: AuditSettings = AuditSettings()
+    logging: LoggingSettings = LoggingSettings()
+    tracing: TracingSettings = TracingSettings()
     policies: list[str] = []
 
     @model_validator(mode="after")
@@ -384,7 +438,7 @@ class DetectionPolicy(_Strict):
 
 
 DEFAULT_BOUNDS: dict[str, Bound] = {
-    "max_tokens": Bound(max=128, on_exceed="clamp"),
+    "max_tokens": Bound(max=8192, on_exceed="clamp"),
     "n": Bound(max=4, on_exceed="reject"),
     "temperature": Bound(min=0, max=2, on_exceed="reject"),
     "prompt_logprobs": Bound(max=5, on_exceed="clamp"),

@@ -23,11 +23,11 @@ FLOOR = -9999.0
 # An exact value is kept at or below this, so the others always have some mass to share:
 # vLLM's float32 reports a near-certain token as 0.0 when the rest hold under 2^-24.
 NEAR_ONE = math.log1p(-(2.0**-24))
-_TWO_64 = float(1 << 64)
+TWO_64 = float(1 << 64)
 
 
 @lru_cache(maxsize=256)
-def _keyed_blake2b(key: bytes) -> hashlib.blake2b:
+def keyed_blake2b(key: bytes) -> hashlib.blake2b:
     """A BLAKE2b already keyed with ``key``: copying it skips hashing the key block again
     for every value of a request (the requests in flight each have their own key)."""
     return hashlib.blake2b(key=key, digest_size=16)
@@ -35,11 +35,11 @@ def _keyed_blake2b(key: bytes) -> hashlib.blake2b:
 
 def keyed_normal(key: bytes, position: int, token: str) -> float:
     """A standard normal draw that depends only on (key, position, token)."""
-    hasher = _keyed_blake2b(key).copy()
+    hasher = keyed_blake2b(key).copy()
     hasher.update(position.to_bytes(4, "little") + token.encode())
     digest = hasher.digest()
-    u1 = (int.from_bytes(digest[:8], "little") + 0.5) / _TWO_64
-    u2 = int.from_bytes(digest[8:], "little") / _TWO_64
+    u1 = (int.from_bytes(digest[:8], "little") + 0.5) / TWO_64
+    u2 = int.from_bytes(digest[8:], "little") / TWO_64
     return math.sqrt(-2.0 * math.log(u1)) * math.cos(2.0 * math.pi * u2)
 
 

@@ -2,7 +2,10 @@
 concurrency), shared by replicas.
 
 Tokens are reserved at admission from an estimate and settled against the real usage at
-completion, streams included. Settlement runs as its own task, so a cancelled request
+completion, streams included. The estimate counts the request's ``max_tokens`` in full,
+except one the guard filled in (the client set none) for a client whose limits are not
+tightened: that counts as at most ``_DEFAULTED_RESERVATION`` per choice, and a longer answer
+is charged at settlement. Settlement runs as its own task, so a cancelled request
 (client disconnect) still releases its concurrency slot; a slot also expires by itself.
 """
 
@@ -24,22 +27,46 @@ log = logging.getLogger(__name__)
 
 _CHARS_PER_TOKEN = 4
 _DEFAULT_COMPLETION = {Endpoint.CHAT: 256, Endpoint.COMPLETIONS: 16}
+_DEFAULTED_RESERVATION = _DEFAULT_COMPLETION[Endpoint.CHAT]
+"""Completion tokens reserved per choice for a ``max_tokens`` the guard filled in."""
 
 
 def estimate_tokens(ctx: RequestContext) -> int:
     """A cheap upper-ish estimate of a request's tokens: its prompt tokens (text by
     characters, token-id prompts exactly) plus prompts × n × max_tokens."""
+    return _prompt_estimate(ctx) + _choices(ctx) * _max_completion(ctx)
+
+
+def reservation(ctx: RequestContext) -> int:
+    """What admission reserves: :func:`estimate_tokens`, but a ``max_tokens`` the guard
+    filled in counts as at most ``_DEFAULTED_RESERVATION`` per choice unless the plan
+    tightened the client's limits. (A short answer then costs a client its own size, not the
+    tier's whole bound; settlement charges a long one in full.)"""
+    assert ctx.plan is not None
+    completion = _max_completion(ctx)
+    if ("defaulted", "max_tokens") in ctx.policy_actions and ctx.plan.limits == ctx.plan.advertised:
+        completion = min(completion, _DEFAULTED_RESERVATION)
+    return _prompt_estimate(ctx) + _choices(ctx) * completion
+
+
+def _prompt_estimate(ctx: RequestContext) -> int:
     canonical = ctx.canonical
     assert canonical is not None
-    body = ctx.body
     if ctx.endpoint is Endpoint.CHAT:
-        prompt_tokens = sum(len(text) for _, text in canonical.turns) // _CHARS_PER_TOKEN + 1
-    else:
-        prompt_tokens = sum(_prompt_tokens(prompt) for prompt in prompt_list(body["prompt"]))
-    completion = (
-        body.get("max_tokens") or body.get("max_completion_tokens")
-    ) or _DEFAULT_COMPLETION[ctx.endpoint]
-    return prompt_tokens + canonical.prompts * canonical.n * completion
+        return sum(len(text) for _, text in canonical.turns) // _CHARS_PER_TOKEN + 1
+    return sum(_prompt_tokens(prompt) for prompt in prompt_list(ctx.body["prompt"]))
+
+
+def _choices(ctx: RequestContext) -> int:
+    assert ctx.canonical is not None
+    return ctx.canonical.prompts * ctx.canonical.n
+
+
+def _max_completion(ctx: RequestContext) -> int:
+    body = ctx.body
+    return (body.get("max_tokens") or body.get("max_completion_tokens")) or _DEFAULT_COMPLETION[
+        ctx.endpoint
+    ]
 
 
 def _prompt_tokens(prompt: str | list[int]) -> int:
@@ -113,12 +140,12 @@ class Admitter:
         if limits.unlimited:
             return
         assert ctx.canonical is not None
-        estimate = estimate_tokens(ctx)
+        ctx.token_ceiling = estimate_tokens(ctx)
         try:
             admission = await self.store.admit(
                 f"c:{ctx.client.id}",
                 limits,
-                estimate,
+                reservation(ctx),
                 uuid.uuid4().hex,
                 self.slot_ttl_s,
                 requests=ctx.canonical.prompts,
@@ -162,7 +189,8 @@ class Admitter:
         elif ctx.status != 200:
             refund = admission.reserved_tokens  # nothing was generated
         else:
-            refund = 0  # usage unknown (stream cut short): keep the reservation
+            # usage unknown (a stream cut short): charge all it may have used
+            refund = admission.reserved_tokens - ctx.token_ceiling
         task = asyncio.get_running_loop().create_task(
             self._settle(
                 f"c:{ctx.client.id}",

@@ -1,51 +1,104 @@
-"""Audit: one JSON line per decision, in a rotating file. Prompt text only if enabled."""
+"""Audit: one JSON line per decision, to a rotating file or to stdout. Prompt text only if
+enabled.
+
+Each line has an ``event``: ``request`` for a request's decision, ``pin`` and ``reset`` for
+an operator's change made through the admin API.
+
+Every file has one writer. With several worker processes each writes its own file
+(``audit.jsonl`` becomes ``audit.w0.jsonl``, ``audit.w1.jsonl``, ...): Python's rotation is
+not safe with two processes on one file. On stdout (``path: "-"``) each record is one
+``write()``, which the kernel keeps whole on a pipe up to ``PIPE_BUF`` (4 KiB).
+"""
 
 from __future__ import annotations
 
 import logging
 import logging.handlers
+import os
 import time
+from pathlib import Path
+from typing import Any
 
 import orjson
 
 from guard_server.config.schema import AuditSettings
+from guard_server.correlation import CURRENT
 from guard_server.openai_fields import Endpoint
 from guard_server.pipeline.context import RequestContext
 
+STDOUT = "-"
+
+
+def worker_audit_path(path: str, worker: int | None) -> str:
+    """The file one worker writes: ``path`` itself with one worker, else ``<stem>.w<N><suffix>``."""
+    if worker is None or path == STDOUT:
+        return path
+    file = Path(path)
+    return str(file.with_name(f"{file.stem}.w{worker}{file.suffix}"))
+
+
+class _FileSink:
+    """A file rotated by size (``max_bytes``, ``backups`` kept), written by this process only."""
+
+    def __init__(self, path: str, settings: AuditSettings) -> None:
+        self._handler = logging.handlers.RotatingFileHandler(
+            path, maxBytes=settings.max_bytes, backupCount=settings.backups, encoding="utf-8"
+        )
+        self._handler.setFormatter(logging.Formatter("%(message)s"))
+
+    def write(self, line: bytes) -> None:
+        self._handler.handle(logging.makeLogRecord({"msg": line.decode()}))
+
+    def close(self) -> None:
+        self._handler.close()
+
+
+class _StdoutSink:
+    """JSON lines on standard output, one ``write()`` per record."""
+
+    def write(self, line: bytes) -> None:
+        data = memoryview(line + b"\n")
+        while data:
+            data = data[os.write(1, data) :]
+
+    def close(self) -> None:
+        pass
+
 
 class AuditLog:
-    """Writes decisions to ``audit.path`` (rotating by size); does nothing without a path."""
+    """Writes decisions to ``audit.path`` (or stdout for ``-``); does nothing without a path.
 
-    def __init__(self, settings: AuditSettings) -> None:
+    ``worker`` is this process's index when several workers serve: it names the file.
+    """
+
+    def __init__(self, settings: AuditSettings, worker: int | None = None) -> None:
         self.settings = settings
-        self._logger: logging.Logger | None = None
-        if settings.path:
-            handler = logging.handlers.RotatingFileHandler(
-                settings.path, maxBytes=settings.max_bytes, backupCount=settings.backups
-            )
-            handler.setFormatter(logging.Formatter("%(message)s"))
-            logger = logging.getLogger(f"guard_server.audit.{id(self)}")
-            logger.propagate = False
-            logger.setLevel(logging.INFO)
-            logger.addHandler(handler)
-            self._logger = logger
+        self._sink: _FileSink | _StdoutSink | None = None
+        if settings.path == STDOUT:
+            self._sink = _StdoutSink()
+        elif settings.path:
+            self._sink = _FileSink(worker_audit_path(settings.path, worker), settings)
 
     @property
     def enabled(self) -> bool:
         """Whether decisions are written anywhere."""
-        return self._logger is not None
+        return self._sink is not None
 
     def write(self, ctx: RequestContext) -> None:
         """Record the decision taken for one authenticated request."""
-        if self._logger is None or ctx.client is None:
+        if self._sink is None or ctx.client is None:
             return
         plan = ctx.plan
         if self.settings.only_flagged and (plan is None or plan.assessed == "pass"):
             return
         assessment = ctx.assessment
+        correlation = ctx.correlation
         canonical = ctx.canonical
         record = {
+            "event": "request",
             "ts": round(time.time(), 3),
+            "request_id": correlation.request_id if correlation else None,
+            "trace_id": correlation.trace_id if correlation else None,
             "client": ctx.client.id,
             "tier": ctx.client.tier.name,
             "endpoint": ctx.endpoint.value,
@@ -57,6 +110,7 @@ class AuditLog:
             "assessed": plan.assessed if plan else None,
             "mode": plan.mode if plan else None,
             "reason": plan.reason if plan else None,
+            "pin": plan.pin if plan else None,
             "risk": assessment.score if assessment else None,
             "signals": assessment.signals() if assessment else {},
             "policy": [f"{action}={field}" for action, field in ctx.policy_actions],
@@ -65,11 +119,22 @@ class AuditLog:
         if self.settings.include_prompts and ctx.body:
             key = "messages" if ctx.endpoint is Endpoint.CHAT else "prompt"
             record["prompt"] = ctx.body.get(key)
-        self._logger.info(orjson.dumps(record).decode())
+        self._sink.write(orjson.dumps(record))
+
+    def event(self, event: str, fields: dict[str, Any]) -> None:
+        """Record an operator's change (``pin``, ``reset``): who, what, when, and the admin
+        call's request id. Written whatever ``only_flagged`` says."""
+        if self._sink is not None:
+            correlation = CURRENT.get()
+            record = {
+                "event": event,
+                "ts": round(time.time(), 3),
+                "request_id": correlation.request_id if correlation else None,
+                **fields,
+            }
+            self._sink.write(orjson.dumps(record))
 
     def close(self) -> None:
         """Flush and close the file."""
-        if self._logger is not None:
-            for handler in list(self._logger.handlers):
-                handler.close()
-                self._logger.removeHandler(handler)
+        if self._sink is not None:
+            self._sink.close()

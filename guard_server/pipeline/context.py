@@ -9,6 +9,7 @@ from multidict import CIMultiDictProxy
 
 from guard_server.canonical import CanonicalInput
 from guard_server.config.loader import Client, Settings
+from guard_server.correlation import Correlation
 from guard_server.detection.scoring import Assessment
 from guard_server.openai_fields import Endpoint
 from guard_server.state.base import Admission
@@ -25,14 +26,17 @@ class RequestContext:
     settings: Settings
     headers: CIMultiDictProxy[str]
     started: float
+    correlation: Correlation | None = None  # the request id and trace context
     client: Client | None = None
     body: dict[str, Any] = field(default_factory=dict)
     canonical: CanonicalInput | None = None  # set by the canonicalize stage, after the policy
     model: str = ""
+    max_model_len: int | None = None  # the model's context length, when its upstream said
     stream: bool = False
     client_wants_usage: bool = False
     response_headers: dict[str, str] = field(default_factory=dict)
     admission: Admission | None = None
+    token_ceiling: int = 0  # the most tokens the request may use (admission's full estimate)
     policy_actions: list[tuple[str, str]] = field(default_factory=list)  # (action, field)
     status: int = 0
     upstream_seconds: float = 0.0

@@ -12,14 +12,21 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
+
 from guard_server.canonical import logprob_count
 from guard_server.defences.keys import client_key, identity_key
+from guard_server.defences.logprob_batch import Positions, apply_many, listed_order, rerank_many
 from guard_server.errors import bad_request
 from guard_server.openai_fields import Endpoint
 from guard_server.pipeline.context import RequestContext
 
 _PROMPT_POSITIONS = "prompt-logprob-noise"  # the key purpose for prompt logprobs
 _GENERATED_POSITIONS = "logprob-noise"
+BATCH_FROM = 16
+"""From this many positions on (a whole response), they are hardened at once with numpy;
+below (a streamed chunk), one at a time, where numpy's fixed cost would dominate
+(``benchmarks/logprob_hardening.py``)."""
 
 
 def wants_logprobs(ctx: RequestContext) -> bool:
@@ -182,13 +189,21 @@ def harden_prompt_logprobs(ctx: RequestContext, prompt: int, positions: list[Any
     if not ctx.plan.hardening.active:
         return
     key = _key(ctx, _PROMPT_POSITIONS, prompt)
-    for position, entries in enumerate(positions):
-        if not entries:
-            continue
-        tokens = list(entries)
-        values = [entries[token]["logprob"] for token in tokens]
-        hardened = ctx.plan.hardening.apply(key, position, tokens, values, 0)
-        for token, value in zip(tokens, hardened, strict=True):
+    hardening = ctx.plan.hardening
+    filled = [(position, entries) for position, entries in enumerate(positions) if entries]
+    tokens = [list(entries) for _, entries in filled]
+    values = [[entry["logprob"] for entry in entries.values()] for _, entries in filled]
+    if len(filled) < BATCH_FROM:
+        hardened = [
+            hardening.apply(key, position, row, row_values, 0)
+            for (position, _), row, row_values in zip(filled, tokens, values, strict=True)
+        ]
+    else:
+        batch = Positions.of([position for position, _ in filled], tokens, values)
+        first = np.zeros(len(filled), dtype=np.intp)  # the prompt's own token
+        hardened = apply_many(hardening, key, batch, first).tolist()
+    for (_, entries), row, row_values in zip(filled, tokens, hardened, strict=True):
+        for token, value in zip(row, row_values, strict=False):
             entries[token]["logprob"] = value
 
 
@@ -203,6 +218,47 @@ def _listed_completion(ctx: RequestContext, token: str, top: dict[str, float] | 
     return not top or len(top) <= (ctx.body.get("logprobs") or 0) or token != list(top)[-1]
 
 
+def _harden_positions(
+    ctx: RequestContext,
+    key: bytes,
+    positions: list[int],
+    rows: list[dict[str, float]],
+    sampled: list[str | None],
+    sampled_listed: list[bool],
+) -> list[dict[str, float]]:
+    """Each position's hardened values; with a ``ranked`` plan, in the order to list them.
+    ``sampled_listed``: per position, whether the sampled token is among the top ones asked
+    for. Many positions (a whole response) are hardened at once, a few (a streamed chunk) one
+    at a time: both give every position the same values."""
+    if len(rows) < BATCH_FROM:
+        return [
+            _harden_position(ctx, key, *position)
+            for position in zip(positions, rows, sampled, sampled_listed, strict=True)
+        ]
+    assert ctx.plan is not None
+    hardening = ctx.plan.hardening
+    tokens = [list(row) for row in rows]
+    batch = Positions.of(positions, tokens, [list(row.values()) for row in rows])
+    index = np.array(
+        [-1 if s is None else row.index(s) for row, s in zip(tokens, sampled, strict=True)],
+        dtype=np.intp,
+    )
+    if hardening.ranked is None:
+        hardened = apply_many(hardening, key, batch, index).tolist()
+        return [
+            dict(zip(row, values, strict=False))
+            for row, values in zip(tokens, hardened, strict=True)
+        ]
+    pinned = np.where(np.array(sampled_listed, dtype=bool), -1, index)
+    reranked, order = rerank_many(hardening, key, batch, pinned)
+    hardened_values = apply_many(hardening, key, batch.with_values(reranked), index)
+    listing = listed_order(hardened_values, order, batch.present).tolist()
+    return [
+        {row[i]: values[i] for i in listed[: len(row)]}
+        for row, values, listed in zip(tokens, hardened_values.tolist(), listing, strict=True)
+    ]
+
+
 def _harden_position(
     ctx: RequestContext,
     key: bytes,
@@ -211,8 +267,7 @@ def _harden_position(
     sampled: str | None,
     sampled_listed: bool,
 ) -> dict[str, float]:
-    """One position's hardened values; with a ``ranked`` plan, in the order to list them.
-    ``sampled_listed``: whether the sampled token is among the top ones asked for."""
+    """One position's hardened values; with a ``ranked`` plan, in the order to list them."""
     assert ctx.plan is not None
     hardening = ctx.plan.hardening
     tokens = list(values)
@@ -232,22 +287,26 @@ def _harden_position(
 def _harden_chat(ctx: RequestContext, key: bytes, items: Any, start: int) -> int:
     assert ctx.plan is not None
     ranked = ctx.plan.hardening.ranked is not None
-    count = 0
-    for offset, item in enumerate(items):
-        top = item.get("top_logprobs") or []
+    items = list(items)
+    rows = []
+    for item in items:
         values = {item["token"]: item["logprob"]}
-        for entry in top:
+        for entry in item.get("top_logprobs") or ():
             values.setdefault(entry["token"], entry["logprob"])
-        listed = not ranked or _listed_chat(item, top)
-        hardened = _harden_position(ctx, key, start + offset, values, item["token"], listed)
+        rows.append(values)
+    listed = [not ranked or _listed_chat(item, item.get("top_logprobs") or []) for item in items]
+    positions = list(range(start, start + len(items)))
+    sampled: list[str | None] = [item["token"] for item in items]
+    hardened_rows = _harden_positions(ctx, key, positions, rows, sampled, listed)
+    for item, hardened in zip(items, hardened_rows, strict=True):
+        top = item.get("top_logprobs") or []
         item["logprob"] = hardened[item["token"]]
         for entry in top:
             entry["logprob"] = hardened[entry["token"]]
         if top and ranked:
             order = list(hardened)
             top.sort(key=lambda entry: order.index(entry["token"]))
-        count += 1
-    return count
+    return len(items)
 
 
 def _harden_completion(
@@ -258,6 +317,7 @@ def _harden_completion(
     tokens = logprobs.get("tokens") or []
     sampled = logprobs.get("token_logprobs") or []
     tops = logprobs.get("top_logprobs") or []
+    offsets, rows, sampled_tokens, listed = [], [], [], []
     for offset, token in enumerate(tokens):
         top = tops[offset] if offset < len(tops) else None
         value = sampled[offset] if offset < len(sampled) else None
@@ -266,11 +326,16 @@ def _harden_completion(
             values.setdefault(token, value)
         if not values:
             continue
-        sampled_token = token if value is not None else None
-        listed = not ranked or _listed_completion(ctx, token, top)
-        hardened = _harden_position(ctx, key, start + offset, values, sampled_token, listed)
-        if value is not None:
-            sampled[offset] = hardened[token]
+        offsets.append(offset)
+        rows.append(values)
+        sampled_tokens.append(token if value is not None else None)
+        listed.append(not ranked or _listed_completion(ctx, token, top))
+    positions = [start + offset for offset in offsets]
+    hardened_rows = _harden_positions(ctx, key, positions, rows, sampled_tokens, listed)
+    for offset, sampled_token, hardened in zip(offsets, sampled_tokens, hardened_rows, strict=True):
+        if sampled_token is not None:
+            sampled[offset] = hardened[sampled_token]
+        top = tops[offset] if offset < len(tops) else None
         if top:
             tops[offset] = {t: v for t, v in hardened.items() if t in top}
     return len(tokens)

@@ -7,7 +7,9 @@ response transform, the audit log and the metrics read only the plan, so all of 
 on what was done and why.
 
 In ``shadow`` detection mode the plan records the action the score calls for
-(``assessed``) and serves the request as ``pass``.
+(``assessed``) and serves the request as ``pass``. An operator's pin overrides both the
+score and the mode: ``allow`` serves the request as ``pass``, ``deny`` blocks it; the score
+is still computed and recorded as ``assessed``.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from guard_server.pipeline.decoy import DecoyPlan, plan_decoy
 from guard_server.pipeline.logprob_channel import constraint_of
 from guard_server.pipeline.sampling import SamplingPlan
 from guard_server.state.base import LimitSpec
+from guard_server.state.review import Pin, ReviewState
 
 _RANK = {action: rank for rank, action in enumerate(ACTIONS)}
 _CAMPAIGN_SIGNAL = 0.2
@@ -44,11 +47,28 @@ class Plan:
     hardening: LogprobHardening
     sampling: SamplingPlan
     decoy: DecoyPlan | None
+    pin: str | None = None  # allow or deny: an operator's pin decided `action`
+
+    @property
+    def counted(self) -> tuple[str, str]:
+        """The (action, mode) the metrics count: the action taken, or in shadow mode the
+        action the score called for; a pinned request counts its action under ``pinned``."""
+        if self.pin is not None:
+            return self.action, "pinned"
+        return self.assessed, self.mode
 
     @property
     def upstream_model(self) -> str | None:
         """The model that answers instead of the requested one (a decoy model), if any."""
         return self.decoy.model if self.decoy is not None else None
+
+
+def planned_action(client: Client, assessed: str, pin: Pin | None) -> str:
+    """What is done to a client whose score calls for ``assessed``: the pin's action, else
+    the score's in enforce mode and ``pass`` in shadow mode."""
+    if pin is not None:
+        return "pass" if pin.action == "allow" else "block"
+    return assessed if client.detection_mode == "enforce" else "pass"
 
 
 def make_plan(
@@ -57,15 +77,18 @@ def make_plan(
     assessment: Assessment | None,
     identities: tuple[bytes, ...] = (b"",),
     constrained: bool = False,
+    *,
+    pin: Pin | None = None,
 ) -> Plan:
-    """The plan for one request of ``client`` at its current ``assessment``. ``identities``
-    (the canonical identity of each prompt) key the misinformation decoy's digit maps; under
-    constrained decoding (``constrained``) no logprob value comes back exact."""
+    """The plan for one request of ``client`` at its current ``assessment`` and ``pin``.
+    ``identities`` (the canonical identity of each prompt) key the misinformation decoy's
+    digit maps; under constrained decoding (``constrained``) no logprob value comes back
+    exact."""
     tier = client.tier
     detection = tier.detection
     assessed = assessment.action if assessment is not None else "pass"
     mode = client.detection_mode
-    action = assessed if mode == "enforce" else "pass"
+    action = planned_action(client, assessed, pin)
     rank = _RANK[action]
     perturb = detection.perturb
     logprob_cap = tier.logprobs.max_top
@@ -89,7 +112,7 @@ def make_plan(
         action=action,
         assessed=assessed,
         mode=mode,
-        reason=_reason(client, assessment),
+        reason=_reason(client, assessment, pin),
         limits=client.limits if rank == 0 else _tightened(client.limits, detection.tighten_factor),
         advertised=client.limits,
         logprob_cap=logprob_cap,
@@ -101,6 +124,7 @@ def make_plan(
             watermark=tier.sampling.watermark,
         ),
         decoy=decoy,
+        pin=pin.action if pin is not None else None,
     )
 
 
@@ -115,8 +139,15 @@ def _tightened(limits: LimitSpec, factor: float) -> LimitSpec:
     )
 
 
-def _reason(client: Client, assessment: Assessment | None) -> str:
+def _reason(client: Client, assessment: Assessment | None, pin: Pin | None) -> str:
     """Why the plan is what it is, in words an operator can read in the audit log."""
+    if pin is None:
+        return _score_reason(client, assessment)
+    by = f" by {pin.by}" if pin.by else ""
+    return f"pinned {pin.action} until {pin.until_iso}{by}; {_score_reason(client, assessment)}"
+
+
+def _score_reason(client: Client, assessment: Assessment | None) -> str:
     if not client.tier.detection.enabled:
         return "detection is off for this tier"
     if assessment is None:
@@ -133,23 +164,33 @@ def _reason(client: Client, assessment: Assessment | None) -> str:
 
 
 class Planner:
-    """The plan stage; also keeps this replica's view of flagged clients for the gauges."""
+    """The plan stage; also keeps this replica's view of flagged clients for the gauges, and
+    notes every assessment on the review board (``review``: pins and the board; none in
+    unit tests of other stages)."""
 
-    def __init__(self, metrics: GuardMetrics, max_tracked: int = 100_000) -> None:
+    def __init__(
+        self, metrics: GuardMetrics, review: ReviewState | None = None, max_tracked: int = 100_000
+    ) -> None:
         self.metrics = metrics
+        self.review = review
         self._actions: OrderedDict[str, tuple[str, str]] = OrderedDict()
         self._campaign_fingerprints: OrderedDict[str, None] = OrderedDict()
         self._max_tracked = max_tracked
 
     async def __call__(self, ctx: RequestContext) -> None:
-        assert ctx.client is not None
+        client = ctx.client
+        assert client is not None
         assessment = ctx.assessment
         assert ctx.canonical is not None
+        review = self.review
+        pin = review.pin_of(client.id) if review is not None else None
         constrained = constraint_of(ctx.endpoint, ctx.body) is not None
         ctx.plan = make_plan(
-            ctx.settings.secret, ctx.client, assessment, ctx.canonical.identities, constrained
+            ctx.settings.secret, client, assessment, ctx.canonical.identities, constrained, pin=pin
         )
-        self._track(ctx.client.id, ctx.plan.assessed, ctx.plan.mode)
+        self._track(client.id, *ctx.plan.counted)
+        if review is not None and assessment is not None:
+            review.note(client.id, assessment.score, assessment.action)
         if assessment and assessment.contributions.get("campaign", 0) >= _CAMPAIGN_SIGNAL:
             self._note_campaign(ctx.fingerprint)
 
@@ -164,6 +205,12 @@ class Planner:
             if len(self._actions) > self._max_tracked:
                 _, dropped = self._actions.popitem(last=False)
                 gauge.labels(*dropped).dec()
+
+    def forget(self, client_id: str) -> None:
+        """Drop the client from the flagged-clients gauge (its profile was reset)."""
+        previous = self._actions.pop(client_id, None)
+        if previous is not None:
+            self.metrics.flagged_clients.labels(*previous).dec()
 
     def _note_campaign(self, fingerprint: str) -> None:
         if fingerprint in self._campaign_fingerprints:

@@ -36,20 +36,41 @@ async def apply_tier_policy(ctx: RequestContext) -> None:
     _check_content_parts(ctx)
     _check_prompt_count(ctx)
     for name, bound in tier.bounds.items():
-        targets = ("max_tokens", "max_completion_tokens") if name == "max_tokens" else (name,)
-        for field in targets:
-            _enforce_bound(ctx, field, bound)
+        if name == "max_tokens":
+            ceiling = _output_ceiling(ctx, bound)
+            for field in ("max_tokens", "max_completion_tokens"):
+                _enforce_bound(ctx, field, bound, ceiling)
+        else:
+            _enforce_bound(ctx, name, bound)
     check_tier_cap(ctx)
     _apply_logit_bias_policy(ctx)
-    max_tokens = tier.bounds.get("max_tokens")
+    _default_max_tokens(ctx)
+
+
+def _output_ceiling(ctx: RequestContext, bound: Bound) -> float | None:
+    """What a clamped or filled-in ``max_tokens`` becomes: the tier's maximum, but never more
+    than the model's context length (vLLM refuses a ``max_tokens`` above it)."""
+    if bound.max is None or ctx.max_model_len is None:
+        return bound.max
+    return min(bound.max, ctx.max_model_len)
+
+
+def _default_max_tokens(ctx: RequestContext) -> None:
+    """A chat request without an output limit gets the tier's, named in ``x-guard-policy``."""
+    assert ctx.client is not None
+    bound = ctx.client.tier.bounds.get("max_tokens")
+    body = ctx.body
     if (
-        ctx.endpoint is Endpoint.CHAT
-        and max_tokens is not None
-        and max_tokens.max is not None
-        and body.get("max_tokens") is None
-        and body.get("max_completion_tokens") is None
+        ctx.endpoint is not Endpoint.CHAT
+        or bound is None
+        or body.get("max_tokens") is not None
+        or body.get("max_completion_tokens") is not None
     ):
-        body["max_tokens"] = int(max_tokens.max)
+        return
+    ceiling = _output_ceiling(ctx, bound)
+    if ceiling is not None:
+        body["max_tokens"] = int(ceiling)
+        ctx.note("defaulted", "max_tokens")
 
 
 def _check_content_parts(ctx: RequestContext) -> None:
@@ -83,15 +104,21 @@ def _check_prompt_count(ctx: RequestContext) -> None:
         )
 
 
-def _enforce_bound(ctx: RequestContext, field: str, bound: Bound) -> None:
+def _enforce_bound(
+    ctx: RequestContext, field: str, bound: Bound, ceiling: float | None = None
+) -> None:
+    """Reject or clamp ``field`` outside ``bound``; a clamp from above lowers it to the
+    bound's maximum, or to ``ceiling`` when given."""
     value = ctx.body.get(field)
     if value is None or isinstance(value, bool):
         return
     effective = math.inf if (field in _ALL_MEANS_UNBOUNDED and value == -1) else value
     if bound.max is not None and effective > bound.max:
         limit, side = bound.max, "above the maximum"
+        clamp_to = bound.max if ceiling is None else ceiling
     elif bound.min is not None and effective < bound.min:
         limit, side = bound.min, "below the minimum"
+        clamp_to = bound.min
     else:
         return
     tier = ctx.client.tier.name if ctx.client else "none"
@@ -101,7 +128,7 @@ def _enforce_bound(ctx: RequestContext, field: str, bound: Bound) -> None:
             param=field,
             code="value_out_of_range",
         )
-    ctx.body[field] = int(limit) if isinstance(value, int) else float(limit)
+    ctx.body[field] = int(clamp_to) if isinstance(value, int) else float(clamp_to)
     ctx.note("clamped", field)
 
 

@@ -18,8 +18,9 @@ def record(ctx: RequestContext, metrics: GuardMetrics) -> None:
     child(metrics.requests, tier, endpoint, str(ctx.status)).inc()
     plan = ctx.plan
     if plan is not None:
-        # In shadow mode the action counted is the one the score called for.
-        child(metrics.actions, tier, plan.assessed, plan.mode).inc()
+        # In shadow mode the action counted is the one the score called for; a pinned
+        # request counts the pin's action under mode `pinned`.
+        child(metrics.actions, tier, *plan.counted).inc()
         if plan.decoy is not None and ctx.status == 200:
             child(metrics.decoys, plan.decoy.source).inc()
     for action, field in ctx.policy_actions:

@@ -61,6 +61,10 @@ class RiskScorer:
             return
         self.metrics.child(self.metrics.risk_score, tier.name).observe(ctx.assessment.score)
 
+    def forget(self, client_id: str) -> None:
+        """Drop the client's last assessment (its profile was reset): assess it afresh."""
+        self._last.pop(client_id, None)
+
     async def _assess(self, client: Client, features: RequestFeatures) -> Assessment:
         client_id = client.id
         profile, campaign = await self.store.observe(client_id, features)

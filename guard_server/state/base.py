@@ -104,5 +104,10 @@ class StateStore(abc.ABC):
     async def peek(self, client: str) -> tuple[ClientProfile | None, CampaignProfile | None]:
         """The client's profile and its last fingerprint's, without changing them."""
 
+    @abc.abstractmethod
+    async def forget(self, client: str) -> None:
+        """Drop the client's risk profile (its counters and distinct-prompt sketch); its
+        rate-limit buckets and the profiles of the fingerprints it shares stay."""
+
     async def close(self) -> None:  # noqa: B027 - a no-op by default, on purpose
         """Release connections."""

@@ -238,6 +238,9 @@ class MemoryStore(StateStore):
         campaign = self._campaigns.get(risk.fingerprint)
         return risk.snapshot(), campaign.snapshot() if campaign else None
 
+    async def forget(self, client: str) -> None:
+        self._risk.pop(client, None)
+
     def _forget_idle(self, now: float, budget: int = 8) -> None:
         """Drop scopes idle for a minute with no live slot: their buckets are full again,
         so forgetting them changes nothing and memory stays bounded. Scopes are kept in

@@ -34,9 +34,16 @@ def _shown_rates(spec: LimitSpec, shown: LimitSpec | None) -> tuple[int, int]:
 class RedisStore(StateStore):
     """Limits shared by every guard replica that points at the same Redis."""
 
-    def __init__(self, url: str, prefix: str = "guard", timeout_s: float = 0.25) -> None:
+    def __init__(
+        self,
+        url: str,
+        prefix: str = "guard",
+        timeout_s: float = 0.25,
+        password: str | None = None,
+    ) -> None:
         self._redis = aioredis.Redis.from_url(
             url,
+            password=password,
             socket_timeout=timeout_s,
             socket_connect_timeout=timeout_s,
             health_check_interval=0,
@@ -205,6 +212,12 @@ class RedisStore(StateStore):
         )
         campaign = CampaignProfile(int(members), int(campaign_distinct), float(campaign_mt or 0))
         return profile, campaign
+
+    async def forget(self, client: str) -> None:
+        try:
+            await self._redis.delete(*self._risk_keys(client))
+        except (RedisError, OSError) as exc:
+            raise StateUnavailable(str(exc)) from exc
 
     async def ping(self) -> bool:
         """Whether Redis answers."""

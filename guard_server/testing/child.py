@@ -12,7 +12,7 @@ import urllib.request
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import TracebackType
-from typing import Self
+from typing import BinaryIO, Self
 
 from guard_server.upstream.vllm_process import die_with_parent, stop_process_group
 from guard_server.upstream.vllm_process import free_port as _ephemeral_port
@@ -57,8 +57,8 @@ def child_setup(cpus: set[int] | None = None) -> Callable[[], None]:
 
 class ChildProcess:
     """One child process: its own session (so :meth:`stop` ends all it started), output to
-    ``log_path`` (or nowhere), optionally pinned to ``cpus``, and sent SIGTERM when the
-    thread that started it dies, even by SIGKILL (Linux).
+    ``log_path`` (or nowhere; stderr to ``stderr_path`` when given), optionally pinned to
+    ``cpus``, and sent SIGTERM when the thread that started it dies, even by SIGKILL (Linux).
 
     :meth:`spawn` only starts it; :meth:`start` also waits until it is up (what "up" means
     is the subclass's :meth:`wait_up`). As a context manager it is started and stopped.
@@ -73,6 +73,7 @@ class ChildProcess:
         env: dict[str, str] | None = None,
         cwd: Path = REPO,
         cpus: set[int] | None = None,
+        stderr_path: Path | None = None,
     ) -> None:
         self.name = name
         self.argv = list(argv)
@@ -80,17 +81,21 @@ class ChildProcess:
         self.env = env or {}
         self.cwd = cwd
         self.cpus = cpus
+        self.stderr_path = stderr_path
         self.process: subprocess.Popen[bytes] | None = None
 
     def spawn(self) -> Self:
         """Start the process without waiting for anything."""
         env = {**os.environ, "PYTHONUNBUFFERED": "1", **self.env}
         log = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL  # noqa: SIM115
+        errors: int | BinaryIO = subprocess.STDOUT
+        if self.stderr_path is not None:
+            errors = open(self.stderr_path, "ab")  # noqa: SIM115
         try:
             self.process = subprocess.Popen(
                 self.argv,
                 stdout=log,
-                stderr=subprocess.STDOUT,
+                stderr=errors,
                 cwd=self.cwd,
                 env=env,
                 start_new_session=True,
@@ -99,6 +104,8 @@ class ChildProcess:
         finally:
             if log is not subprocess.DEVNULL:
                 log.close()
+            if not isinstance(errors, int):
+                errors.close()
         return self
 
     def wait_up(self, timeout_s: float) -> None:

@@ -18,9 +18,10 @@ class GuardProcess(ChildProcess):
 
     :meth:`start` returns once ``/healthz`` answers, :meth:`wait_ready` once ``/readyz``
     does (an upstream is healthy). As a context manager it waits for both, and stops the
-    guard on exit. ``workers`` and ``log_level`` become ``serve`` options when given, and
-    ``extra_args`` are appended (``["--teacher", "smollm2"]``, say). ``cwd`` and ``env``
-    (``PYTHONPATH``) can run another checkout's guard (``load_tests.checkout``).
+    guard on exit. Its output goes to ``log_path`` (stderr to ``stderr_path`` when given:
+    the audit log may be on stdout). ``workers`` and ``log_level`` become ``serve`` options
+    when given, and ``extra_args`` are appended (``["--teacher", "smollm2"]``, say). ``cwd``
+    and ``env`` (``PYTHONPATH``) can run another checkout's guard (``load_tests.checkout``).
     """
 
     def __init__(
@@ -35,6 +36,7 @@ class GuardProcess(ChildProcess):
         cpus: set[int] | None = None,
         name: str = "guard",
         extra_args: Sequence[str] = (),
+        stderr_path: Path | None = None,
         cwd: Path | None = None,
     ) -> None:
         self.config = config
@@ -46,7 +48,15 @@ class GuardProcess(ChildProcess):
         if log_level is not None:
             argv += ["--log-level", log_level]
         argv += extra_args
-        super().__init__(name, argv, log_path, env=env, cwd=cwd or REPO, cpus=cpus)
+        super().__init__(
+            name,
+            argv,
+            log_path,
+            env=env,
+            cwd=cwd or REPO,
+            cpus=cpus,
+            stderr_path=stderr_path,
+        )
 
     @property
     def url(self) -> str:

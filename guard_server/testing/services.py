@@ -16,17 +16,24 @@ from guard_server.upstream.vllm_process import VllmProcess
 
 
 class RedisProcess(ChildProcess):
-    """A ``redis-server`` on loopback, without persistence, on ``port`` (a free one by default).
+    """A ``redis-server`` on loopback, without persistence, on ``port`` (a free one by default);
+    with ``password`` it requires AUTH.
 
     :meth:`start` returns once it answers PING.
     """
 
     def __init__(
-        self, port: int | None = None, log_path: Path | None = None, cpus: set[int] | None = None
+        self,
+        port: int | None = None,
+        log_path: Path | None = None,
+        cpus: set[int] | None = None,
+        password: str | None = None,
     ) -> None:
         self.port = port or free_port()
+        self.password = password
+        auth = ["--requirepass", password] if password else []
         argv = ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-                "--appendonly", "no"]  # fmt: skip
+                "--appendonly", "no", *auth]  # fmt: skip
         super().__init__("redis", argv, log_path, cpus=cpus)
 
     @property
@@ -36,12 +43,13 @@ class RedisProcess(ChildProcess):
 
     def wait_up(self, timeout_s: float = 10.0) -> None:
         """Block until the server answers PING."""
+        hello = f"AUTH {self.password}\r\n".encode() if self.password else b""
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             try:
                 with socket.create_connection(("127.0.0.1", self.port), timeout=0.2) as sock:
-                    sock.sendall(b"PING\r\n")
-                    if sock.recv(16).startswith(b"+PONG"):
+                    sock.sendall(hello + b"PING\r\n")
+                    if sock.recv(32).endswith(b"+PONG\r\n"):
                         return
             except OSError:
                 time.sleep(0.05)

@@ -69,13 +69,26 @@ def managed_vllm(
     plugin: bool = True,
     log_path: Path | None = None,
     dtype: str | None = None,
+    api_key: str | None = None,
+    otlp_traces_endpoint: str | None = None,
 ) -> VllmProcess:
     """A (not yet started) vLLM for the managed ``model`` (a key of :data:`MODELS`);
-    ``dtype`` overrides the model's (for comparisons)."""
+    ``dtype`` overrides the model's (for comparisons).
+
+    With ``api_key`` vLLM requires it on ``/v1`` (given in its environment,
+    ``VLLM_API_KEY``, not on its command line, which any local user can read). With
+    ``otlp_traces_endpoint`` it exports its request spans there (OTLP/HTTP, like the guard).
+    """
     spec = MODELS[model]
     env = {}
     if "VLLM_CPU_KVCACHE_SPACE" not in os.environ:
         env["VLLM_CPU_KVCACHE_SPACE"] = str(spec.kv_cache_gib)
+    if api_key is not None:
+        env["VLLM_API_KEY"] = api_key
+    extra_args = plugin_args() if plugin else []
+    if otlp_traces_endpoint:
+        extra_args += ["--otlp-traces-endpoint", otlp_traces_endpoint]
+        env["OTEL_EXPORTER_OTLP_TRACES_PROTOCOL"] = "http/protobuf"
     return VllmProcess(
         spec.locate(),
         served_name,
@@ -83,20 +96,29 @@ def managed_vllm(
         max_logprobs=max_logprobs,
         max_model_len=spec.max_model_len,
         dtype=dtype or spec.dtype,
-        extra_args=plugin_args() if plugin else [],
+        extra_args=extra_args,
         log_path=log_path,
         env=env,
+        log_stats=otlp_traces_endpoint is not None,  # vLLM traces requests only with stats
     )
 
 
-def start_bundled_teacher(settings: BundledTeacherSettings) -> VllmProcess:
-    """Start vLLM on the configured model (with the guard's plugin) and wait until healthy."""
+def start_bundled_teacher(
+    settings: BundledTeacherSettings, api_key: str, otlp_traces_endpoint: str | None = None
+) -> VllmProcess:
+    """Start vLLM on the configured model (with the guard's plugin) and wait until healthy.
+
+    vLLM requires ``api_key``, which only the guard holds, so that no other local process
+    can skip the guard; with ``otlp_traces_endpoint`` its spans join the guard's traces.
+    """
     process = managed_vllm(
         settings.model,
         settings.public_name,
         port=settings.port,
         max_logprobs=settings.max_logprobs,
         plugin=settings.plugin,
+        api_key=api_key,
+        otlp_traces_endpoint=otlp_traces_endpoint,
     )
     process.start()
     try:

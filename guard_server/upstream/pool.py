@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import aiohttp
@@ -26,6 +27,8 @@ class Endpoint:
     url: str
     healthy: bool = True
     failed_probes: int = 0
+    max_model_len: int | None = None  # the context length vLLM reports in /v1/models
+    models_checked: bool = False  # /v1/models answered (it may not report a context length)
 
 
 _KEEPALIVE_S = 4.0
@@ -35,22 +38,36 @@ closing (that race surfaced as 502 ``upstream_disconnected`` under load)."""
 
 
 class ModelUpstream:
-    """The endpoints behind one public model name, sharing one connection pool."""
+    """The endpoints behind one public model name, sharing one connection pool.
 
-    def __init__(self, name: str, settings: UpstreamSettings, metrics: GuardMetrics) -> None:
+    ``api_key`` is sent to every endpoint as ``Authorization: Bearer`` (vLLM's
+    ``--api-key``); ``trace_configs`` instrument the request pool (not the health probes).
+    """
+
+    def __init__(
+        self,
+        name: str,
+        settings: UpstreamSettings,
+        metrics: GuardMetrics,
+        api_key: str | None = None,
+        trace_configs: Sequence[aiohttp.TraceConfig] = (),
+    ) -> None:
         self.name = name
         self.served_model = settings.served_model or name
         self.settings = settings
         self.endpoints = [Endpoint(url) for url in settings.urls]
         self._metrics = metrics
+        self._auth = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self._trace_configs = list(trace_configs)
         self._turn = itertools.count()
         self._session: aiohttp.ClientSession | None = None
+        self._probe_session: aiohttp.ClientSession | None = None
         self._health_task: asyncio.Task[None] | None = None
         for endpoint in self.endpoints:
             self._set_health(endpoint, True)
 
     async def start(self) -> None:
-        """Open the connection pool and start health checks."""
+        """Open the connection pools, probe every endpoint once, then keep probing."""
         timeouts = self.settings.timeouts
         self._session = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(
@@ -61,24 +78,43 @@ class ModelUpstream:
             timeout=aiohttp.ClientTimeout(
                 total=timeouts.total, sock_connect=timeouts.connect, sock_read=timeouts.read
             ),
+            headers=self._auth,
             read_bufsize=1 << 20,
             auto_decompress=False,
             skip_auto_headers=("User-Agent",),
+            trace_configs=self._trace_configs or None,
         )
+        # Probes have connections of their own: they never wait behind busy requests.
+        self._probe_session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(
+                limit=len(self.endpoints), keepalive_timeout=_KEEPALIVE_S
+            ),
+            headers=self._auth,
+            skip_auto_headers=("User-Agent",),
+        )
+        # The first probe before serving: requests then know each model's context length.
+        await self._probe_all()
         self._health_task = asyncio.create_task(self._check_health_forever())
 
     async def close(self) -> None:
-        """Stop health checks and close the pool."""
+        """Stop health checks and close the pools."""
         if self._health_task is not None:
             self._health_task.cancel()
             await asyncio.gather(self._health_task, return_exceptions=True)
-        if self._session is not None:
-            await self._session.close()
+        for session in (self._session, self._probe_session):
+            if session is not None:
+                await session.close()
 
     @property
     def ready(self) -> bool:
         """Whether at least one endpoint is healthy."""
         return any(endpoint.healthy for endpoint in self.endpoints)
+
+    @property
+    def max_model_len(self) -> int | None:
+        """The smallest context length the endpoints reported, or None if none did."""
+        known = [e.max_model_len for e in self.endpoints if e.max_model_len is not None]
+        return min(known) if known else None
 
     def _candidates(self) -> list[Endpoint]:
         """Healthy endpoints in round-robin order; all of them when none is healthy.
@@ -91,7 +127,9 @@ class ModelUpstream:
         rotated = self.endpoints[start:] + self.endpoints[:start]
         return [endpoint for endpoint in rotated if endpoint.healthy] or rotated
 
-    async def post(self, path: str, payload: bytes) -> aiohttp.ClientResponse:
+    async def post(
+        self, path: str, payload: bytes, headers: Mapping[str, str] | None = None
+    ) -> aiohttp.ClientResponse:
         """POST to a healthy endpoint, moving on to the next one if a connection fails.
 
         Returns the response with its status and headers read; the caller reads the body
@@ -101,7 +139,9 @@ class ModelUpstream:
         for endpoint in self._candidates():
             try:
                 return await self._session.post(
-                    endpoint.url + path, data=payload, headers=_JSON_HEADERS
+                    endpoint.url + path,
+                    data=payload,
+                    headers={**_JSON_HEADERS, **headers} if headers else _JSON_HEADERS,
                 )
             except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as exc:
                 self._metrics.upstream_errors.labels("connect").inc()
@@ -128,18 +168,23 @@ class ModelUpstream:
 
     async def _check_health_forever(self) -> None:
         while True:
-            await asyncio.gather(*(self._probe(endpoint) for endpoint in self.endpoints))
             await asyncio.sleep(self.settings.health_interval_s)
+            await self._probe_all()
+
+    async def _probe_all(self) -> None:
+        await asyncio.gather(*(self._probe(endpoint) for endpoint in self.endpoints))
 
     async def _probe(self, endpoint: Endpoint) -> None:
-        assert self._session is not None
+        assert self._probe_session is not None
         try:
-            async with self._session.get(
+            async with self._probe_session.get(
                 endpoint.url + "/health", timeout=_HEALTH_TIMEOUT
             ) as response:
                 healthy = response.status == 200
         except (aiohttp.ClientError, TimeoutError):
             healthy = False
+        if healthy and not (endpoint.models_checked and endpoint.healthy):
+            await self._read_models(endpoint)  # once, and again when it comes back (restarted)
         # One failed probe is not an outage (a saturated vLLM answers /health late):
         # only `unhealthy_after` failures in a row take the endpoint out.
         endpoint.failed_probes = 0 if healthy else endpoint.failed_probes + 1
@@ -149,17 +194,54 @@ class ModelUpstream:
             log.warning("upstream %s is now %s", endpoint.url, "healthy" if healthy else "down")
         self._set_health(endpoint, healthy)
 
+    async def _read_models(self, endpoint: Endpoint) -> None:
+        """Learn the served model's context length from vLLM's ``/v1/models``."""
+        assert self._probe_session is not None
+        try:
+            async with self._probe_session.get(
+                endpoint.url + "/v1/models", timeout=_HEALTH_TIMEOUT
+            ) as response:
+                if response.status in (401, 403):
+                    endpoint.models_checked = True  # say it once: requests fail the same way
+                    log.error(
+                        "upstream %s refused the guard's API key (HTTP %d); check "
+                        "upstreams.%s.api_key",
+                        endpoint.url,
+                        response.status,
+                        self.name,
+                    )
+                if response.status != 200:
+                    return
+                listing = await response.json()
+        except (aiohttp.ClientError, TimeoutError, ValueError):
+            return
+        endpoint.models_checked = True
+        models = listing.get("data") if isinstance(listing, dict) else None
+        for model in models if isinstance(models, list) else []:
+            if isinstance(model, dict) and model.get("id") == self.served_model:
+                length = model.get("max_model_len")
+                if isinstance(length, int) and length > 0:
+                    endpoint.max_model_len = length
+
     def _set_health(self, endpoint: Endpoint, healthy: bool) -> None:
         endpoint.healthy = healthy
         self._metrics.upstream_healthy.labels(self.name, endpoint.url).set(1 if healthy else 0)
 
 
 class UpstreamPool:
-    """All models' upstreams."""
+    """All models' upstreams; ``api_keys`` holds the key to send per model name."""
 
-    def __init__(self, upstreams: dict[str, UpstreamSettings], metrics: GuardMetrics) -> None:
+    def __init__(
+        self,
+        upstreams: Mapping[str, UpstreamSettings],
+        metrics: GuardMetrics,
+        api_keys: Mapping[str, str] | None = None,
+        trace_configs: Sequence[aiohttp.TraceConfig] = (),
+    ) -> None:
+        keys = api_keys or {}
         self.models = {
-            name: ModelUpstream(name, settings, metrics) for name, settings in upstreams.items()
+            name: ModelUpstream(name, settings, metrics, keys.get(name), trace_configs)
+            for name, settings in upstreams.items()
         }
 
     async def start(self) -> None:
@@ -188,3 +270,8 @@ class UpstreamPool:
     def ready(self) -> bool:
         """Whether every model has a healthy endpoint."""
         return all(upstream.ready for upstream in self.models.values())
+
+    def max_model_len(self, model: str) -> int | None:
+        """The context length of a public model's upstream, if its servers reported one."""
+        upstream = self.models.get(model)
+        return upstream.max_model_len if upstream is not None else None

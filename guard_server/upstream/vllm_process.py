@@ -48,6 +48,7 @@ class VllmProcess:
         extra_args: list[str] | None = None,
         log_path: str | Path | None = None,
         env: dict[str, str] | None = None,
+        log_stats: bool = False,
     ) -> None:
         self.model_dir = Path(model_dir)
         self.served_model_name = served_model_name
@@ -58,6 +59,7 @@ class VllmProcess:
         self.extra_args = extra_args or []
         self.log_path = Path(log_path) if log_path else None
         self.env = env or {}
+        self.log_stats = log_stats  # vLLM's request tracing needs its stats
         self._process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -76,7 +78,7 @@ class VllmProcess:
             "--dtype", self.dtype,
             "--max-model-len", str(self.max_model_len),
             "--max-logprobs", str(self.max_logprobs),
-            "--disable-log-stats",
+            *([] if self.log_stats else ["--disable-log-stats"]),
             *self.extra_args,
         ]  # fmt: skip
 

@@ -12,8 +12,13 @@ import pytest
 
 from tests.deploy.toolchain import KUSTOMIZATIONS, REPO, config_files, run
 
-# The real server secret is created in the cluster, never committed: any valid one will do.
-SECRET_ENV = {**os.environ, "GUARD_SECRET": "x" * 48}
+# The real secrets are created in the cluster, never committed: any valid ones will do.
+SECRET_ENV = {
+    **os.environ,
+    "GUARD_SECRET": "x" * 48,
+    "VLLM_API_KEY": "vllm-key-for-check-config",
+    "REDIS_PASSWORD": "redis-password-for-check-config",
+}
 
 
 def _check_config(directory: Path, files: dict[str, str]) -> subprocess.CompletedProcess[str]:

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import base64
+import copy
 import re
 from typing import Any
 
 import pytest
 import yaml
 
-from guard_server.config.schema import PolicyFile
+from guard_server.config.schema import GuardConfig, PolicyFile, SamplingPolicy
 from tests.deploy.toolchain import DEPLOY, KUSTOMIZATIONS, REPO, config_files, find, missing
 
 # the current release, and the oldest one deploy/README.md promises
@@ -344,7 +345,8 @@ def test_prod_commits_no_server_secret_and_pins_every_image(
 ) -> None:
     objects = rendered["overlays/prod"]
     secrets = [o["metadata"]["name"] for o in objects if o["kind"] == "Secret"]
-    assert not [name for name in secrets if name.startswith("guard-secret")]
+    for created_in_the_cluster in ("guard-secret", "vllm-api-key", "redis-auth"):
+        assert not [name for name in secrets if name.startswith(created_in_the_cluster)]
     images = [
         c["image"]
         for o in objects
@@ -357,10 +359,115 @@ def test_prod_commits_no_server_secret_and_pins_every_image(
         assert name and tag and tag != "latest" and "/" not in tag, image
 
 
-def test_base_tiers_are_the_repository_default_policy() -> None:
+def test_base_tiers_are_the_repository_default_policy_plus_sampling() -> None:
     deployed = yaml.safe_load((DEPLOY / "base" / "config" / "tiers.yaml").read_text())
     default = yaml.safe_load((REPO / "policies" / "default.yaml").read_text())
-    assert deployed == default, "copy policies/default.yaml to deploy/base/config/tiers.yaml"
+    sampling = {name: tier.pop("sampling", None) for name, tier in deployed["tiers"].items()}
+    assert deployed == default, (
+        "deploy/base/config/tiers.yaml must be policies/default.yaml plus `sampling:` sections"
+    )
+    assert all(sampling.values()), "every deployed tier says what the plugin does to it"
+
+
+PLUGIN = "guard_server.vllm_plugin:GuardLogitsProcessor"
+
+
+def _sampling_active(sampling: SamplingPolicy) -> bool:
+    bounds = sampling.bounds.model_dump().values()
+    return (
+        sampling.noise.sigma > 0
+        or sampling.watermark.enabled
+        or any(value is not None for value in bounds)
+    )
+
+
+def plugin_use_problems(objects: list[dict[str, Any]]) -> list[str]:
+    """Where vLLM loads the guard's plugin but the guard's config leaves it unused: an
+    upstream not marked ``guard_plugin: true``, or no tier calling it with a ``sampling:``
+    control; and the reverse, ``guard_plugin: true`` towards a vLLM without the plugin."""
+    loaded = _flags(_vllm_container(objects)).get("logits-processors") == PLUGIN
+    files = config_files(objects)
+    config = GuardConfig.model_validate(yaml.safe_load(files["guard.yaml"]))
+    tiers: dict[str, Any] = {}
+    for name in config.policies:
+        tiers.update(PolicyFile.model_validate(yaml.safe_load(files[name])).tiers)
+    problems = []
+    for model, upstream in config.upstreams.items():
+        if upstream.guard_plugin and not loaded:
+            problems.append(f"{model}: guard_plugin is true but vLLM does not load the plugin")
+        if not loaded:
+            continue
+        if not upstream.guard_plugin:
+            problems.append(f"{model}: vLLM loads the plugin but guard_plugin is not true")
+        callers = [t for t in tiers.values() if "*" in t.models or model in t.models]
+        if not any(_sampling_active(tier.sampling) for tier in callers):
+            problems.append(f"{model}: vLLM loads the plugin but no tier has a `sampling:` control")
+    return problems
+
+
+@pytest.mark.parametrize("kustomization", KUSTOMIZATIONS)
+def test_the_plugin_vllm_loads_is_used_by_the_guard(
+    rendered: dict[str, list[dict[str, Any]]], kustomization: str
+) -> None:
+    objects = rendered[kustomization]
+    assert _flags(_vllm_container(objects))["logits-processors"] == PLUGIN
+    assert plugin_use_problems(objects) == []
+
+
+def test_a_loaded_but_unused_plugin_is_caught(rendered: dict[str, list[dict[str, Any]]]) -> None:
+    def edited(file: str, old: str, new: str) -> list[dict[str, Any]]:
+        objects = copy.deepcopy(rendered["overlays/prod"])
+        data = find(objects, "ConfigMap", "guard-config")["data"]
+        assert old in data[file]
+        data[file] = data[file].replace(old, new)
+        return objects
+
+    unmarked = edited("guard.yaml", "guard_plugin: true", "guard_plugin: false")
+    assert plugin_use_problems(unmarked) == [
+        "qwen3-8b: vLLM loads the plugin but guard_plugin is not true"
+    ]
+    unused = edited("tiers.yaml", "enabled: true", "enabled: false")
+    assert plugin_use_problems(unused) == [
+        "qwen3-8b: vLLM loads the plugin but no tier has a `sampling:` control"
+    ]
+    unloaded = copy.deepcopy(rendered["overlays/prod"])
+    container = _vllm_container(unloaded)
+    container["args"] = [a for a in container["args"] if not a.startswith("--logits-processors")]
+    assert plugin_use_problems(unloaded) == [
+        "qwen3-8b: guard_plugin is true but vLLM does not load the plugin"
+    ]
+
+
+def _secret_ref(container: dict[str, Any], name: str) -> tuple[str, str]:
+    (entry,) = [e for e in container.get("env", []) if e["name"] == name]
+    ref = entry["valueFrom"]["secretKeyRef"]
+    return ref["name"], ref["key"]
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_vllm_key_and_redis_password_come_from_secrets_both_sides_share(
+    rendered: dict[str, list[dict[str, Any]]], overlay: str
+) -> None:
+    objects = rendered[overlay]
+    config = GuardConfig.model_validate(yaml.safe_load(config_files(objects)["guard.yaml"]))
+    guard = _guard_container(objects)
+    vllm = _vllm_container(objects)
+    for upstream in config.upstreams.values():
+        # vLLM requires the key (VLLM_API_KEY is its --api-key) the guard reads from the env
+        # var its config names; both from one Secret, never from a plain value
+        assert upstream.api_key is not None and upstream.api_key.env is not None
+        assert _secret_ref(guard, upstream.api_key.env) == _secret_ref(vllm, "VLLM_API_KEY")
+    assert "api-key" not in " ".join(_flags(vllm))  # a flag would put the key in the pod spec
+    if config.state.backend != "redis":
+        return
+    password = config.state.redis_password
+    assert password is not None and password.env is not None
+    redis = find(objects, "StatefulSet", "redis")["spec"]["template"]["spec"]["containers"][0]
+    secret = _secret_ref(guard, password.env)
+    assert _secret_ref(redis, "REDIS_PASSWORD") == secret == _secret_ref(redis, "REDISCLI_AUTH")
+    args = redis["args"]
+    assert args[args.index("--requirepass") + 1] == "$(REDIS_PASSWORD)"  # the kubelet expands it
+    assert "redis-cli" in " ".join(redis["readinessProbe"]["exec"]["command"])
 
 
 def test_prometheus_rule_embeds_the_rules_file(rendered: dict[str, list[dict[str, Any]]]) -> None:

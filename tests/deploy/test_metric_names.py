@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 import yaml
 
+from guard_server import top_clients
 from guard_server.metrics import GuardMetrics
 from guard_server.testing import GuardProcess, free_port, write_test_config
 from tests.deploy.toolchain import DEPLOY
@@ -75,8 +76,9 @@ def exported(tmp_path_factory: pytest.TempPathFactory) -> set[str]:
 
 
 def label_names() -> dict[str, set[str]]:
-    """The label names of each exported series, from the guard's metric definitions."""
-    labels: dict[str, set[str]] = {}
+    """The label names of each exported series, from the guard's metric definitions (and
+    the scrape-time top-clients gauge)."""
+    labels: dict[str, set[str]] = {top_clients.NAME: set(top_clients.LABELS)}
     for metric in vars(GuardMetrics()).values():
         kind = getattr(metric, "_type", None)
         if kind is None:

@@ -44,5 +44,5 @@ def test_alerts_carry_severity_and_summary() -> None:
     for group in yaml.safe_load(RULES.read_text())["groups"]:
         for rule in group["rules"]:
             assert re.fullmatch(r"Guard[A-Za-z0-9]+", rule["alert"])
-            assert rule["labels"]["severity"] in {"warning", "critical"}
+            assert rule["labels"]["severity"] in {"info", "warning", "critical"}
             assert rule["annotations"]["summary"] and rule["annotations"]["description"]

@@ -59,9 +59,32 @@ async def test_authenticate_maps_keys_to_tiers() -> None:
     assert caught.value.status == 401
 
 
-async def test_chat_without_max_tokens_gets_the_tier_maximum() -> None:
+async def test_chat_without_max_tokens_gets_the_tier_maximum_named_as_a_default() -> None:
     ctx = await _run(_ctx(_chat()))
-    assert ctx.body["max_tokens"] == 128
+    assert ctx.body["max_tokens"] == 8192
+    assert ctx.policy_actions == [("defaulted", "max_tokens")]
+    # completions keep vLLM's (and OpenAI's) own default of 16
+    completion = await _run(
+        _ctx({"model": "teacher", "prompt": "hi"}, endpoint=Endpoint.COMPLETIONS)
+    )
+    assert "max_tokens" not in completion.body and completion.policy_actions == []
+
+
+async def test_filled_in_and_clamped_max_tokens_never_exceed_the_model_context() -> None:
+    # vLLM refuses a max_tokens above its max_model_len, so neither the default nor a clamp
+    # may produce one; a client's own value within the tier's bound is passed as it is.
+    for body, expected, note in (
+        (_chat(), 256, ("defaulted", "max_tokens")),
+        (_chat(max_tokens=100_000), 256, ("clamped", "max_tokens")),
+        (_chat(max_completion_tokens=9000), 256, ("clamped", "max_completion_tokens")),
+        (_chat(max_tokens=300), 300, None),
+    ):
+        ctx = _ctx(body)
+        ctx.max_model_len = 256
+        await _run(ctx)
+        field = "max_completion_tokens" if "max_completion_tokens" in body else "max_tokens"
+        assert ctx.body[field] == expected
+        assert ctx.policy_actions == ([note] if note else [])
 
 
 async def test_clamp_rewrites_and_notes_the_field() -> None:

@@ -49,6 +49,15 @@ async def test_tokens_per_minute_reserve_and_refund(store: StateStore) -> None:
     assert (await store.admit(scope, spec, 600, "c", 60)).allowed
 
 
+async def test_a_negative_refund_charges_what_the_estimate_missed(store: StateStore) -> None:
+    spec, scope = LimitSpec(tokens_per_minute=1000), _scope()
+    first = await store.admit(scope, spec, 100, "a", 60)
+    await store.settle(scope, spec, first.slot, refund_tokens=-700)  # it used 800
+    probe = await store.admit(scope, spec, 250, "b", 60)
+    assert not probe.allowed and probe.exceeded == "tokens"
+    assert probe.remaining_tokens is not None and 200 <= probe.remaining_tokens < 210
+
+
 async def test_concurrency_slots_release_and_expire(store: StateStore) -> None:
     spec, scope = LimitSpec(concurrent_requests=2), _scope()
     a = await store.admit(scope, spec, 1, "a", 60)
