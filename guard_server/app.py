@@ -22,6 +22,7 @@ from guard_server.errors import GuardError, unauthorized
 from guard_server.generation import GenerationHandler
 from guard_server.metrics import GuardMetrics
 from guard_server.openai_fields import Endpoint
+from guard_server.openapi import openapi_json
 from guard_server.otel import Tracing
 from guard_server.pipeline.admit import Admitter
 from guard_server.pipeline.audit import AuditLog
@@ -63,7 +64,10 @@ async def openai_errors(request: web.Request, handler):  # type: ignore[no-untyp
             type=_HTTP_ERROR_TYPES.get(exc.status, "invalid_request_error"),
         )
         return web.Response(
-            body=error.to_json(), status=exc.status, content_type="application/json"
+            body=error.to_json(),
+            status=exc.status,
+            content_type="application/json",
+            headers=_kept_headers(exc),
         )
     except asyncio.CancelledError:
         raise
@@ -71,6 +75,11 @@ async def openai_errors(request: web.Request, handler):  # type: ignore[no-untyp
         log.exception("unhandled error on %s %s", request.method, request.path)
         error = GuardError(500, "The guard hit an internal error.", type="internal_error")
         return web.Response(body=error.to_json(), status=500, content_type="application/json")
+
+
+def _kept_headers(exc: web.HTTPException) -> dict[str, str]:
+    """The headers aiohttp set on its own error that the error must keep (a 405's ``Allow``)."""
+    return {name: value for name, value in exc.headers.items() if name.lower() == "allow"}
 
 
 async def list_models(request: web.Request) -> web.Response:
@@ -86,6 +95,11 @@ async def list_models(request: web.Request) -> web.Response:
         if ctx.client.tier.may_use(name)
     ]
     return web.json_response({"object": "list", "data": data})
+
+
+async def openapi_endpoint(request: web.Request) -> web.Response:
+    """``GET /openapi.json``: the OpenAPI document of the public API (guard_server.openapi)."""
+    return web.Response(body=openapi_json(), content_type="application/json")
 
 
 async def healthz(request: web.Request) -> web.Response:
@@ -212,6 +226,7 @@ def build_app(
         handler = GenerationHandler(endpoint, holder, metrics, admitter, scorer, planner, audit)
         app.router.add_post(handler.path, handler)
     app.router.add_get("/v1/models", list_models)
+    app.router.add_get("/openapi.json", openapi_endpoint)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     if settings.config.metrics.port is None:  # then it needs a token (schema)

@@ -78,18 +78,18 @@ _PROMPT_DEFAULTS: dict[Endpoint, dict[str, Any]] = {
 # of any message; an assistant's tool_calls and reasoning (reasoning_content is its older
 # name, renamed by the request validator); a tool message's tool_call_id; a developer
 # message's tools. Any other key, or one of these on another role, is dropped unseen.
-_ANY_ROLE_KEYS = frozenset({"role", "content", "name", "task"})
-_ROLE_KEYS: dict[str, frozenset[str]] = {
+ANY_ROLE_KEYS = frozenset({"role", "content", "name", "task"})
+ROLE_KEYS: dict[str, frozenset[str]] = {
     "assistant": frozenset({"tool_calls", "reasoning", "reasoning_content"}),
     "tool": frozenset({"tool_call_id"}),
     "developer": frozenset({"tools"}),
 }
-_KEYS_OF_ROLE = {role: _ANY_ROLE_KEYS | keys for role, keys in _ROLE_KEYS.items()}
-_STRING_KEYS = frozenset({"name", "task", "reasoning", "reasoning_content", "tool_call_id"})
-_NULLABLE_KEYS = frozenset({"content", "task", "reasoning", "reasoning_content", "tool_call_id"})
-_NULLABLE_KEYS |= frozenset({"tool_calls", "tools"})  # vLLM's types take null for these
-_TOOL_CALL_KEYS = frozenset({"id", "type", "function"})
-_FUNCTION_KEYS = frozenset({"name", "arguments"})
+_KEYS_OF_ROLE = {role: ANY_ROLE_KEYS | keys for role, keys in ROLE_KEYS.items()}
+STRING_KEYS = frozenset({"name", "task", "reasoning", "reasoning_content", "tool_call_id"})
+NULLABLE_KEYS = frozenset({"content", "task", "reasoning", "reasoning_content", "tool_call_id"})
+NULLABLE_KEYS |= frozenset({"tool_calls", "tools"})  # vLLM's types take null for these
+TOOL_CALL_KEYS = frozenset({"id", "type", "function"})
+FUNCTION_KEYS = frozenset({"name", "arguments"})
 
 # Content parts, by type: the keys vLLM reads (its content-part TypedDicts), and the one that
 # holds the text of a text-like part.
@@ -110,7 +110,7 @@ PART_KEYS: dict[str, frozenset[str]] = {
     "video_embeds": frozenset({"type", "video_embeds", "uuid"}),
     "prompt_embeds": frozenset({"type", "data"}),
 }
-_TEXT_OF_PART = {
+TEXT_OF_PART = {
     "text": "text",
     "input_text": "text",
     "output_text": "text",
@@ -152,7 +152,7 @@ def _check_part(where: str, part: Any) -> None:
     unused = _unused(part, PART_KEYS[kind])
     if unused:
         raise _ignored_keys_error(where, unused)
-    text_key = _TEXT_OF_PART.get(kind)
+    text_key = TEXT_OF_PART.get(kind)
     if text_key is not None and not isinstance(part.get(text_key), str):
         raise bad_request(f"{where}.{text_key} must be a string.", param=f"{where}.{text_key}")
 
@@ -164,10 +164,10 @@ def _check_tool_calls(where: str, calls: Any) -> None:
         at = f"{where}[{index}]"
         if not isinstance(call, dict) or not isinstance(call.get("function"), dict):
             raise bad_request(f"{at} must be an object with a `function` object.", param=at)
-        unused = _unused(call, _TOOL_CALL_KEYS)
+        unused = _unused(call, TOOL_CALL_KEYS)
         if unused:
             raise _ignored_keys_error(at, unused)
-        unused = _unused(call["function"], _FUNCTION_KEYS)
+        unused = _unused(call["function"], FUNCTION_KEYS)
         if unused:
             raise _ignored_keys_error(f"{at}.function", unused)
 
@@ -182,12 +182,12 @@ def check_messages(messages: list[Any]) -> None:
         if len(message) <= 2 and isinstance(content, str) and "content" in message:
             continue  # role and a string content: the usual case
         where = f"messages[{index}]"
-        used = _KEYS_OF_ROLE.get(message["role"], _ANY_ROLE_KEYS)
+        used = _KEYS_OF_ROLE.get(message["role"], ANY_ROLE_KEYS)
         if not message.keys() <= used:
             raise _ignored_keys_error(where, _unused(message, used))
-        for key in _STRING_KEYS & message.keys():
+        for key in STRING_KEYS & message.keys():
             value = message[key]
-            if not isinstance(value, str) and (value is not None or key not in _NULLABLE_KEYS):
+            if not isinstance(value, str) and (value is not None or key not in NULLABLE_KEYS):
                 raise bad_request(f"{where}.{key} must be a string.", param=f"{where}.{key}")
         if isinstance(content, list):
             for part_index, part in enumerate(content):
@@ -273,7 +273,7 @@ def _rendered_content(content: Any) -> str | list[Any]:
         if isinstance(part, str):
             texts.append(part)
             continue
-        text_key = _TEXT_OF_PART.get(part["type"])
+        text_key = TEXT_OF_PART.get(part["type"])
         if text_key is not None:
             texts.append(part[text_key])
         else:

@@ -1,4 +1,4 @@
-"""The ``guard-server`` command line: serve, check-config, trace, hash-key, clients."""
+"""The ``guard-server`` command line: serve, check-config, trace, hash-key, clients, openapi."""
 
 from __future__ import annotations
 
@@ -65,6 +65,7 @@ def _parser() -> argparse.ArgumentParser:
     key = commands.add_parser("hash-key", help="make a new API key (or hash one from stdin)")
     key.add_argument("--stdin", action="store_true", help="hash the key read from stdin")
     admin_cli.add_parser(commands)
+    commands.add_parser("openapi", help="print the OpenAPI document of the public API")
     return parser
 
 
@@ -79,6 +80,11 @@ def main(argv: list[str] | None = None) -> int:
         return _trace(args)
     if args.command == "clients":
         return admin_cli.run(args)
+    if args.command == "openapi":
+        from guard_server.openapi import openapi_json
+
+        sys.stdout.buffer.write(openapi_json())
+        return 0
     try:
         settings = load_settings(args.config)
     except ConfigError as exc:

@@ -151,7 +151,9 @@ class GenerationHandler:
         finally:
             response.release()
             ctx.upstream_seconds += time.perf_counter() - started
-        body = orjson.loads(data)
+        body = _json_object(data)
+        if body is None:
+            raise _malformed(data, self.metrics)
         transform_response(ctx, body)
         return web.Response(
             body=orjson.dumps(body), content_type="application/json", headers=headers
@@ -216,7 +218,10 @@ class GenerationHandler:
             if data == b"[DONE]":
                 await out.write(_DONE)
                 return
-            chunk = orjson.loads(data)
+            chunk = _json_object(data)
+            if chunk is None:
+                await out.write(_error_event(_malformed(data, self.metrics)) + _DONE)
+                return
             if "error" in chunk:
                 await out.write(_error_event(_stream_error(ctx, chunk, self.metrics)))
                 continue
@@ -330,7 +335,10 @@ async def _mapped_error(
 ) -> GuardError:
     """Turn a non-200 upstream answer into the client's error: 4xx in the guard's own words
     (upstream_errors), 5xx as 502. The upstream's text is logged, never sent."""
-    raw = await response.read()
+    try:
+        raw = await response.read()
+    except (TimeoutError, aiohttp.ClientPayloadError, aiohttp.ClientConnectionError) as exc:
+        return _broken_read(exc, metrics)
     status = response.status
     if status in (401, 403):
         # vLLM's --api-key refused the guard's own key: the operator's problem, not the client's
@@ -359,6 +367,22 @@ def _stream_error(ctx: RequestContext, chunk: dict[str, Any], metrics: GuardMetr
     metrics.upstream_errors.labels("stream").inc()
     log.warning("upstream stream error: %s", orjson.dumps(chunk)[:500])
     return upstream_error(502, "The upstream failed while generating.", "upstream_error")
+
+
+def _json_object(data: bytes) -> dict[str, Any] | None:
+    """``data`` as a JSON object, or None when it is not one."""
+    try:
+        value = orjson.loads(data)
+    except orjson.JSONDecodeError:
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def _malformed(data: bytes, metrics: GuardMetrics) -> GuardError:
+    """A 200 answer (or stream event) that is not a JSON object: logged, never relayed."""
+    metrics.upstream_errors.labels("malformed").inc()
+    log.warning("upstream answered 200 with what is not a JSON object: %r", data[:200])
+    return upstream_error(502, "The upstream answered with a malformed body.", "upstream_error")
 
 
 def _broken_read(exc: BaseException, metrics: GuardMetrics) -> GuardError:

@@ -112,7 +112,7 @@ class GuardMetrics:
         )
         self.upstream_errors = Counter(
             "guard_upstream_errors",
-            "Upstream failures by kind (connect, timeout, status, stream, unavailable).",
+            "Upstream failures by kind (connect, timeout, status, stream, unavailable, malformed).",
             ["kind"],
             registry=r,
         )

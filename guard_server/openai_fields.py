@@ -134,6 +134,17 @@ REQUIRED: dict[Endpoint, tuple[str, ...]] = {
     Endpoint.COMPLETIONS: ("model", "prompt"),
 }
 
+# The smallest value a numeric field may take (-1 for logprob counts: vLLM's "all").
+MINIMUMS: dict[str, int] = {
+    "max_tokens": 1,
+    "max_completion_tokens": 1,
+    "n": 1,
+    "temperature": 0,
+    "top_logprobs": -1,
+    "prompt_logprobs": -1,
+    "min_tokens": 0,
+}
+
 # Numeric fields a tier may bound. ``max_tokens`` also bounds ``max_completion_tokens``;
 # ``logprobs``/``top_logprobs`` are capped by the tier's ``logprobs.max_top`` instead.
 BOUNDABLE: frozenset[str] = frozenset(

@@ -3,12 +3,23 @@
 from __future__ import annotations
 
 import asyncio
+import socket
+import struct
 import threading
 import time
 
 from aiohttp import web
 
 from guard_server.testing import free_port
+
+
+def _reset(request: web.Request) -> None:
+    """Reset the connection (RST, not FIN): what a crashed or overloaded upstream does."""
+    transport = request.transport
+    assert transport is not None
+    sock = transport.get_extra_info("socket")
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    transport.abort()
 
 
 def _chunk(text: str) -> bytes:
@@ -24,8 +35,11 @@ class FaultyUpstream:
 
     Modes: ``error500``, ``hang``, ``slow_stream`` (a chunk every 50 ms, for 10 s),
     ``short_stream`` (20 chunks, 100 ms apart, then [DONE]), ``break_stream`` (two
-    chunks, then the connection drops) and ``flood`` (8 KiB chunks as fast as the guard
-    takes them, for up to 60 s).
+    chunks, then the connection drops), ``flood`` (8 KiB chunks as fast as the guard
+    takes them, for up to 60 s), ``reset`` (the connection is reset, TCP RST, as soon as
+    the request's headers are in, its body unread), ``not_json`` (200 with a body that is
+    not JSON, or an event stream whose first event is not) and ``error_then_reset`` (a 500
+    whose body is cut off by a reset).
     """
 
     def __init__(self, mode: str) -> None:
@@ -75,7 +89,22 @@ class FaultyUpstream:
 
     async def _generate(self, request: web.Request) -> web.StreamResponse:
         self.requests += 1
-        await request.read()
+        if self.mode == "reset":
+            _reset(request)
+            return web.Response()  # never sent: the connection is gone
+        body = await request.read()
+        if self.mode == "not_json":
+            if b'"stream":true' in body.replace(b" ", b""):
+                text = "data: <html>upstream proxy error</html>\n\n"
+                return web.Response(text=text, content_type="text/event-stream")
+            return web.Response(text="<html>upstream proxy error</html>", content_type="text/html")
+        if self.mode == "error_then_reset":
+            response = web.StreamResponse(status=500, headers={"Content-Length": "1000"})
+            await response.prepare(request)
+            await response.write(b'{"error": {"message": "Trace')
+            await asyncio.sleep(0.05)
+            _reset(request)
+            return response
         if self.mode == "error500":
             return web.json_response(
                 {"error": {"message": "Traceback (most recent call last): secret internals"}},

@@ -143,3 +143,77 @@ def test_sigterm_drains_a_stream_and_refuses_new_requests(guard_for) -> None:  #
         reader.join()
         assert len(received) == 20
         assert guard.wait(10) == 0
+
+
+@pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize("prompt_bytes", [10, 900_000])
+def test_a_reset_upstream_connection_is_a_502(guard_for, stream: bool, prompt_bytes: int) -> None:  # type: ignore[no-untyped-def]
+    """An upstream that resets the connection before reading the body (a small one, or one
+    the guard is still sending): every request a clean 502, never a 500."""
+    with FaultyUpstream("reset") as upstream:
+        guard = guard_for([upstream.url])
+        for _ in range(5):
+            response = httpx.post(
+                guard.base_url + "/completions",
+                json={
+                    "model": "teacher",
+                    "prompt": "x" * prompt_bytes,
+                    "max_tokens": 5,
+                    "stream": stream,
+                },
+                headers={"Authorization": f"Bearer {DEMO_KEY}"},
+                timeout=20,
+            )
+            assert response.status_code == 502, response.text
+            assert response.json()["error"]["code"] == "upstream_disconnected"
+    assert "unhandled error" not in guard.log()
+
+
+@pytest.mark.parametrize("mode", ["not_json", "error_then_reset"])
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_garbled_upstream_answer_is_a_502(guard_for, mode: str, stream: bool) -> None:  # type: ignore[no-untyped-def]
+    """A 200 that is not JSON (a proxy's HTML page), or an error body cut off by a reset: a
+    502 in the guard's words (or, once a stream has started, an error event then [DONE])."""
+    with FaultyUpstream(mode) as upstream:
+        guard = guard_for([upstream.url])
+        response = httpx.post(
+            guard.base_url + "/completions",
+            json={"model": "teacher", "prompt": "hi", "max_tokens": 5, "stream": stream},
+            headers={"Authorization": f"Bearer {DEMO_KEY}"},
+            timeout=20,
+        )
+    if response.status_code == 200:
+        assert stream
+        events = [event for event in response.text.split("\n\n") if event]
+        assert events[-1] == "data: [DONE]"
+        assert '"code":502' in events[-2]
+    else:
+        assert response.status_code == 502, response.text
+        error = response.json()["error"]
+        assert error["type"] == "upstream_error"
+        assert "html" not in error["message"] and "Trace" not in error["message"]
+    assert "unhandled error" not in guard.log()
+
+
+def test_a_client_that_hangs_up_mid_body_is_a_499_not_a_500(guard_for) -> None:  # type: ignore[no-untyped-def]
+    """A client that closes its connection while its body is still arriving: the guard
+    records it as gone (499), logs no internal error, and keeps serving."""
+    import socket
+
+    with FaultyUpstream("short_stream") as upstream:
+        guard = guard_for([upstream.url])
+        for _ in range(3):
+            with socket.create_connection(("127.0.0.1", guard.port)) as sock:
+                sock.sendall(
+                    b"POST /v1/completions HTTP/1.1\r\nHost: guard\r\n"
+                    b"Authorization: Bearer " + DEMO_KEY.encode() + b"\r\n"
+                    b"Content-Type: application/json\r\nContent-Length: 1000\r\n\r\n"
+                    b'{"model": "teacher", "prompt": "'
+                )
+                time.sleep(0.2)
+        time.sleep(0.5)
+        text = guard.metrics()
+        assert metric_value(text, "guard_requests_total", status="500") == 0
+        assert metric_value(text, "guard_requests_total", status="499") == 3
+        assert "unhandled error" not in guard.log()
+        assert httpx.get(guard.url + "/healthz").status_code == 200

@@ -8,8 +8,11 @@ import orjson
 
 from guard_server.canonical import check_messages
 from guard_server.errors import bad_request
-from guard_server.openai_fields import FIELDS, REQUIRED, Endpoint, JsonType
+from guard_server.openai_fields import FIELDS, MINIMUMS, REQUIRED, Endpoint, JsonType
 from guard_server.pipeline.context import RequestContext
+
+INTEGER_RANGE = (-(2**63), 2**64 - 1)
+"""The integers the JSON parser (orjson) reads as integers; it reads a larger one as a float."""
 
 
 def _is_int(value: Any) -> bool:
@@ -29,16 +32,6 @@ _CHECKS = {
     JsonType.ARRAY: lambda v: isinstance(v, list),
     JsonType.STRING_OR_ARRAY: lambda v: isinstance(v, str | list),
     JsonType.STRING_OR_OBJECT: lambda v: isinstance(v, str | dict),
-}
-
-_MINIMUMS = {
-    "max_tokens": 1,
-    "max_completion_tokens": 1,
-    "n": 1,
-    "temperature": 0,
-    "top_logprobs": -1,
-    "prompt_logprobs": -1,
-    "min_tokens": 0,
 }
 
 
@@ -65,15 +58,30 @@ def _check_messages(messages: list[Any]) -> None:
     check_messages(messages)
 
 
-def _check_prompt(prompt: str | list[Any]) -> None:
+def _token_ids(values: list[Any]) -> list[int] | None:
+    """``values`` as token ids (an integral number such as ``5.0`` is ``5``), else None."""
+    if all(_is_int(v) for v in values):
+        return values
+    if all(_is_int(v) or (type(v) is float and v.is_integer() and _exact(v)) for v in values):
+        return [int(v) for v in values]
+    return None
+
+
+def _checked_prompt(prompt: str | list[Any]) -> str | list[Any]:
+    """``prompt`` with its token ids as integers; 400 unless it has one of vLLM's shapes."""
     if isinstance(prompt, str):
-        return
+        return prompt
     if not prompt:
         raise bad_request("`prompt` must not be empty.", param="prompt")
-    if all(isinstance(p, str) for p in prompt) or all(_is_int(p) for p in prompt):
-        return
-    if all(isinstance(p, list) and p and all(_is_int(t) for t in p) for p in prompt):
-        return
+    if all(isinstance(p, str) for p in prompt):
+        return prompt
+    ids = _token_ids(prompt)
+    if ids is not None:
+        return ids
+    if all(isinstance(p, list) and p for p in prompt):
+        batch = [_token_ids(p) for p in prompt]
+        if all(ids is not None for ids in batch):
+            return batch
     raise bad_request(
         "`prompt` must be a string, a list of strings, a list of token ids or a list of "
         "token-id lists.",
@@ -101,6 +109,8 @@ async def validate_request(ctx: RequestContext) -> None:
         if value is None:
             continue
         expected = spec.types[endpoint]
+        if expected is JsonType.INTEGER and type(value) is float and value.is_integer():
+            value = body[name] = _integral(name, value)
         if not _CHECKS[expected](value):
             raise bad_request(
                 f"Invalid type for `{name}`: expected {expected.value}, "
@@ -108,7 +118,7 @@ async def validate_request(ctx: RequestContext) -> None:
                 param=name,
                 code="invalid_type",
             )
-        minimum = _MINIMUMS.get(name)
+        minimum = MINIMUMS.get(name)
         if minimum is not None and value < minimum:
             raise bad_request(
                 f"Invalid value for `{name}`: {value} is below the minimum of {minimum}.",
@@ -121,11 +131,30 @@ async def validate_request(ctx: RequestContext) -> None:
     if endpoint is Endpoint.CHAT:
         _check_messages(body["messages"])
     else:
-        _check_prompt(body["prompt"])
+        body["prompt"] = _checked_prompt(body["prompt"])
     if body.get("stop") is not None:
         _check_stop(body["stop"])
     ctx.model = body["model"]
     ctx.stream = bool(body.get("stream"))
+
+
+def _exact(value: float) -> bool:
+    """An integral float that is exactly the integer the client wrote: one within ±2**53.
+    (Past that, orjson may have read an integer too large for 64 bits into a float.)"""
+    return -(2**53) <= value <= 2**53
+
+
+def _integral(name: str, value: float) -> int:
+    """An integer field sent as an integral number (``5.0``, ``1e3``) is that integer, as
+    JSON Schema and vLLM read it; 400 for one outside INTEGER_RANGE (read as a float)."""
+    if not _exact(value):
+        raise bad_request(
+            f"Invalid value for `{name}`: integers must lie between {INTEGER_RANGE[0]} and "
+            f"{INTEGER_RANGE[1]} (written with a fraction or an exponent, within ±2**53).",
+            param=name,
+            code="invalid_value",
+        )
+    return int(value)
 
 
 def _json_type_name(value: Any) -> str:

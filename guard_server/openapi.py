@@ -1,0 +1,390 @@
+"""The OpenAPI document of the guard's public API, generated from the field table.
+
+Request schemas come from :mod:`guard_server.openai_fields` (each field's JSON type per
+endpoint, its minimum, which fields are required) and the exposure groups tiers allow fields
+by; the shapes of ``messages``, ``prompt`` and ``stop`` are the ones
+:mod:`guard_server.pipeline.validate` checks. Nothing here is written by hand per field, so
+the document cannot drift from what the validator accepts; the fuzz tests
+(``tests/fuzz``) check the rest (responses, errors) against a running guard.
+``guard-server openapi`` prints it; the guard serves it at ``GET /openapi.json``.
+"""
+
+from __future__ import annotations
+
+from functools import cache
+from typing import Any
+
+import orjson
+
+from guard_server import __version__
+from guard_server.canonical import (
+    ANY_ROLE_KEYS,
+    FUNCTION_KEYS,
+    NULLABLE_KEYS,
+    PART_KEYS,
+    ROLE_KEYS,
+    STRING_KEYS,
+    TEXT_OF_PART,
+    TOOL_CALL_KEYS,
+)
+from guard_server.openai_fields import (
+    FIELDS,
+    GROUPS,
+    GUARD_ONLY,
+    MINIMUMS,
+    REQUIRED,
+    Endpoint,
+    FieldSpec,
+    JsonType,
+)
+from guard_server.pipeline.validate import INTEGER_RANGE
+
+OPENAPI_VERSION = "3.1.0"
+
+_JSON_TYPES: dict[JsonType, list[str]] = {
+    JsonType.STRING: ["string"],
+    JsonType.INTEGER: ["integer"],
+    JsonType.NUMBER: ["number"],
+    JsonType.BOOLEAN: ["boolean"],
+    JsonType.OBJECT: ["object"],
+    JsonType.ARRAY: ["array"],
+    JsonType.STRING_OR_ARRAY: ["string", "array"],
+    JsonType.STRING_OR_OBJECT: ["string", "object"],
+    JsonType.INTEGER_OR_BOOLEAN: ["integer", "boolean"],
+}
+
+_GROUP_NOTES = {
+    "openai": "the OpenAI API",
+    "vllm_sampling": "vLLM's sampling extras",
+    "vllm_advanced": "vLLM's extras that reveal model internals or steer the engine",
+}
+
+# What validate.py checks beyond the JSON type (_check_messages, with canonical.py's key
+# tables for messages and content parts; _checked_prompt; _check_stop).
+_INTEGER = {"type": "integer", "minimum": INTEGER_RANGE[0], "maximum": INTEGER_RANGE[1]}
+_TOKEN_IDS = {"type": "array", "minItems": 1, "items": _INTEGER}
+
+
+def _content_part() -> dict[str, Any]:
+    """A string, or an object of a known type with only the keys vLLM reads of it."""
+    parts: list[dict[str, Any]] = [{"type": "string"}]
+    for kind, keys in sorted(PART_KEYS.items()):
+        text_key = TEXT_OF_PART.get(kind)
+        properties: dict[str, Any] = {key: {} for key in sorted(keys)}
+        properties["type"] = {"const": kind}
+        if text_key is not None:
+            properties[text_key] = {"type": "string"}
+        parts.append(
+            {
+                "type": "object",
+                "required": ["type", *([text_key] if text_key else [])],
+                "properties": properties,
+                "additionalProperties": False,
+            }
+        )
+    return {"anyOf": parts}
+
+
+def _message_key(key: str) -> dict[str, Any]:
+    nullable = key in NULLABLE_KEYS
+    if key == "content":
+        return {"anyOf": [{"type": "string"}, {"type": "array", "items": _content_part()},
+                          {"type": "null"}]}  # fmt: skip
+    if key in STRING_KEYS:
+        return {"type": ["string", "null"] if nullable else "string"}
+    if key == "tool_calls":
+        function = {
+            "type": "object",
+            "properties": {name: {} for name in sorted(FUNCTION_KEYS)},
+            "additionalProperties": False,
+        }
+        call = {
+            "type": "object",
+            "required": ["function"],
+            "properties": {**{name: {} for name in sorted(TOOL_CALL_KEYS)}, "function": function},
+            "additionalProperties": False,
+        }
+        return {"type": ["array", "null"], "items": call}
+    if key == "tools":
+        return {"type": ["array", "null"]}
+    return {}
+
+
+def _message(role: dict[str, Any], keys: frozenset[str]) -> dict[str, Any]:
+    properties = {key: _message_key(key) for key in sorted(keys)}
+    properties["role"] = role
+    return {
+        "type": "object",
+        "required": ["role"],
+        "properties": properties,
+        "additionalProperties": False,
+    }
+
+
+def _messages() -> dict[str, Any]:
+    """A non-empty list of messages: a string ``role`` and only the keys vLLM passes on for it."""
+    per_role = [_message({"const": role}, ANY_ROLE_KEYS | keys) for role, keys in ROLE_KEYS.items()]
+    other = {"type": "string", "not": {"enum": sorted(ROLE_KEYS)}}
+    return {
+        "type": "array",
+        "minItems": 1,
+        "items": {"anyOf": [*per_role, _message(other, ANY_ROLE_KEYS)]},
+    }
+
+
+_SHAPES: dict[str, dict[str, Any]] = {
+    "messages": _messages(),
+    "prompt": {
+        "anyOf": [
+            {"type": "string"},
+            {"type": "array", "minItems": 1, "items": {"type": "string"}},
+            _TOKEN_IDS,
+            {"type": "array", "minItems": 1, "items": _TOKEN_IDS},
+        ]
+    },
+    "stop": {
+        "anyOf": [
+            {"type": "string"},
+            {"type": "array", "items": {"type": "string"}},
+            {"type": "null"},
+        ]
+    },
+}
+
+_PATHS = {Endpoint.CHAT: "/v1/chat/completions", Endpoint.COMPLETIONS: "/v1/completions"}
+_REQUEST_SCHEMAS = {
+    Endpoint.CHAT: "ChatCompletionRequest",
+    Endpoint.COMPLETIONS: "CompletionRequest",
+}
+_RESPONSE_SCHEMAS = {Endpoint.CHAT: "ChatCompletion", Endpoint.COMPLETIONS: "Completion"}
+
+# Every status the guard answers a generation request with besides 200, and why.
+_GENERATION_ERRORS = {
+    "400": "The request is malformed, uses a field or value the tier does not allow, or the "
+    "model server rejected it (in the guard's words).",
+    "401": "No API key, or an unknown one.",
+    "403": "The API key is suspended (extraction risk).",
+    "404": "The model does not exist or the tier may not use it.",
+    "408": "The request body did not arrive in time.",
+    "413": "The request body is too large.",
+    "429": "A rate limit of the client is reached.",
+    "502": "The model server failed or its connection broke.",
+    "503": "No model server is available, or rate limiting is unavailable (fail-closed).",
+    "504": "The model server did not answer in time.",
+}
+
+
+def _field_schema(spec: FieldSpec, endpoint: Endpoint, required: bool) -> dict[str, Any]:
+    schema: dict[str, Any] = dict(_SHAPES.get(spec.name) or {})
+    if not schema:
+        types = list(_JSON_TYPES[spec.types[endpoint]])
+        if not required:
+            types.append("null")
+        schema["type"] = types if len(types) > 1 else types[0]
+        if "integer" in types:
+            schema["minimum"], schema["maximum"] = INTEGER_RANGE
+        if spec.name in MINIMUMS:
+            schema["minimum"] = MINIMUMS[spec.name]
+    schema["x-guard-group"] = spec.group
+    return schema
+
+
+def request_schema(endpoint: Endpoint) -> dict[str, Any]:
+    """The JSON schema of one endpoint's request body: every field a client may send."""
+    required = REQUIRED[endpoint]
+    properties = {
+        spec.name: _field_schema(spec, endpoint, spec.name in required)
+        for spec in FIELDS.values()
+        if endpoint in spec.types and spec.group != GUARD_ONLY
+    }
+    groups = "; ".join(f"`@{group}`: {_GROUP_NOTES[group]}" for group in GROUPS)
+    return {
+        "type": "object",
+        "description": "Unknown fields are rejected (400). A tier allows fields by group "
+        f"(`x-guard-group`) or by name ({groups}); a field it does not allow is 400.",
+        "required": list(required),
+        "properties": properties,
+        "additionalProperties": False,
+    }
+
+
+_NULLABLE_STRING = {"type": ["string", "null"]}
+# One server-sent event (OpenAPI 3.1: the schema of an event stream describes each event).
+_SSE_EVENT = {
+    "type": "object",
+    "required": ["data"],
+    "properties": {
+        "data": {
+            "type": "string",
+            "description": "A chunk, an error object (`code`: the HTTP status), or `[DONE]`.",
+        },
+        "event": {"type": "string"},
+    },
+}
+_USAGE = {
+    "type": "object",
+    "required": ["prompt_tokens", "completion_tokens", "total_tokens"],
+    "properties": {
+        "prompt_tokens": {"type": "integer"},
+        "completion_tokens": {"type": "integer"},
+        "total_tokens": {"type": "integer"},
+    },
+}
+
+
+def _completion_object(kind: str, choice: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "type": "object",
+        "required": ["id", "object", "created", "model", "choices"],
+        "properties": {
+            "id": {"type": "string"},
+            "object": {"const": kind},
+            "created": {"type": "integer"},
+            "model": {"type": "string"},
+            "choices": {"type": "array", "items": choice},
+            "usage": {"anyOf": [{"$ref": "#/components/schemas/Usage"}, {"type": "null"}]},
+        },
+    }
+
+
+def _choice(required: list[str], properties: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "type": "object",
+        "required": ["index", "finish_reason", *required],
+        "properties": {
+            "index": {"type": "integer"},
+            "finish_reason": _NULLABLE_STRING,
+            "logprobs": {"type": ["object", "null"]},
+            **properties,
+        },
+    }
+
+
+def _schemas() -> dict[str, Any]:
+    message = {
+        "type": "object",
+        "required": ["role"],
+        "properties": {"role": {"type": "string"}, "content": _NULLABLE_STRING},
+    }
+    return {
+        **{_REQUEST_SCHEMAS[e]: request_schema(e) for e in Endpoint},
+        "ChatCompletion": _completion_object(
+            "chat.completion", _choice(["message"], {"message": message})
+        ),
+        "Completion": _completion_object(
+            "text_completion", _choice(["text"], {"text": {"type": "string"}})
+        ),
+        "Usage": _USAGE,
+        "ModelList": {
+            "type": "object",
+            "required": ["object", "data"],
+            "properties": {
+                "object": {"const": "list"},
+                "data": {"type": "array", "items": {"$ref": "#/components/schemas/Model"}},
+            },
+        },
+        "Model": {
+            "type": "object",
+            "required": ["id", "object", "created", "owned_by"],
+            "properties": {
+                "id": {"type": "string"},
+                "object": {"const": "model"},
+                "created": {"type": "integer"},
+                "owned_by": {"type": "string"},
+            },
+        },
+        "Error": {
+            "type": "object",
+            "description": "Every error, in OpenAI's shape and the guard's own words.",
+            "required": ["error"],
+            "properties": {
+                "error": {
+                    "type": "object",
+                    "required": ["message", "type", "param", "code"],
+                    "properties": {
+                        "message": {"type": "string"},
+                        "type": {"type": "string"},
+                        "param": _NULLABLE_STRING,
+                        "code": _NULLABLE_STRING,
+                    },
+                    "additionalProperties": False,
+                }
+            },
+            "additionalProperties": False,
+        },
+    }
+
+
+def _error_response(description: str) -> dict[str, Any]:
+    return {
+        "description": description,
+        "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}},
+    }
+
+
+def _generation_operation(endpoint: Endpoint) -> dict[str, Any]:
+    name = _REQUEST_SCHEMAS[endpoint]
+    return {
+        "operationId": "create" + _RESPONSE_SCHEMAS[endpoint],
+        "summary": f"OpenAI-compatible {endpoint.value} generation, through the guard",
+        "requestBody": {
+            "required": True,
+            "content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{name}"}}},
+        },
+        "responses": {
+            "200": {
+                "description": "The answer: a JSON object, or with `stream` server-sent events "
+                "(chunks, then `data: [DONE]`; a failure mid-stream is an error event).",
+                "content": {
+                    "application/json": {
+                        "schema": {"$ref": f"#/components/schemas/{_RESPONSE_SCHEMAS[endpoint]}"}
+                    },
+                    "text/event-stream": {"schema": _SSE_EVENT},
+                },
+            },
+            **{status: _error_response(why) for status, why in _GENERATION_ERRORS.items()},
+        },
+    }
+
+
+@cache
+def openapi_document() -> dict[str, Any]:
+    """The OpenAPI 3.1 document of ``/v1/chat/completions``, ``/v1/completions`` and
+    ``/v1/models``."""
+    paths: dict[str, Any] = {_PATHS[e]: {"post": _generation_operation(e)} for e in Endpoint}
+    paths["/v1/models"] = {
+        "get": {
+            "operationId": "listModels",
+            "summary": "The models the caller's tier may use",
+            "responses": {
+                "200": {
+                    "description": "The models.",
+                    "content": {
+                        "application/json": {"schema": {"$ref": "#/components/schemas/ModelList"}}
+                    },
+                },
+                "401": _error_response(_GENERATION_ERRORS["401"]),
+            },
+        }
+    }
+    return {
+        "openapi": OPENAPI_VERSION,
+        "info": {
+            "title": "guard-server",
+            "version": __version__,
+            "description": "The public API of guard-server: an OpenAI-compatible endpoint in "
+            "front of vLLM. Generated from the guard's field table (`guard-server openapi`).",
+        },
+        "paths": paths,
+        "components": {
+            "schemas": _schemas(),
+            "securitySchemes": {"bearerAuth": {"type": "http", "scheme": "bearer"}},
+        },
+        "security": [{"bearerAuth": []}],
+    }
+
+
+@cache
+def openapi_json() -> bytes:
+    """:func:`openapi_document`, serialized (indented, keys in order)."""
+    return orjson.dumps(openapi_document(), option=orjson.OPT_INDENT_2) + b"\n"
