@@ -4,28 +4,11 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import AsyncIterator
-
-import pytest
 
 from guard_server.state.base import LimitSpec, StateStore
-from guard_server.state.memory import MemoryStore
-from guard_server.state.redis import RedisStore
-from guard_server.testing import RedisProcess
 
 CONFIGURED = LimitSpec(requests_per_minute=60, tokens_per_minute=6000)
 TIGHTENED = LimitSpec(requests_per_minute=15, tokens_per_minute=1500)
-
-
-@pytest.fixture(params=["memory", "redis"])
-async def store(request: pytest.FixtureRequest) -> AsyncIterator[StateStore]:
-    if request.param == "memory":
-        yield MemoryStore()
-        return
-    server: RedisProcess = request.getfixturevalue("redis_server")
-    redis_store = RedisStore(server.url, prefix=f"t{uuid.uuid4().hex[:8]}")
-    yield redis_store
-    await redis_store.close()
 
 
 async def test_the_shown_bucket_continues_spends_and_hands_back(store: StateStore) -> None:
