@@ -18,7 +18,7 @@ from guard_server.config.loader import Settings
 from guard_server.config.reload import SettingsHolder
 from guard_server.config.schema import StateSettings, Timeouts, UpstreamSettings
 from guard_server.correlation import correlation_middleware
-from guard_server.errors import GuardError, unauthorized
+from guard_server.errors import GuardError, model_not_found, unauthorized
 from guard_server.generation import GenerationHandler
 from guard_server.metrics import GuardMetrics
 from guard_server.openai_fields import Endpoint
@@ -82,19 +82,33 @@ def _kept_headers(exc: web.HTTPException) -> dict[str, str]:
     return {name: value for name, value in exc.headers.items() if name.lower() == "allow"}
 
 
-async def list_models(request: web.Request) -> web.Response:
-    """``GET /v1/models``: the models the caller's tier may use (never a decoy model)."""
+async def _offered_models(request: web.Request) -> list[dict[str, object]]:
+    """The caller's models as OpenAI model objects: those its tier may use, never a decoy."""
     holder = request.app[SETTINGS]
     ctx = RequestContext(Endpoint.CHAT, holder.current, request.headers, time.perf_counter())
     await authenticate(ctx)
     assert ctx.client is not None
     created = int(holder.current.path.stat().st_mtime)
-    data = [
+    return [
         {"id": name, "object": "model", "created": created, "owned_by": "guard-server"}
         for name in holder.current.public_models
         if ctx.client.tier.may_use(name)
     ]
-    return web.json_response({"object": "list", "data": data})
+
+
+async def list_models(request: web.Request) -> web.Response:
+    """``GET /v1/models``: the models the caller's tier may use (never a decoy model)."""
+    return web.json_response({"object": "list", "data": await _offered_models(request)})
+
+
+async def retrieve_model(request: web.Request) -> web.Response:
+    """``GET /v1/models/{model}``: one entry of the caller's ``/v1/models``; 404 for any
+    other name (unknown, a decoy model, or one its tier may not use: all look alike)."""
+    name = request.match_info["model"]
+    for model in await _offered_models(request):
+        if model["id"] == name:
+            return web.json_response(model)
+    raise model_not_found(name)
 
 
 async def openapi_endpoint(request: web.Request) -> web.Response:
@@ -226,6 +240,7 @@ def build_app(
         handler = GenerationHandler(endpoint, holder, metrics, admitter, scorer, planner, audit)
         app.router.add_post(handler.path, handler)
     app.router.add_get("/v1/models", list_models)
+    app.router.add_get("/v1/models/{model:.+}", retrieve_model)
     app.router.add_get("/openapi.json", openapi_endpoint)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)

@@ -40,6 +40,7 @@ from guard_server.openai_fields import Endpoint
 PROMPT_FIELDS = frozenset({
     "model", "messages", "prompt", "add_generation_prompt", "continue_final_message",
     "add_special_tokens", "truncate_prompt_tokens", "chat_template", "prompt_embeds",
+    "mm_processor_kwargs",
 })  # fmt: skip
 """Fields that shape the prompt the model reads, whatever the chat template."""
 TEMPLATE_FIELDS = frozenset({"tools", "documents", "chat_template_kwargs", "reasoning_effort"})
@@ -49,7 +50,7 @@ SAMPLING_FIELDS = frozenset({
     "presence_penalty", "frequency_penalty", "response_format", "tool_choice",
     "parallel_tool_calls", "logit_bias", "top_k", "min_p", "repetition_penalty",
     "length_penalty", "min_tokens", "stop_token_ids", "ignore_eos", "bad_words",
-    "structured_outputs", "allowed_token_ids", "use_beam_search",
+    "structured_outputs", "allowed_token_ids", "use_beam_search", "thinking_token_budget",
 })  # fmt: skip
 """Fields that change what is sampled (the distribution, or where sampling stops)."""
 OUTPUT_FIELDS = frozenset({

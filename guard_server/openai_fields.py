@@ -1,8 +1,9 @@
 """The request fields the guard knows, their JSON types, endpoints and exposure groups.
 
 vLLM silently ignores unknown fields; the guard rejects them. Every field a client may send
-is listed here. Tiers expose fields by group (``@openai``, ``@vllm_sampling``,
-``@vllm_advanced``) or by name; ``vllm_xargs`` is in no group: only the guard sets it.
+is listed here. Tiers pass fields to vLLM by group (``@openai``, ``@vllm_sampling``,
+``@vllm_advanced``) or by name, and may accept and strip others (``@openai_platform``,
+``@openai_unserved``); ``vllm_xargs`` is in no group: only the guard sets it.
 """
 
 from __future__ import annotations
@@ -37,19 +38,26 @@ CHAT = frozenset({Endpoint.CHAT})
 COMPLETIONS = frozenset({Endpoint.COMPLETIONS})
 
 OPENAI = "openai"
+OPENAI_PLATFORM = "openai_platform"
+OPENAI_UNSERVED = "openai_unserved"
 VLLM_SAMPLING = "vllm_sampling"
 VLLM_ADVANCED = "vllm_advanced"
 GUARD_ONLY = "guard_only"
-GROUPS = (OPENAI, VLLM_SAMPLING, VLLM_ADVANCED)
+GROUPS = (OPENAI, OPENAI_PLATFORM, OPENAI_UNSERVED, VLLM_SAMPLING, VLLM_ADVANCED)
 
 
 @dataclass(frozen=True, slots=True)
 class FieldSpec:
-    """One request field: its type per endpoint, where it is valid and its exposure group."""
+    """One request field: its type per endpoint, where it is valid and its exposure group.
+
+    ``unpassable`` says why the field never reaches vLLM (None: a tier may pass it): a tier
+    either strips it or refuses it, and the refusal names the reason.
+    """
 
     name: str
     types: dict[Endpoint, JsonType]
     group: str
+    unpassable: str | None = None
 
     @property
     def endpoints(self) -> frozenset[Endpoint]:
@@ -59,6 +67,15 @@ class FieldSpec:
 
 def _spec(name: str, json_type: JsonType, endpoints: frozenset[Endpoint], group: str) -> FieldSpec:
     return FieldSpec(name, dict.fromkeys(endpoints, json_type), group)
+
+
+def _unpassable(
+    name: str, json_type: JsonType, endpoints: frozenset[Endpoint], group: str, why: str
+) -> FieldSpec:
+    return FieldSpec(name, dict.fromkeys(endpoints, json_type), group, why)
+
+
+_NOT_IN_VLLM = "vLLM does not implement it"
 
 
 _S, _I, _N, _B = JsonType.STRING, JsonType.INTEGER, JsonType.NUMBER, JsonType.BOOLEAN
@@ -89,6 +106,37 @@ _FIELDS: list[FieldSpec] = [
     _spec("top_logprobs", _I, CHAT, OPENAI),
     _spec("logit_bias", _O, BOTH, OPENAI),
     FieldSpec("logprobs", {Endpoint.CHAT: _B, Endpoint.COMPLETIONS: _I}, OPENAI),
+    # OpenAI platform features with no effect on what a self-hosted model samples (end-user
+    # ids, caching, billing, storage, latency hints): vLLM 0.32 does not implement them.
+    # ``safety_identifier`` (like ``user``) is read first: the audit log's end user.
+    _unpassable("safety_identifier", _S, BOTH, OPENAI_PLATFORM, _NOT_IN_VLLM),
+    _unpassable("prompt_cache_key", _S, BOTH, OPENAI_PLATFORM, _NOT_IN_VLLM),
+    _unpassable("service_tier", _S, BOTH, OPENAI_PLATFORM, _NOT_IN_VLLM),
+    _unpassable("metadata", _O, BOTH, OPENAI_PLATFORM, _NOT_IN_VLLM),
+    _unpassable("store", _B, BOTH, OPENAI_PLATFORM, _NOT_IN_VLLM),
+    _unpassable("verbosity", _S, CHAT, OPENAI_PLATFORM, _NOT_IN_VLLM),
+    _unpassable("prediction", _O, CHAT, OPENAI_PLATFORM, _NOT_IN_VLLM),
+    _unpassable("modalities", _A, CHAT, OPENAI_PLATFORM, _NOT_IN_VLLM),
+    # OpenAI features this endpoint does not serve; dropping them would change the answer.
+    _unpassable("audio", _O, CHAT, OPENAI_UNSERVED, "audio output is not served, only text"),
+    _unpassable("web_search_options", _O, CHAT, OPENAI_UNSERVED, "the model cannot search the web"),
+    _unpassable(
+        "functions", _A, CHAT, OPENAI_UNSERVED, "it is the deprecated form of `tools`: send that"
+    ),
+    _unpassable(
+        "function_call",
+        JsonType.STRING_OR_OBJECT,
+        CHAT,
+        OPENAI_UNSERVED,
+        "it is the deprecated form of `tool_choice`: send that",
+    ),
+    _unpassable(
+        "suffix",
+        _S,
+        COMPLETIONS,
+        OPENAI_UNSERVED,
+        "fill-in-the-middle is not served (the guard's canonical input has no suffix)",
+    ),
     # vLLM sampling extras that reveal nothing beyond the sampled text.
     _spec("top_k", _I, BOTH, VLLM_SAMPLING),
     _spec("min_p", _N, BOTH, VLLM_SAMPLING),
@@ -106,6 +154,7 @@ _FIELDS: list[FieldSpec] = [
     _spec("add_generation_prompt", _B, CHAT, VLLM_SAMPLING),
     _spec("continue_final_message", _B, CHAT, VLLM_SAMPLING),
     _spec("include_reasoning", _B, CHAT, VLLM_SAMPLING),
+    _spec("thinking_token_budget", _I, BOTH, VLLM_SAMPLING),
     # vLLM extras that leak model internals, steer the engine or cost unbounded work.
     _spec("prompt_logprobs", _I, BOTH, VLLM_ADVANCED),
     _spec("logprob_token_ids", _A, BOTH, VLLM_ADVANCED),
@@ -119,6 +168,7 @@ _FIELDS: list[FieldSpec] = [
     _spec("add_special_tokens", _B, BOTH, VLLM_ADVANCED),
     _spec("chat_template", _S, CHAT, VLLM_ADVANCED),
     _spec("chat_template_kwargs", _O, CHAT, VLLM_ADVANCED),
+    _spec("mm_processor_kwargs", _O, CHAT, VLLM_ADVANCED),
     _spec("documents", _A, CHAT, VLLM_ADVANCED),
     _spec("priority", _I, BOTH, VLLM_ADVANCED),
     _spec("request_id", _S, BOTH, VLLM_ADVANCED),
@@ -143,6 +193,7 @@ MINIMUMS: dict[str, int] = {
     "top_logprobs": -1,
     "prompt_logprobs": -1,
     "min_tokens": 0,
+    "thinking_token_budget": -1,
 }
 
 # Numeric fields a tier may bound. ``max_tokens`` also bounds ``max_completion_tokens``;

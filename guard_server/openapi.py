@@ -55,6 +55,8 @@ _JSON_TYPES: dict[JsonType, list[str]] = {
 
 _GROUP_NOTES = {
     "openai": "the OpenAI API",
+    "openai_platform": "OpenAI platform fields vLLM does not implement (strip or refuse)",
+    "openai_unserved": "OpenAI features this endpoint does not serve (refuse or strip)",
     "vllm_sampling": "vLLM's sampling extras",
     "vllm_advanced": "vLLM's extras that reveal model internals or steer the engine",
 }
@@ -186,6 +188,8 @@ def _field_schema(spec: FieldSpec, endpoint: Endpoint, required: bool) -> dict[s
         if spec.name in MINIMUMS:
             schema["minimum"] = MINIMUMS[spec.name]
     schema["x-guard-group"] = spec.group
+    if spec.unpassable is not None:
+        schema["x-guard-never-passed"] = spec.unpassable
     return schema
 
 
@@ -200,8 +204,9 @@ def request_schema(endpoint: Endpoint) -> dict[str, Any]:
     groups = "; ".join(f"`@{group}`: {_GROUP_NOTES[group]}" for group in GROUPS)
     return {
         "type": "object",
-        "description": "Unknown fields are rejected (400). A tier allows fields by group "
-        f"(`x-guard-group`) or by name ({groups}); a field it does not allow is 400.",
+        "description": "Unknown fields are rejected (400). A tier passes fields to vLLM "
+        "(`allow_fields`) or accepts and strips them (`strip_fields`, named in `x-guard-policy`) "
+        f"by group (`x-guard-group`) or by name ({groups}); any other field is 400.",
         "required": list(required),
         "properties": properties,
         "additionalProperties": False,
@@ -349,8 +354,8 @@ def _generation_operation(endpoint: Endpoint) -> dict[str, Any]:
 
 @cache
 def openapi_document() -> dict[str, Any]:
-    """The OpenAPI 3.1 document of ``/v1/chat/completions``, ``/v1/completions`` and
-    ``/v1/models``."""
+    """The OpenAPI 3.1 document of ``/v1/chat/completions``, ``/v1/completions``,
+    ``/v1/models`` and ``/v1/models/{model}``."""
     paths: dict[str, Any] = {_PATHS[e]: {"post": _generation_operation(e)} for e in Endpoint}
     paths["/v1/models"] = {
         "get": {
@@ -364,6 +369,27 @@ def openapi_document() -> dict[str, Any]:
                     },
                 },
                 "401": _error_response(_GENERATION_ERRORS["401"]),
+            },
+        }
+    }
+    paths["/v1/models/{model}"] = {
+        "get": {
+            "operationId": "retrieveModel",
+            "summary": "One model the caller's tier may use",
+            "parameters": [
+                {"name": "model", "in": "path", "required": True, "schema": {"type": "string"}}
+            ],
+            "responses": {
+                "200": {
+                    "description": "The model.",
+                    "content": {
+                        "application/json": {"schema": {"$ref": "#/components/schemas/Model"}}
+                    },
+                },
+                "401": _error_response(_GENERATION_ERRORS["401"]),
+                "404": _error_response(
+                    "No such model, or the caller's tier may not use it (the two look alike)."
+                ),
             },
         }
     }

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import openai
+import pytest
 
 from guard_server.teacher.task import check, completion_prompt, make_problems
 from guard_server.testing import GuardProcess, metric_value
@@ -142,3 +143,70 @@ def test_metrics_count_requests_tokens_and_ttft(client: openai.OpenAI, guard: Gu
     )
     assert metric_value(after, "guard_overhead_seconds_count", endpoint="chat") > 0
     assert "sk-guard" not in after
+
+
+def test_models_retrieve_returns_the_listed_entry(client: openai.OpenAI) -> None:
+    listed = {model.id: model for model in client.models.list()}
+    assert client.models.retrieve("teacher") == listed["teacher"]
+    with pytest.raises(openai.NotFoundError) as caught:
+        client.models.retrieve("no-such-model")
+    error = caught.value.response.json()["error"]
+    assert error["code"] == "model_not_found" and error["type"] == "invalid_request_error"
+
+
+def test_models_retrieve_needs_a_key(guard: GuardProcess) -> None:
+    anonymous = openai.OpenAI(base_url=guard.base_url, api_key="not-a-key", max_retries=0)
+    with pytest.raises(openai.AuthenticationError):
+        anonymous.models.retrieve("teacher")
+
+
+def test_platform_fields_are_accepted_and_stripped_by_name(client: openai.OpenAI) -> None:
+    raw = client.chat.completions.with_raw_response.create(
+        model="teacher",
+        messages=[{"role": "user", "content": PROBLEM.question}],
+        max_tokens=8,
+        user="u1",
+        safety_identifier="u1-hash",
+        service_tier="auto",
+        metadata={"run": "sdk-test"},
+        store=False,
+        prompt_cache_key="k1",
+        verbosity="low",
+    )
+    assert raw.parse().choices[0].message.content
+    stripped = raw.headers["x-guard-policy"].split("; ")
+    for name in ("safety_identifier", "service_tier", "metadata", "store", "prompt_cache_key"):
+        assert f"stripped={name}" in stripped
+    assert "stripped=verbosity" in stripped and "stripped=user" not in stripped
+    completion = client.completions.with_raw_response.create(
+        model="teacher", prompt="2 + 2 =", max_tokens=2, extra_body={"service_tier": "auto"}
+    )
+    assert "stripped=service_tier" in completion.headers["x-guard-policy"]
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "reason"),
+    [
+        ("functions", [{"name": "f", "parameters": {"type": "object"}}], "`tools`"),
+        ("function_call", "auto", "`tool_choice`"),
+        ("web_search_options", {}, "web"),
+        ("audio", {"voice": "alloy", "format": "wav"}, "audio"),
+    ],
+)
+def test_unserved_chat_fields_are_refused_with_the_reason(
+    client: openai.OpenAI, field: str, value: object, reason: str
+) -> None:
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.chat.completions.create(
+            model="teacher", messages=[{"role": "user", "content": "hi"}], **{field: value}
+        )
+    error = caught.value.response.json()["error"]
+    assert error["param"] == field and error["code"] == "parameter_not_allowed"
+    assert reason in error["message"]
+
+
+def test_suffix_is_refused_on_completions(client: openai.OpenAI) -> None:
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.completions.create(model="teacher", prompt="def f(", suffix="return 1")
+    error = caught.value.response.json()["error"]
+    assert error["param"] == "suffix" and "fill-in-the-middle" in error["message"]

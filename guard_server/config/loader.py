@@ -51,6 +51,7 @@ class Tier:
     name: str
     models: frozenset[str] | None  # None: every configured model
     allowed_fields: frozenset[str]
+    stripped_fields: frozenset[str]
     bounds: dict[str, Bound]
     max_prompts: int
     content_parts: frozenset[str]
@@ -184,6 +185,7 @@ def _resolve_tier(name: str, policy: TierPolicy) -> Tier:
         name=name,
         models=models,
         allowed_fields=expand_field_selectors(policy.allow_fields),
+        stripped_fields=expand_field_selectors(policy.strip_fields),
         bounds={name: bound for name, bound in policy.bounds.items() if bound is not None},
         max_prompts=policy.max_prompts,
         content_parts=frozenset(policy.content_parts),

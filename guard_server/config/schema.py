@@ -11,7 +11,13 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from pydantic_core import PydanticCustomError
 
 from guard_server.detection.scoring import DISTINCT_RAMP, EVIDENCE_MIN
-from guard_server.openai_fields import BOUNDABLE, CONTENT_PART_TYPES, expand_field_selectors
+from guard_server.openai_fields import (
+    BOUNDABLE,
+    CONTENT_PART_TYPES,
+    FIELDS,
+    REQUIRED,
+    expand_field_selectors,
+)
 
 _KEY_HASH = re.compile(r"^sha256:[0-9a-f]{64}$")
 SECRET_IN_CONFIG = "secret_in_config"
@@ -455,6 +461,10 @@ class TierPolicy(_Strict):
 
     models: list[str] = ["*"]
     allow_fields: list[str] = ["@openai", "@vllm_sampling"]
+    """Fields passed to vLLM, by group or name."""
+    strip_fields: list[str] = ["@openai_platform"]
+    """Fields accepted and dropped before vLLM, named in ``x-guard-policy``; any field in
+    neither list is 400."""
     bounds: Annotated[dict[str, Bound | None], Field(validate_default=True)] = {}
     """Merged over :data:`DEFAULT_BOUNDS`; a field set to ``null`` is left unbounded."""
     max_prompts: Annotated[int, Field(ge=1)] = 4
@@ -471,11 +481,36 @@ class TierPolicy(_Strict):
     @field_validator("allow_fields")
     @classmethod
     def _known_fields(cls, selectors: list[str]) -> list[str]:
-        expand_field_selectors(selectors)
+        names = expand_field_selectors(selectors)
         for required in ("model",):
-            if required not in expand_field_selectors(selectors):
+            if required not in names:
                 raise ValueError(f"{required!r} must be allowed")
+        for name in sorted(names):
+            why = FIELDS[name].unpassable
+            if why is not None:
+                raise ValueError(
+                    f"{name!r} cannot be passed to vLLM ({why}); list it in strip_fields to "
+                    "accept and drop it, or leave it out to refuse it"
+                )
         return selectors
+
+    @field_validator("strip_fields")
+    @classmethod
+    def _strippable(cls, selectors: list[str]) -> list[str]:
+        names = expand_field_selectors(selectors)
+        required = sorted({name for fields in REQUIRED.values() for name in fields} & names)
+        if required:
+            raise ValueError(f"required fields cannot be stripped: {', '.join(required)}")
+        return selectors
+
+    @model_validator(mode="after")
+    def _pass_or_strip(self) -> TierPolicy:
+        both = expand_field_selectors(self.allow_fields) & expand_field_selectors(self.strip_fields)
+        if both:
+            raise ValueError(
+                f"field(s) {', '.join(sorted(both))} are in both allow_fields and strip_fields"
+            )
+        return self
 
     @field_validator("bounds")
     @classmethod

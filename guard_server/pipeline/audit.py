@@ -116,6 +116,8 @@ class AuditLog:
             "policy": [f"{action}={field}" for action, field in ctx.policy_actions],
             "request_hash": ctx.body_hash,
         }
+        if ctx.end_user is not None:
+            record["end_user"] = ctx.end_user
         if self.settings.include_prompts and ctx.body:
             key = "messages" if ctx.endpoint is Endpoint.CHAT else "prompt"
             record["prompt"] = ctx.body.get(key)

@@ -38,6 +38,7 @@ class RequestContext:
     admission: Admission | None = None
     token_ceiling: int = 0  # the most tokens the request may use (admission's full estimate)
     policy_actions: list[tuple[str, str]] = field(default_factory=list)  # (action, field)
+    end_user: str | None = None  # the client's safety_identifier or user, if it names one
     status: int = 0
     upstream_seconds: float = 0.0
     first_token_at: float | None = None

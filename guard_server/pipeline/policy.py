@@ -8,7 +8,7 @@ import math
 from guard_server.canonical import first_disallowed_part, prompt_count
 from guard_server.config.schema import Bound
 from guard_server.errors import bad_request, model_not_found
-from guard_server.openai_fields import Endpoint
+from guard_server.openai_fields import FIELDS, Endpoint
 from guard_server.pipeline.context import RequestContext
 from guard_server.pipeline.logprob_channel import check_tier_cap, wants_logprobs
 
@@ -23,13 +23,19 @@ async def apply_tier_policy(ctx: RequestContext) -> None:
     body = ctx.body
     if ctx.model not in ctx.settings.public_models or not tier.may_use(ctx.model):
         raise model_not_found(ctx.model)
-    for name in body:
-        if name not in tier.allowed_fields and name != "vllm_xargs":
+    ctx.end_user = _end_user(body)
+    for name in list(body):
+        if name in tier.allowed_fields or name == "vllm_xargs":
+            continue
+        if name not in tier.stripped_fields:
+            why = FIELDS[name].unpassable
             raise bad_request(
-                f"`{name}` is not allowed for tier `{tier.name}`.",
+                f"`{name}` is not allowed for tier `{tier.name}`" + (f": {why}." if why else "."),
                 param=name,
                 code="parameter_not_allowed",
             )
+        del body[name]
+        ctx.note("stripped", name)
     if "vllm_xargs" in body:
         del body["vllm_xargs"]
         ctx.note("stripped", "vllm_xargs")
@@ -45,6 +51,15 @@ async def apply_tier_policy(ctx: RequestContext) -> None:
     check_tier_cap(ctx)
     _apply_logit_bias_policy(ctx)
     _default_max_tokens(ctx)
+
+
+def _end_user(body: dict[str, object]) -> str | None:
+    """The end user the client names: ``safety_identifier``, else ``user`` (None: neither)."""
+    for name in ("safety_identifier", "user"):
+        value = body.get(name)
+        if isinstance(value, str) and value:
+            return value
+    return None
 
 
 def _output_ceiling(ctx: RequestContext, bound: Bound) -> float | None:

@@ -297,6 +297,9 @@ def test_the_decoy_model_is_neither_listed_nor_callable(decoy_model_guard: Guard
             sdk.completions.create(model="teacher-small", prompt="hi", max_tokens=1)
         error = caught.value.response.json()["error"]
         assert error["code"] == "model_not_found" and error["param"] == "model"
+        with pytest.raises(openai.NotFoundError) as caught:
+            sdk.models.retrieve("teacher-small")
+        assert caught.value.response.json()["error"] == error
     # A decoyed client is answered by it, under the name it asked for.
     sdk = _sdk(guard, "routed")
     sdk.completions.create(model="teacher", prompt="hi", max_tokens=1, logprobs=5)
