@@ -30,6 +30,16 @@ def _chunk(text: str) -> bytes:
     )
 
 
+_COMPLETION = {
+    "id": "cmpl-1",
+    "object": "text_completion",
+    "created": 0,
+    "model": "teacher",
+    "choices": [{"index": 0, "text": "ok", "logprobs": None, "finish_reason": "stop"}],
+    "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2},
+}
+
+
 class FaultyUpstream:
     """An OpenAI-like server whose behaviour the test picks with ``mode``.
 
@@ -38,8 +48,10 @@ class FaultyUpstream:
     chunks, then the connection drops), ``flood`` (8 KiB chunks as fast as the guard
     takes them, for up to 60 s), ``reset`` (the connection is reset, TCP RST, as soon as
     the request's headers are in, its body unread), ``not_json`` (200 with a body that is
-    not JSON, or an event stream whose first event is not) and ``error_then_reset`` (a 500
-    whose body is cut off by a reset).
+    not JSON, or an event stream whose first event is not), ``error_then_reset`` (a 500
+    whose body is cut off by a reset) and ``close_reused`` (a connection answers one request,
+    then resets when the next one arrives on it: a kept-alive connection the server was
+    closing as the client reused it).
     """
 
     def __init__(self, mode: str) -> None:
@@ -52,6 +64,7 @@ class FaultyUpstream:
         self._started = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._runner: web.AppRunner | None = None
+        self._served: set[int] = set()  # close_reused: connections that answered once
 
     @property
     def url(self) -> str:
@@ -92,6 +105,14 @@ class FaultyUpstream:
         if self.mode == "reset":
             _reset(request)
             return web.Response()  # never sent: the connection is gone
+        if self.mode == "close_reused":
+            connection = id(request.transport)
+            if connection in self._served:
+                _reset(request)
+                return web.Response()
+            self._served.add(connection)
+            await request.read()
+            return web.json_response(_COMPLETION)
         body = await request.read()
         if self.mode == "not_json":
             if b'"stream":true' in body.replace(b" ", b""):

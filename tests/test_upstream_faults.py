@@ -169,6 +169,19 @@ def test_a_reset_upstream_connection_is_a_502(guard_for, stream: bool, prompt_by
     assert "unhandled error" not in guard.log()
 
 
+def test_a_kept_alive_connection_closed_as_it_is_reused_is_retried_once(guard_for) -> None:  # type: ignore[no-untyped-def]
+    """The race behind issue 20's unexplained 502: the upstream closes an idle kept-alive
+    connection just as the guard sends on it. The guard retries once on a new connection."""
+    with FaultyUpstream("close_reused") as upstream:
+        guard = guard_for([upstream.url])
+        for _ in range(3):
+            assert _complete(guard).choices[0].text == "ok"
+        # the second request met the first one's connection (reset), then a new one; the
+        # third found the pool empty and opened one (without the retry the second is a 502)
+        assert upstream.requests == 4
+    assert "unhandled error" not in guard.log()
+
+
 @pytest.mark.parametrize("mode", ["not_json", "error_then_reset"])
 @pytest.mark.parametrize("stream", [False, True])
 def test_a_garbled_upstream_answer_is_a_502(guard_for, mode: str, stream: bool) -> None:  # type: ignore[no-untyped-def]

@@ -33,8 +33,10 @@ class Endpoint:
 
 _KEEPALIVE_S = 4.0
 """How long an idle upstream connection is kept for reuse: below uvicorn's (vLLM's server)
-5-second keep-alive, so the pool never sends a request on a connection the upstream is
-closing (that race surfaced as 502 ``upstream_disconnected`` under load)."""
+5-second keep-alive, so the pool rarely sends a request on a connection the upstream is
+closing. Rarely, not never: the guard counts idleness from when it has read a response, which
+on a busy guard is seconds after uvicorn sent it; :meth:`ModelUpstream.post` then retries once
+on a new connection."""
 
 
 class ModelUpstream:
@@ -61,20 +63,16 @@ class ModelUpstream:
         self._trace_configs = list(trace_configs)
         self._turn = itertools.count()
         self._session: aiohttp.ClientSession | None = None
+        self._fresh_session: aiohttp.ClientSession | None = None  # one connection per request
         self._probe_session: aiohttp.ClientSession | None = None
         self._health_task: asyncio.Task[None] | None = None
         for endpoint in self.endpoints:
             self._set_health(endpoint, True)
 
-    async def start(self) -> None:
-        """Open the connection pools, probe every endpoint once, then keep probing."""
+    def _open_session(self, connector: aiohttp.TCPConnector) -> aiohttp.ClientSession:
         timeouts = self.settings.timeouts
-        self._session = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(
-                limit=self.settings.max_connections,
-                ttl_dns_cache=300,
-                keepalive_timeout=_KEEPALIVE_S,
-            ),
+        return aiohttp.ClientSession(
+            connector=connector,
             timeout=aiohttp.ClientTimeout(
                 total=timeouts.total, sock_connect=timeouts.connect, sock_read=timeouts.read
             ),
@@ -84,6 +82,17 @@ class ModelUpstream:
             skip_auto_headers=("User-Agent",),
             trace_configs=self._trace_configs or None,
         )
+
+    async def start(self) -> None:
+        """Open the connection pools, probe every endpoint once, then keep probing."""
+        self._session = self._open_session(
+            aiohttp.TCPConnector(
+                limit=self.settings.max_connections,
+                ttl_dns_cache=300,
+                keepalive_timeout=_KEEPALIVE_S,
+            )
+        )
+        self._fresh_session = self._open_session(aiohttp.TCPConnector(force_close=True))
         # Probes have connections of their own: they never wait behind busy requests.
         self._probe_session = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(
@@ -101,7 +110,7 @@ class ModelUpstream:
         if self._health_task is not None:
             self._health_task.cancel()
             await asyncio.gather(self._health_task, return_exceptions=True)
-        for session in (self._session, self._probe_session):
+        for session in (self._session, self._fresh_session, self._probe_session):
             if session is not None:
                 await session.close()
 
@@ -135,14 +144,18 @@ class ModelUpstream:
         Returns the response with its status and headers read; the caller reads the body
         and must release it. Raises an OpenAI-shaped 503/504 when no endpoint answers.
         """
-        assert self._session is not None
+        assert self._session is not None and self._fresh_session is not None
+        all_headers = {**_JSON_HEADERS, **headers} if headers else _JSON_HEADERS
         for endpoint in self._candidates():
+            url = endpoint.url + path
             try:
-                return await self._session.post(
-                    endpoint.url + path,
-                    data=payload,
-                    headers={**_JSON_HEADERS, **headers} if headers else _JSON_HEADERS,
-                )
+                try:
+                    return await self._session.post(url, data=payload, headers=all_headers)
+                except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as exc:
+                    # Closed before any answer: most likely a kept-alive connection the
+                    # upstream was closing as it was reused. Once more, on a new connection.
+                    log.info("upstream %s closed a connection (%s): retrying once", url, exc)
+                    return await self._fresh_session.post(url, data=payload, headers=all_headers)
             except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as exc:
                 self._metrics.upstream_errors.labels("connect").inc()
                 log.warning("upstream %s unreachable: %s", endpoint.url, exc)
