@@ -40,7 +40,8 @@ class Plan:
     action: str  # what is done: pass, tighten, perturb, decoy or block
     assessed: str  # what the risk score calls for (differs from `action` in shadow mode)
     mode: str  # enforce or shadow
-    reason: str  # for operators: the score, its threshold and its largest signals
+    # What `reason` is worded from: worded only when read (the audit log), not per request.
+    basis: tuple[Client, Assessment | None, Pin | None]
     limits: LimitSpec  # what admission applies (tightened from `tighten` on)
     advertised: LimitSpec  # what x-ratelimit-limit-* shows: the client's configured limits
     logprob_cap: int  # the tier's: a flagged client gets as many values back as any other
@@ -48,6 +49,11 @@ class Plan:
     sampling: SamplingPlan
     decoy: DecoyPlan | None
     pin: str | None = None  # allow or deny: an operator's pin decided `action`
+
+    @property
+    def reason(self) -> str:
+        """For operators: the score, its threshold and its largest signals (and any pin)."""
+        return _reason(*self.basis)
 
     @property
     def counted(self) -> tuple[str, str]:
@@ -112,7 +118,7 @@ def make_plan(
         action=action,
         assessed=assessed,
         mode=mode,
-        reason=_reason(client, assessment, pin),
+        basis=(client, assessment, pin),
         limits=client.limits if rank == 0 else _tightened(client.limits, detection.tighten_factor),
         advertised=client.limits,
         logprob_cap=logprob_cap,
