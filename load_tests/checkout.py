@@ -23,6 +23,8 @@ import yaml
 from guard_server.testing import GuardProcess
 
 _UNKNOWN = re.compile(r"^\s+([\w.]+): unknown field", re.MULTILINE)
+_REFUSED_NULL = re.compile(r"^\s+([\w.]+): .*\(got None\)$", re.MULTILINE)
+_REFUSED_FILE = re.compile(r"^error: (\S+?): \d+ invalid field", re.MULTILINE)
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,22 +50,21 @@ class Checkout:
         )
 
     def adapt(self, config: Path) -> None:
-        """Drop the keys of ``config`` that the checkout's schema calls unknown; raise if it
-        still refuses the config."""
-        result = self.check(config)
-        unknown = _UNKNOWN.findall(result.stdout + result.stderr)
-        if unknown:
-            data = yaml.safe_load(config.read_text())
-            for dotted in unknown:
-                *parents, leaf = dotted.split(".")
-                section = data
-                for name in parents:
-                    section = section[name]
-                section.pop(leaf)
-                if len(parents) == 1 and not section:
-                    data.pop(parents[0])
-            config.write_text(yaml.safe_dump(data, sort_keys=False))
+        """Drop the keys the checkout's schema calls unknown, and the nulls it refuses (its
+        default then applies), from ``config`` or the policy file its ``check-config`` names;
+        raise if it still refuses the config."""
+        for _ in range(8):  # one file per pass: the config, then each policy file
             result = self.check(config)
+            output = result.stdout + result.stderr
+            header = _REFUSED_FILE.search(output)
+            dropped = _UNKNOWN.findall(output) + _REFUSED_NULL.findall(output)
+            if result.returncode == 0 or header is None or not dropped:
+                break
+            path = Path(header.group(1))
+            data = yaml.safe_load(path.read_text())
+            for dotted in dropped:
+                _drop(data, dotted.split("."))
+            path.write_text(yaml.safe_dump(data, sort_keys=False))
         if result.returncode != 0:
             raise SystemExit(f"{self.root}: config refused:\n{result.stdout}{result.stderr}")
 
@@ -83,3 +84,16 @@ def guard_process(
     if checkout is None:
         return GuardProcess(config, log_path, port=port)
     return checkout.guard(config, log_path, port=port)
+
+
+def _drop(data: dict, path: list[str]) -> None:
+    """Remove ``data[path]``, and the sections it leaves empty."""
+    *parents, leaf = path
+    sections = [data]
+    for name in parents:
+        sections.append(sections[-1][name])
+    sections[-1].pop(leaf, None)
+    for depth in range(len(parents), 0, -1):
+        if sections[depth]:
+            break
+        sections[depth - 1].pop(parents[depth - 1])
