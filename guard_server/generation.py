@@ -292,9 +292,15 @@ async def _read_body(request: web.Request, ctx: RequestContext) -> bytes:
     declared = request.content_length
     if declared is not None and declared > limit:
         raise _too_large(limit)
+    content = request.content
     try:
-        async with asyncio.timeout(server.body_timeout_s):
-            body = await _read_until_end(request.content, limit)
+        if content.is_eof():  # all of it arrived with the headers: no wait, no timer
+            body = content.read_nowait()
+            if len(body) > limit:
+                raise _too_large(limit)
+        else:
+            async with asyncio.timeout(server.body_timeout_s):
+                body = await _read_until_end(content, limit)
     except TimeoutError:
         raise GuardError(
             408,

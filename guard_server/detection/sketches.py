@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from functools import lru_cache
 
 import numpy as np
 
@@ -54,8 +55,10 @@ def murmur64a(data: bytes, seed: int = _SEED) -> int:
     return h
 
 
+@lru_cache(maxsize=1 << 14)
 def register_of(item: str) -> tuple[int, int]:
-    """The register an item lands in and the value it offers there (``hllPatLen``)."""
+    """The register an item lands in and the value it offers there (``hllPatLen``). Cached:
+    a client's own id comes with each of its requests, and popular prompts repeat."""
     h = murmur64a(item.encode())
     index = h & (REGISTERS - 1)
     rest = (h >> _P) | (1 << _Q)
@@ -88,8 +91,22 @@ def _sigma(x: float) -> float:
             return z
 
 
+@lru_cache(maxsize=REGISTERS + 1)
+def _sigma_term(zeros: int) -> float:
+    """``m * sigma(zeros / m)``: one value per count of empty registers, computed once."""
+    m = float(REGISTERS)
+    return m * _sigma(zeros / m)
+
+
 def estimate(histogram: list[int]) -> int:
     """Redis's ``hllCount`` from a histogram of register values (index 0..Q+1)."""
+    return _estimate(tuple(histogram))
+
+
+@lru_cache(maxsize=4096)
+def _estimate(histogram: tuple[int, ...]) -> int:
+    """:func:`estimate`, cached: a young client's day and week windows and its campaign's
+    prompts often hold the same registers, so one request asks for the same count 2-3 times."""
     m = float(REGISTERS)
     top = _Q
     if not histogram[_Q + 1]:  # then z is 0 until the highest value held: skip to it
@@ -99,7 +116,7 @@ def estimate(histogram: list[int]) -> int:
     for value in range(top, 0, -1):
         z += histogram[value]
         z *= 0.5
-    z += m * _sigma(histogram[0] / m)
+    z += _sigma_term(histogram[0])
     return math.floor(_ALPHA_INF * m * m / z + 0.5)  # llroundl
 
 
