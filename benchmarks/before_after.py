@@ -8,8 +8,9 @@ its own shipped tiers, and this checkout's), the same policy file and clients as
 ``benchmarks.run``. Each round saturates both guards with wrk, the pass-through client and
 the default-tier client, in an order that alternates from round to round, so that the
 machine's drift falls on both sides alike. The report gives each round's req/s and the
-medians of the after/before ratios: a change on the request path is measured as a ratio in
-one run, not as two runs on different days.
+medians of the after/before ratios, of req/s and of requests per CPU-second of the guard
+process (steadier when other work shares the machine): a change on the request path is
+measured as a ratio in one run, not as two runs on different days.
 """
 
 from __future__ import annotations
@@ -77,11 +78,12 @@ def run_rounds(bench: Bench, rounds: int) -> list[dict[str, Any]]:
                     policy=client,
                 )
                 row[f"{side}_{client}_rps"] = round(step["rps"])
+                row[f"{side}_{client}_per_core"] = round(step["rps_per_core"] or 0)
                 row[f"{side}_{client}_errors"] = step["errors"]
         for client in CLIENTS:
-            row[f"{client}_ratio"] = round(
-                row[f"after_{client}_rps"] / row[f"before_{client}_rps"], 3
-            )
+            for measure, name in (("rps", "ratio"), ("per_core", "per_core_ratio")):
+                after, before = row[f"after_{client}_{measure}"], row[f"before_{client}_{measure}"]
+                row[f"{client}_{name}"] = round(after / before, 3) if before else None
         for side in ("before", "after"):
             cost = 1 - row[f"{side}_default_rps"] / row[f"{side}_pass_rps"]
             row[f"{side}_cost_pct"] = round(100 * cost, 1)
@@ -93,7 +95,8 @@ def run_rounds(bench: Bench, rounds: int) -> list[dict[str, Any]]:
 def summarize(rounds: list[dict[str, Any]]) -> dict[str, Any]:
     """Medians over the rounds, with their range."""
     summary: dict[str, Any] = {}
-    for name in ("pass_ratio", "default_ratio", "before_cost_pct", "after_cost_pct"):
+    names = ("pass_ratio", "default_ratio", "pass_per_core_ratio", "default_per_core_ratio")
+    for name in (*names, "before_cost_pct", "after_cost_pct"):
         values = [r[name] for r in rounds]
         median = statistics.median(values)
         summary[name] = {"median": median, "min": min(values), "max": max(values)}
@@ -106,14 +109,15 @@ def markdown(before: Path, after_label: str, rounds: list[dict[str, Any]], summa
         f"before: `{before}`, after: {after_label}",
         "",
         "| round | before pass | after pass | before default | after default "
-        "| pass after/before | default after/before |",
-        "|---:|---:|---:|---:|---:|---:|---:|",
+        "| pass after/before | default after/before | per CPU-second: pass | default |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for index, r in enumerate(rounds, 1):
         lines.append(
             f"| {index} | {r['before_pass_rps']} | {r['after_pass_rps']} | "
             f"{r['before_default_rps']} | {r['after_default_rps']} | "
-            f"{r['pass_ratio']:.3f} | {r['default_ratio']:.3f} |"
+            f"{r['pass_ratio']:.3f} | {r['default_ratio']:.3f} | "
+            f"{r['pass_per_core_ratio']} | {r['default_per_core_ratio']} |"
         )
     lines.append("")
     for name, s in summary.items():
