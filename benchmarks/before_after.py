@@ -98,7 +98,7 @@ def summarize(rounds: list[dict[str, Any]]) -> dict[str, Any]:
     names = ("pass_ratio", "default_ratio", "pass_per_core_ratio", "default_per_core_ratio")
     for name in (*names, "before_cost_pct", "after_cost_pct"):
         values = [r[name] for r in rounds]
-        median = statistics.median(values)
+        median = round(statistics.median(values), 3)
         summary[name] = {"median": median, "min": min(values), "max": max(values)}
     return summary
 
