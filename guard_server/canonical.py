@@ -38,7 +38,7 @@ from guard_server.openai_fields import Endpoint
 # --------------------------------------------------------------------------- request fields
 
 PROMPT_FIELDS = frozenset({
-    "model", "messages", "prompt", "add_generation_prompt", "continue_final_message",
+    "model", "messages", "prompt", "input", "add_generation_prompt", "continue_final_message",
     "add_special_tokens", "truncate_prompt_tokens", "chat_template", "prompt_embeds",
     "mm_processor_kwargs",
 })  # fmt: skip
@@ -58,7 +58,7 @@ OUTPUT_FIELDS = frozenset({
     "logprob_token_ids", "echo", "return_tokens_as_token_ids", "return_token_ids",
     "include_stop_str_in_output", "skip_special_tokens", "spaces_between_special_tokens",
     "include_reasoning", "kv_transfer_params", "priority", "request_id", "cache_salt",
-    "vllm_xargs",
+    "vllm_xargs", "encoding_format", "dimensions",
 })  # fmt: skip
 """Fields that change only what is returned or how: never part of an identity."""
 
@@ -70,6 +70,7 @@ _PROMPT_DEFAULTS: dict[Endpoint, dict[str, Any]] = {
         "add_special_tokens": False,
     },
     Endpoint.COMPLETIONS: {"add_special_tokens": True},
+    Endpoint.EMBEDDINGS: {"add_special_tokens": True},
 }
 
 # --------------------------------------------------------------------------- chat messages
@@ -300,7 +301,7 @@ def _template_inputs(messages: list[dict[str, Any]]) -> list[dict[str, Any]] | N
     return inputs if any(inputs) else None
 
 
-_SHAPING_FIELDS = PROMPT_FIELDS - {"model", "messages", "prompt"}
+_SHAPING_FIELDS = PROMPT_FIELDS - {"model", "messages", "prompt", "input"}
 _ENDPOINT_NAMES = {endpoint: endpoint.value for endpoint in Endpoint}  # Enum.value is slow
 
 
@@ -335,7 +336,7 @@ def canonical_input(endpoint: Endpoint, body: dict[str, Any]) -> CanonicalInput:
         )
         prompt_texts: tuple[str, ...] = ()
     else:
-        prompts = prompt_list(body["prompt"])
+        prompts = prompt_list(body["input" if endpoint is Endpoint.EMBEDDINGS else "prompt"])
         identities = tuple(_digest(_dumps([*head, prompt])) for prompt in prompts)
         texts = ()
         prompt_texts = tuple(p if isinstance(p, str) else orjson.dumps(p).decode() for p in prompts)
@@ -364,7 +365,8 @@ def prompt_list(prompt: str | list[Any]) -> list[str | list[int]]:
 
 
 def prompt_count(endpoint: Endpoint, body: dict[str, Any]) -> int:
-    """How many prompts a validated request batches (chat: always one)."""
+    """How many prompts a validated request batches (chat: always one; embeddings: each
+    input)."""
     if endpoint is Endpoint.CHAT:
         return 1
-    return len(prompt_list(body["prompt"]))
+    return len(prompt_list(body["input" if endpoint is Endpoint.EMBEDDINGS else "prompt"]))

@@ -1,4 +1,5 @@
-"""The generation endpoints: run the pipeline around one upstream call, streaming or not."""
+"""The model endpoints (chat, completions, embeddings): run the pipeline around one upstream
+call, streaming or not."""
 
 from __future__ import annotations
 
@@ -24,12 +25,18 @@ from guard_server.pipeline.audit import AuditLog
 from guard_server.pipeline.auth import authenticate
 from guard_server.pipeline.canonicalize import canonicalize
 from guard_server.pipeline.context import RequestContext
+from guard_server.pipeline.embedding_channel import MalformedEmbeddings, embedding_request
 from guard_server.pipeline.plan import Planner
 from guard_server.pipeline.policy import apply_tier_policy
 from guard_server.pipeline.record import record
 from guard_server.pipeline.rewrite import rewrite_for_upstream
 from guard_server.pipeline.score import RiskScorer
-from guard_server.pipeline.transform import carries_token, transform_chunk, transform_response
+from guard_server.pipeline.transform import (
+    carries_token,
+    transform_chunk,
+    transform_embeddings,
+    transform_response,
+)
 from guard_server.pipeline.upstream_errors import client_error
 from guard_server.pipeline.validate import parse_json_object, validate_request
 from guard_server.upstream.pool import ModelUpstream
@@ -39,7 +46,11 @@ log = logging.getLogger(__name__)
 Stage = Callable[[RequestContext], Awaitable[None]]
 
 
-_PATHS = {Endpoint.CHAT: "/v1/chat/completions", Endpoint.COMPLETIONS: "/v1/completions"}
+_PATHS = {
+    Endpoint.CHAT: "/v1/chat/completions",
+    Endpoint.COMPLETIONS: "/v1/completions",
+    Endpoint.EMBEDDINGS: "/v1/embeddings",
+}
 _SSE_HEADERS = {
     "Content-Type": "text/event-stream; charset=utf-8",
     "Cache-Control": "no-cache",
@@ -49,7 +60,7 @@ _DONE = b"data: [DONE]\n\n"
 
 
 class GenerationHandler:
-    """Serves one generation endpoint through the pipeline."""
+    """Serves one model endpoint through the pipeline."""
 
     def __init__(
         self,
@@ -119,8 +130,15 @@ class GenerationHandler:
         for stage in self.stages:
             await stage(ctx)
         assert ctx.plan is not None
-        upstream = request.app[UPSTREAMS].get(ctx.plan.upstream_model or ctx.model)
-        payload = rewrite_for_upstream(ctx, upstream.served_model, upstream.settings.guard_plugin)
+        if self.endpoint is Endpoint.EMBEDDINGS:
+            # no decoy model, no sampling: the vectors are hardened on the way back
+            upstream = request.app[UPSTREAMS].get(ctx.model)
+            payload = embedding_request(ctx, upstream.served_model)
+        else:
+            upstream = request.app[UPSTREAMS].get(ctx.plan.upstream_model or ctx.model)
+            payload = rewrite_for_upstream(
+                ctx, upstream.served_model, upstream.settings.guard_plugin
+            )
         assert ctx.correlation is not None
         headers = {
             **ctx.response_headers,
@@ -154,7 +172,13 @@ class GenerationHandler:
         body = _json_object(data)
         if body is None:
             raise _malformed(data, self.metrics)
-        transform_response(ctx, body)
+        if self.endpoint is Endpoint.EMBEDDINGS:
+            try:
+                transform_embeddings(ctx, body)
+            except MalformedEmbeddings:
+                raise _malformed(data, self.metrics) from None
+        else:
+            transform_response(ctx, body)
         return web.Response(
             body=orjson.dumps(body), content_type="application/json", headers=headers
         )

@@ -27,15 +27,19 @@ class JsonType(Enum):
 
 
 class Endpoint(Enum):
-    """The two generation endpoints."""
+    """The endpoints that take a model input: the two generation endpoints and embeddings."""
 
     CHAT = "chat"
     COMPLETIONS = "completions"
+    EMBEDDINGS = "embeddings"
 
 
 BOTH = frozenset({Endpoint.CHAT, Endpoint.COMPLETIONS})
+"""The generation endpoints."""
 CHAT = frozenset({Endpoint.CHAT})
 COMPLETIONS = frozenset({Endpoint.COMPLETIONS})
+EMBEDDINGS = frozenset({Endpoint.EMBEDDINGS})
+EVERY = BOTH | EMBEDDINGS
 
 OPENAI = "openai"
 OPENAI_PLATFORM = "openai_platform"
@@ -83,7 +87,7 @@ _O, _A = JsonType.OBJECT, JsonType.ARRAY
 
 _FIELDS: list[FieldSpec] = [
     # The OpenAI API itself.
-    _spec("model", _S, BOTH, OPENAI),
+    _spec("model", _S, EVERY, OPENAI),
     _spec("messages", _A, CHAT, OPENAI),
     _spec("prompt", JsonType.STRING_OR_ARRAY, COMPLETIONS, OPENAI),
     _spec("max_tokens", _I, BOTH, OPENAI),
@@ -97,7 +101,7 @@ _FIELDS: list[FieldSpec] = [
     _spec("seed", _I, BOTH, OPENAI),
     _spec("presence_penalty", _N, BOTH, OPENAI),
     _spec("frequency_penalty", _N, BOTH, OPENAI),
-    _spec("user", _S, BOTH, OPENAI),
+    _spec("user", _S, EVERY, OPENAI),
     _spec("response_format", _O, BOTH, OPENAI),
     _spec("tools", _A, CHAT, OPENAI),
     _spec("tool_choice", JsonType.STRING_OR_OBJECT, CHAT, OPENAI),
@@ -106,6 +110,11 @@ _FIELDS: list[FieldSpec] = [
     _spec("top_logprobs", _I, CHAT, OPENAI),
     _spec("logit_bias", _O, BOTH, OPENAI),
     FieldSpec("logprobs", {Endpoint.CHAT: _B, Endpoint.COMPLETIONS: _I}, OPENAI),
+    # Embeddings: the guard asks vLLM for floats and encodes base64 itself (the tier's
+    # vector defence works on the floats).
+    _spec("input", JsonType.STRING_OR_ARRAY, EMBEDDINGS, OPENAI),
+    _spec("encoding_format", _S, EMBEDDINGS, OPENAI),
+    _spec("dimensions", _I, EMBEDDINGS, OPENAI),
     # OpenAI platform features with no effect on what a self-hosted model samples (end-user
     # ids, caching, billing, storage, latency hints): vLLM 0.32 does not implement them.
     # ``safety_identifier`` (like ``user``) is read first: the audit log's end user.
@@ -165,12 +174,12 @@ _FIELDS: list[FieldSpec] = [
     _spec("use_beam_search", _B, BOTH, VLLM_ADVANCED),
     _spec("prompt_embeds", JsonType.STRING_OR_ARRAY, COMPLETIONS, VLLM_ADVANCED),
     _spec("kv_transfer_params", _O, BOTH, VLLM_ADVANCED),
-    _spec("add_special_tokens", _B, BOTH, VLLM_ADVANCED),
+    _spec("add_special_tokens", _B, EVERY, VLLM_ADVANCED),
     _spec("chat_template", _S, CHAT, VLLM_ADVANCED),
     _spec("chat_template_kwargs", _O, CHAT, VLLM_ADVANCED),
     _spec("mm_processor_kwargs", _O, CHAT, VLLM_ADVANCED),
     _spec("documents", _A, CHAT, VLLM_ADVANCED),
-    _spec("priority", _I, BOTH, VLLM_ADVANCED),
+    _spec("priority", _I, EVERY, VLLM_ADVANCED),
     _spec("request_id", _S, BOTH, VLLM_ADVANCED),
     _spec("cache_salt", _S, BOTH, VLLM_ADVANCED),
     # Parameters for the guard's own vLLM plugin: set by the guard, never by a client.
@@ -182,7 +191,11 @@ FIELDS: dict[str, FieldSpec] = {spec.name: spec for spec in _FIELDS}
 REQUIRED: dict[Endpoint, tuple[str, ...]] = {
     Endpoint.CHAT: ("model", "messages"),
     Endpoint.COMPLETIONS: ("model", "prompt"),
+    Endpoint.EMBEDDINGS: ("model", "input"),
 }
+
+ENCODING_FORMATS = ("float", "base64")
+"""The ``encoding_format`` values of ``/v1/embeddings`` (base64: little-endian float32)."""
 
 # The smallest value a numeric field may take (-1 for logprob counts: vLLM's "all").
 MINIMUMS: dict[str, int] = {
@@ -194,6 +207,7 @@ MINIMUMS: dict[str, int] = {
     "prompt_logprobs": -1,
     "min_tokens": 0,
     "thinking_token_budget": -1,
+    "dimensions": 1,
 }
 
 # Numeric fields a tier may bound. ``max_tokens`` also bounds ``max_completion_tokens``;

@@ -19,6 +19,7 @@ from guard_server.config.schema import (
     Bound,
     ClientEntry,
     DetectionPolicy,
+    EmbeddingsPolicy,
     GuardConfig,
     LogitBiasPolicy,
     LogprobPolicy,
@@ -61,6 +62,7 @@ class Tier:
     seed: str
     detection: DetectionPolicy
     sampling: SamplingPolicy
+    embeddings: EmbeddingsPolicy
 
     def may_use(self, model: str) -> bool:
         """Whether this tier may call ``model``."""
@@ -195,6 +197,7 @@ def _resolve_tier(name: str, policy: TierPolicy) -> Tier:
         seed=policy.seed,
         detection=policy.detection,
         sampling=policy.sampling,
+        embeddings=policy.embeddings,
     )
 
 

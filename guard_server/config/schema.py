@@ -366,6 +366,26 @@ class SamplingPolicy(_Strict):
     watermark: Watermark = Watermark()
 
 
+class EmbeddingsPolicy(_Strict):
+    """What ``/v1/embeddings`` returns to one tier (guard_server.defences.embeddings).
+
+    Embeddings are an extraction channel: a copy model can be trained on the vectors. The
+    noise is keyed by the server secret, the client and the input's canonical identity, so
+    repeating an input returns the same vector and averaging repeats gains nothing.
+    """
+
+    noise: Annotated[float, Field(ge=0, le=2)] = 0.0
+    """Keyed Gaussian noise, as a fraction of the vector's norm (``0.05``: a noise vector
+    about 5 % as long as the embedding); ``0``: off."""
+    flagged_noise: Annotated[float, Field(ge=0, le=2)] = 0.0
+    """The noise from the ``perturb`` action on (the larger of this and ``noise``)."""
+    quantize_bits: Annotated[int, Field(ge=1, le=16)] | None = None
+    """Round each coordinate to one of 2**bits levels over the vector's range; unset: off."""
+    max_inputs: Annotated[int, Field(ge=1, le=2048)] = 256
+    """Inputs one request may carry (``input`` as a list); more is 400. Each counts as one
+    request in the rate limits."""
+
+
 class ActionThresholds(_Strict):
     """Risk scores (0..1) from which each action applies."""
 
@@ -477,6 +497,7 @@ class TierPolicy(_Strict):
     limits: RateLimits = RateLimits()
     detection: DetectionPolicy = DetectionPolicy()
     sampling: SamplingPolicy = SamplingPolicy()
+    embeddings: EmbeddingsPolicy = EmbeddingsPolicy()
 
     @field_validator("allow_fields")
     @classmethod

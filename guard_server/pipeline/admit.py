@@ -26,7 +26,7 @@ from guard_server.state.base import Admission, LimitSpec, StateStore, StateUnava
 log = logging.getLogger(__name__)
 
 _CHARS_PER_TOKEN = 4
-_DEFAULT_COMPLETION = {Endpoint.CHAT: 256, Endpoint.COMPLETIONS: 16}
+_DEFAULT_COMPLETION = {Endpoint.CHAT: 256, Endpoint.COMPLETIONS: 16, Endpoint.EMBEDDINGS: 0}
 _DEFAULTED_RESERVATION = _DEFAULT_COMPLETION[Endpoint.CHAT]
 """Completion tokens reserved per choice for a ``max_tokens`` the guard filled in."""
 
@@ -54,7 +54,8 @@ def _prompt_estimate(ctx: RequestContext) -> int:
     assert canonical is not None
     if ctx.endpoint is Endpoint.CHAT:
         return sum(len(text) for _, text in canonical.turns) // _CHARS_PER_TOKEN + 1
-    return sum(_prompt_tokens(prompt) for prompt in prompt_list(ctx.body["prompt"]))
+    field = "input" if ctx.endpoint is Endpoint.EMBEDDINGS else "prompt"
+    return sum(_prompt_tokens(prompt) for prompt in prompt_list(ctx.body[field]))
 
 
 def _choices(ctx: RequestContext) -> int:

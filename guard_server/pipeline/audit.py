@@ -27,6 +27,11 @@ from guard_server.openai_fields import Endpoint
 from guard_server.pipeline.context import RequestContext
 
 STDOUT = "-"
+_PROMPT_KEYS = {
+    Endpoint.CHAT: "messages",
+    Endpoint.COMPLETIONS: "prompt",
+    Endpoint.EMBEDDINGS: "input",
+}
 
 
 def worker_audit_path(path: str, worker: int | None) -> str:
@@ -119,7 +124,7 @@ class AuditLog:
         if ctx.end_user is not None:
             record["end_user"] = ctx.end_user
         if self.settings.include_prompts and ctx.body:
-            key = "messages" if ctx.endpoint is Endpoint.CHAT else "prompt"
+            key = _PROMPT_KEYS[ctx.endpoint]
             record["prompt"] = ctx.body.get(key)
         self._sink.write(orjson.dumps(record))
 

@@ -106,15 +106,20 @@ def _check_content_parts(ctx: RequestContext) -> None:
 
 
 def _check_prompt_count(ctx: RequestContext) -> None:
-    """A batched completions request may carry at most the tier's ``max_prompts`` prompts."""
+    """A batched completions request may carry at most the tier's ``max_prompts`` prompts,
+    an embeddings request at most its ``embeddings.max_inputs`` inputs."""
     assert ctx.client is not None
     tier = ctx.client.tier
     prompts = prompt_count(ctx.endpoint, ctx.body)
-    if prompts > tier.max_prompts:
+    if ctx.endpoint is Endpoint.EMBEDDINGS:
+        field, most, what = "input", tier.embeddings.max_inputs, "inputs"
+    else:
+        field, most, what = "prompt", tier.max_prompts, "prompts"
+    if prompts > most:
         raise bad_request(
-            f"`prompt` batches {prompts} prompts; tier `{tier.name}` allows at most "
-            f"{tier.max_prompts} per request. Send them in several requests.",
-            param="prompt",
+            f"`{field}` batches {prompts} {what}; tier `{tier.name}` allows at most "
+            f"{most} per request. Send them in several requests.",
+            param=field,
             code="value_out_of_range",
         )
 

@@ -8,6 +8,7 @@ from typing import Any
 
 from guard_server.pipeline.context import RequestContext
 from guard_server.pipeline.defences import DEFENCES
+from guard_server.pipeline.embedding_channel import harden_embeddings
 from guard_server.pipeline.fingerprint import system_fingerprint
 from guard_server.pipeline.logprob_channel import harden_prompt_logprobs
 
@@ -41,6 +42,14 @@ def transform_response(ctx: RequestContext, body: dict[str, Any]) -> None:
     if body.get("prompt_logprobs"):  # chat's, for the whole response (vLLM refuses it on streams)
         harden_prompt_logprobs(ctx, 0, body["prompt_logprobs"])
     _defend(ctx, body, streaming=False)
+
+
+def transform_embeddings(ctx: RequestContext, body: dict[str, Any]) -> None:
+    """Rewrite an embeddings response in place: the public model name, usage accounting
+    and the tier's vector hardening (raises MalformedEmbeddings on a malformed answer)."""
+    body["model"] = ctx.model
+    _take_usage(ctx, body)
+    harden_embeddings(ctx, body)
 
 
 def transform_chunk(ctx: RequestContext, chunk: dict[str, Any]) -> bool:

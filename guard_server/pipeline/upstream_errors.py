@@ -60,7 +60,7 @@ def _field_of(endpoint: Endpoint, param: str | None, sent: dict[str, Any]) -> st
     path = param.removeprefix("body.")
     head, _, rest = path.partition(".")
     if head == "input_tokens":
-        return "messages" if endpoint is Endpoint.CHAT else "prompt"
+        return _prompt_field(endpoint)
     if head == "logprobs" and endpoint is Endpoint.CHAT:
         return "top_logprobs"
     if head == "max_tokens" and "max_completion_tokens" in sent and "max_tokens" not in sent:
@@ -92,8 +92,15 @@ class _Rule:
     param: Callable[[str | None, Endpoint], str | None] = lambda field, endpoint: field
 
 
+_PROMPT_FIELDS = {
+    Endpoint.CHAT: "messages",
+    Endpoint.COMPLETIONS: "prompt",
+    Endpoint.EMBEDDINGS: "input",
+}
+
+
 def _prompt_field(endpoint: Endpoint) -> str:
-    return "messages" if endpoint is Endpoint.CHAT else "prompt"
+    return _PROMPT_FIELDS[endpoint]
 
 
 def _context_wording(field: str | None, endpoint: Endpoint) -> str:
@@ -129,10 +136,13 @@ _RULES: tuple[_Rule, ...] = (
     _Rule(
         re.compile(r"out[- ]of[- ]vocab", re.I),
         lambda field, endpoint: (
-            f"{_named(field, 'The prompt')} contains a token id this model does not have."
+            f"{_named(field, 'The input' if endpoint is Endpoint.EMBEDDINGS else 'The prompt')}"
+            " contains a token id this model does not have."
         ),
         "invalid_token_id",
-        lambda field, endpoint: field or (None if endpoint is Endpoint.CHAT else "prompt"),
+        lambda field, endpoint: (
+            field or (None if endpoint is Endpoint.CHAT else _prompt_field(endpoint))
+        ),
     ),
     _Rule(
         re.compile(r"context length|max_model_len|model_max_length|maximum model length", re.I),
@@ -148,6 +158,14 @@ _RULES: tuple[_Rule, ...] = (
         ),
         "value_out_of_range",
         lambda field, endpoint: _logprobs_field(field, endpoint),
+    ),
+    _Rule(
+        re.compile(r"matryoshka|dimensions", re.I),
+        lambda field, endpoint: (
+            "This model returns vectors of one size only: leave `dimensions` unset."
+        ),
+        "invalid_value",
+        lambda field, endpoint: "dimensions",
     ),
     _Rule(
         re.compile(r"n must be 1 when using greedy sampling", re.I),
@@ -223,6 +241,14 @@ def _worded(
 ) -> GuardError:
     status = 400 if rejection.status == 422 else rejection.status
     if status == 404:
+        if endpoint is Endpoint.EMBEDDINGS:
+            # vLLM serves /v1/embeddings only for a pooling model (`--convert embed`)
+            return GuardError(
+                400,
+                f"The model `{model}` does not serve embeddings.",
+                param="model",
+                code="model_not_supported",
+            )
         return model_not_found(model)
     field = _field_of(endpoint, rejection.param, sent)
     for rule in _RULES:

@@ -8,7 +8,14 @@ import orjson
 
 from guard_server.canonical import check_messages
 from guard_server.errors import bad_request
-from guard_server.openai_fields import FIELDS, MINIMUMS, REQUIRED, Endpoint, JsonType
+from guard_server.openai_fields import (
+    ENCODING_FORMATS,
+    FIELDS,
+    MINIMUMS,
+    REQUIRED,
+    Endpoint,
+    JsonType,
+)
 from guard_server.pipeline.context import RequestContext
 
 INTEGER_RANGE = (-(2**63), 2**64 - 1)
@@ -67,12 +74,13 @@ def _token_ids(values: list[Any]) -> list[int] | None:
     return None
 
 
-def _checked_prompt(prompt: str | list[Any]) -> str | list[Any]:
-    """``prompt`` with its token ids as integers; 400 unless it has one of vLLM's shapes."""
+def _checked_prompt(prompt: str | list[Any], name: str = "prompt") -> str | list[Any]:
+    """``prompt`` (or embeddings' ``input``: ``name``) with its token ids as integers; 400
+    unless it has one of vLLM's shapes."""
     if isinstance(prompt, str):
         return prompt
     if not prompt:
-        raise bad_request("`prompt` must not be empty.", param="prompt")
+        raise bad_request(f"`{name}` must not be empty.", param=name)
     if all(isinstance(p, str) for p in prompt):
         return prompt
     ids = _token_ids(prompt)
@@ -83,15 +91,26 @@ def _checked_prompt(prompt: str | list[Any]) -> str | list[Any]:
         if all(ids is not None for ids in batch):
             return batch
     raise bad_request(
-        "`prompt` must be a string, a list of strings, a list of token ids or a list of "
+        f"`{name}` must be a string, a list of strings, a list of token ids or a list of "
         "token-id lists.",
-        param="prompt",
+        param=name,
     )
 
 
 def _check_stop(stop: str | list[Any]) -> None:
     if isinstance(stop, list) and not all(isinstance(s, str) for s in stop):
         raise bad_request("`stop` must be a string or a list of strings.", param="stop")
+
+
+def _check_encoding_format(value: str | None) -> None:
+    if value is not None and value not in ENCODING_FORMATS:
+        raise bad_request(
+            f"Invalid value for `encoding_format`: {value!r}; use "
+            + " or ".join(f"'{name}'" for name in ENCODING_FORMATS)
+            + ".",
+            param="encoding_format",
+            code="invalid_value",
+        )
 
 
 async def validate_request(ctx: RequestContext) -> None:
@@ -130,6 +149,9 @@ async def validate_request(ctx: RequestContext) -> None:
             raise bad_request(f"Missing required parameter: `{name}`.", param=name)
     if endpoint is Endpoint.CHAT:
         _check_messages(body["messages"])
+    elif endpoint is Endpoint.EMBEDDINGS:
+        body["input"] = _checked_prompt(body["input"], "input")
+        _check_encoding_format(body.get("encoding_format"))
     else:
         body["prompt"] = _checked_prompt(body["prompt"])
     if body.get("stop") is not None:

@@ -18,6 +18,7 @@ import pytest
 from guard_server.state.base import StateStore
 from guard_server.state.memory import MemoryStore
 from guard_server.state.redis import RedisStore
+from guard_server.teacher import MODEL_DIR
 from guard_server.testing.config import (
     DEMO_KEY,
     TRUSTED_KEY,
@@ -39,6 +40,16 @@ def vllm_url(artifacts: Path) -> Iterator[str]:
     """Real vLLM (CPU) serving the bundled teacher (or GUARD_TEST_MODEL_DIR), started once per
     session. Set GUARD_TEST_VLLM_URL to reuse a vLLM you already run."""
     with serving_vllm(model_dir_under_test(), artifacts / "vllm.log", "GUARD_TEST_VLLM_URL") as url:
+        yield url
+
+
+@pytest.fixture(scope="session")
+def embedding_vllm_url(artifacts: Path) -> Iterator[str]:
+    """Real vLLM (CPU) serving the bundled teacher converted to an embedding model
+    (``teacher-embed``), started once per session by the first test that needs it. Set
+    GUARD_TEST_EMBED_URL to reuse one you already run."""
+    log = artifacts / "vllm-embed.log"
+    with serving_vllm(MODEL_DIR, log, "GUARD_TEST_EMBED_URL", embeddings=True) as url:
         yield url
 
 

@@ -10,7 +10,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from guard_server.teacher import SERVED_MODEL_NAME
+from guard_server.teacher import EMBEDDING_MODEL_NAME, EMBEDDING_VLLM_ARGS, SERVED_MODEL_NAME
 from guard_server.testing.child import ChildProcess, free_port
 from guard_server.upstream.vllm_process import VllmProcess
 
@@ -68,17 +68,22 @@ def vllm_process(
     max_model_len: int = 256,
     extra_args: list[str] | None = None,
     env: dict[str, str] | None = None,
+    embeddings: bool = False,
 ) -> VllmProcess:
     """Real vLLM (not started yet) serving ``model_dir`` as ``teacher`` on a free port (of
-    ``ports`` if given), its context length ``max_model_len`` capped by the model's own."""
+    ``ports`` if given), its context length ``max_model_len`` capped by the model's own.
+    With ``embeddings``, converted to a pooling model and served as ``teacher-embed`` on
+    ``/v1/embeddings`` instead."""
     config = json.loads((Path(model_dir) / "config.json").read_text())
     positions = int(config.get("max_position_embeddings") or max_model_len)
+    name = EMBEDDING_MODEL_NAME if embeddings else SERVED_MODEL_NAME
+    convert = list(EMBEDDING_VLLM_ARGS) if embeddings else []
     return VllmProcess(
         model_dir,
-        SERVED_MODEL_NAME,
+        name,
         port=free_port(ports),
         max_model_len=min(max_model_len, positions),
-        extra_args=extra_args,
+        extra_args=[*convert, *(extra_args or [])],
         log_path=log_path,
         env=env,
     )
@@ -96,14 +101,17 @@ def running_vllm(process: VllmProcess, timeout_s: float = 600.0) -> Iterator[flo
 
 
 @contextlib.contextmanager
-def serving_vllm(model_dir: Path, log_path: Path, reuse_env: str) -> Iterator[str]:
-    """The base URL (no ``/v1``) of real vLLM serving ``model_dir``: the one the environment
-    variable ``reuse_env`` names when it is set (to reuse one you run), else one started here
-    and stopped on exit."""
+def serving_vllm(
+    model_dir: Path, log_path: Path, reuse_env: str, *, embeddings: bool = False
+) -> Iterator[str]:
+    """The base URL (no ``/v1``) of real vLLM serving ``model_dir`` (as an embedding model
+    with ``embeddings``, see :func:`vllm_process`): the one the environment variable
+    ``reuse_env`` names when it is set (to reuse one you run), else one started here and
+    stopped on exit."""
     external = os.environ.get(reuse_env)
     if external:
         yield external.rstrip("/")
         return
-    process = vllm_process(model_dir, log_path)
+    process = vllm_process(model_dir, log_path, embeddings=embeddings)
     with running_vllm(process, timeout_s=300):
         yield process.url
