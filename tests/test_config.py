@@ -137,6 +137,10 @@ def test_bad_field_error_names_file_path_and_value(tmp_path: Path) -> None:
             _tier(detection={"distinct_prompts": {"start": 2000, "full": 1000}}),
             "distinct_prompts: start must be below full",
         ),
+        (_tier(embeddings={"noise": -0.1}), "tiers.default.embeddings.noise"),
+        (_tier(embeddings={"quantize_bits": 0}), "tiers.default.embeddings.quantize_bits"),
+        (_tier(embeddings={"max_inputs": 5000}), "tiers.default.embeddings.max_inputs"),
+        (_tier(embeddings={"sigma": 0.1}), "tiers.default.embeddings.sigma: unknown field"),
     ],
 )
 def test_invalid_policies_are_rejected_clearly(tmp_path: Path, policy: dict, expected: str) -> None:

@@ -64,8 +64,10 @@ def quantize(vector: np.ndarray, bits: int) -> np.ndarray:
 def harden_vector(vector: np.ndarray, hardening: VectorHardening, key: bytes) -> np.ndarray:
     """The vector a client gets: ``vector`` plus keyed noise, quantized, and renormalized
     when it came normalized (as float64; the caller returns it as float32)."""
-    norm = float(np.linalg.norm(vector))
     result = vector.astype(np.float64)
+    if not hardening.active:
+        return result
+    norm = float(np.linalg.norm(vector))
     if hardening.noise > 0 and vector.size:
         scale = hardening.noise * norm / math.sqrt(vector.size)
         result = result + scale * keyed_normals(key, vector.size)
