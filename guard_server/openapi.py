@@ -2,7 +2,7 @@
 
 Request schemas come from :mod:`guard_server.openai_fields` (each field's JSON type per
 endpoint, its minimum, which fields are required) and the exposure groups tiers allow fields
-by; the shapes of ``messages``, ``prompt`` and ``stop`` are the ones
+by; the shapes of ``messages``, ``prompt``, ``input`` and ``stop`` are the ones
 :mod:`guard_server.pipeline.validate` checks. Nothing here is written by hand per field, so
 the document cannot drift from what the validator accepts; the fuzz tests
 (``tests/fuzz``) check the rest (responses, errors) against a running guard.
@@ -28,6 +28,7 @@ from guard_server.canonical import (
     TOOL_CALL_KEYS,
 )
 from guard_server.openai_fields import (
+    ENCODING_FORMATS,
     FIELDS,
     GROUPS,
     GUARD_ONLY,
@@ -134,16 +135,19 @@ def _messages() -> dict[str, Any]:
     }
 
 
+_PROMPT = {
+    "anyOf": [
+        {"type": "string"},
+        {"type": "array", "minItems": 1, "items": {"type": "string"}},
+        _TOKEN_IDS,
+        {"type": "array", "minItems": 1, "items": _TOKEN_IDS},
+    ]
+}
 _SHAPES: dict[str, dict[str, Any]] = {
     "messages": _messages(),
-    "prompt": {
-        "anyOf": [
-            {"type": "string"},
-            {"type": "array", "minItems": 1, "items": {"type": "string"}},
-            _TOKEN_IDS,
-            {"type": "array", "minItems": 1, "items": _TOKEN_IDS},
-        ]
-    },
+    "prompt": _PROMPT,
+    "input": _PROMPT,
+    "encoding_format": {"anyOf": [{"enum": list(ENCODING_FORMATS)}, {"type": "null"}]},
     "stop": {
         "anyOf": [
             {"type": "string"},
@@ -153,12 +157,23 @@ _SHAPES: dict[str, dict[str, Any]] = {
     },
 }
 
-_PATHS = {Endpoint.CHAT: "/v1/chat/completions", Endpoint.COMPLETIONS: "/v1/completions"}
-_REQUEST_SCHEMAS = {
+PATHS = {
+    Endpoint.CHAT: "/v1/chat/completions",
+    Endpoint.COMPLETIONS: "/v1/completions",
+    Endpoint.EMBEDDINGS: "/v1/embeddings",
+}
+"""Each endpoint's path."""
+REQUEST_SCHEMAS = {
     Endpoint.CHAT: "ChatCompletionRequest",
     Endpoint.COMPLETIONS: "CompletionRequest",
+    Endpoint.EMBEDDINGS: "EmbeddingRequest",
 }
-_RESPONSE_SCHEMAS = {Endpoint.CHAT: "ChatCompletion", Endpoint.COMPLETIONS: "Completion"}
+"""The name of each endpoint's request body schema (``components.schemas``)."""
+_RESPONSE_SCHEMAS = {
+    Endpoint.CHAT: "ChatCompletion",
+    Endpoint.COMPLETIONS: "Completion",
+    Endpoint.EMBEDDINGS: "EmbeddingList",
+}
 
 # Every status the guard answers a generation request with besides 200, and why.
 _GENERATION_ERRORS = {
@@ -272,7 +287,7 @@ def _schemas() -> dict[str, Any]:
         "properties": {"role": {"type": "string"}, "content": _NULLABLE_STRING},
     }
     return {
-        **{_REQUEST_SCHEMAS[e]: request_schema(e) for e in Endpoint},
+        **{REQUEST_SCHEMAS[e]: request_schema(e) for e in Endpoint},
         "ChatCompletion": _completion_object(
             "chat.completion", _choice(["message"], {"message": message})
         ),
@@ -280,6 +295,42 @@ def _schemas() -> dict[str, Any]:
             "text_completion", _choice(["text"], {"text": {"type": "string"}})
         ),
         "Usage": _USAGE,
+        "EmbeddingList": {
+            "type": "object",
+            "required": ["object", "data", "model", "usage"],
+            "properties": {
+                "object": {"const": "list"},
+                "model": {"type": "string"},
+                "data": {
+                    "type": "array",
+                    "items": {
+                        "type": "object",
+                        "required": ["index", "object", "embedding"],
+                        "properties": {
+                            "index": {"type": "integer"},
+                            "object": {"const": "embedding"},
+                            "embedding": {
+                                "description": "Floats, or with `encoding_format: base64` "
+                                "their little-endian float32 bytes in base64; the tier's "
+                                "`embeddings` policy may add keyed noise and quantize.",
+                                "anyOf": [
+                                    {"type": "array", "items": {"type": "number"}},
+                                    {"type": "string"},
+                                ],
+                            },
+                        },
+                    },
+                },
+                "usage": {
+                    "type": "object",
+                    "required": ["prompt_tokens", "total_tokens"],
+                    "properties": {
+                        "prompt_tokens": {"type": "integer"},
+                        "total_tokens": {"type": "integer"},
+                    },
+                },
+            },
+        },
         "ModelList": {
             "type": "object",
             "required": ["object", "data"],
@@ -328,7 +379,7 @@ def _error_response(description: str) -> dict[str, Any]:
 
 
 def _generation_operation(endpoint: Endpoint) -> dict[str, Any]:
-    name = _REQUEST_SCHEMAS[endpoint]
+    name = REQUEST_SCHEMAS[endpoint]
     return {
         "operationId": "create" + _RESPONSE_SCHEMAS[endpoint],
         "summary": f"OpenAI-compatible {endpoint.value} generation, through the guard",
@@ -352,11 +403,36 @@ def _generation_operation(endpoint: Endpoint) -> dict[str, Any]:
     }
 
 
+def _embeddings_operation() -> dict[str, Any]:
+    name = REQUEST_SCHEMAS[Endpoint.EMBEDDINGS]
+    return {
+        "operationId": "createEmbedding",
+        "summary": "OpenAI-compatible embeddings, through the guard (each input counts as one "
+        "request in the rate limits)",
+        "requestBody": {
+            "required": True,
+            "content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{name}"}}},
+        },
+        "responses": {
+            "200": {
+                "description": "One embedding per input, in input order.",
+                "content": {
+                    "application/json": {"schema": {"$ref": "#/components/schemas/EmbeddingList"}}
+                },
+            },
+            **{status: _error_response(why) for status, why in _GENERATION_ERRORS.items()},
+        },
+    }
+
+
 @cache
 def openapi_document() -> dict[str, Any]:
     """The OpenAPI 3.1 document of ``/v1/chat/completions``, ``/v1/completions``,
-    ``/v1/models`` and ``/v1/models/{model}``."""
-    paths: dict[str, Any] = {_PATHS[e]: {"post": _generation_operation(e)} for e in Endpoint}
+    ``/v1/embeddings``, ``/v1/models`` and ``/v1/models/{model}``."""
+    paths: dict[str, Any] = {
+        PATHS[e]: {"post": _generation_operation(e)} for e in (Endpoint.CHAT, Endpoint.COMPLETIONS)
+    }
+    paths[PATHS[Endpoint.EMBEDDINGS]] = {"post": _embeddings_operation()}
     paths["/v1/models"] = {
         "get": {
             "operationId": "listModels",

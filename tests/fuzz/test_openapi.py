@@ -18,7 +18,7 @@ from openapi_spec_validator import validate
 from guard_server.config.loader import load_settings
 from guard_server.errors import GuardError
 from guard_server.openai_fields import FIELDS, GUARD_ONLY, Endpoint
-from guard_server.openapi import openapi_document, openapi_json
+from guard_server.openapi import PATHS, REQUEST_SCHEMAS, openapi_document, openapi_json
 from guard_server.pipeline.context import RequestContext
 from guard_server.pipeline.validate import parse_json_object, validate_request
 from guard_server.testing import POLICIES, REPO
@@ -26,7 +26,6 @@ from guard_server.testing import POLICIES, REPO
 COMMITTED = REPO / "docs" / "openapi.json"
 SETTINGS = load_settings(POLICIES / "guard.yaml")
 SCHEMA = schemathesis.openapi.from_dict(openapi_document())
-PATHS = {Endpoint.CHAT: "/v1/chat/completions", Endpoint.COMPLETIONS: "/v1/completions"}
 
 
 def test_the_document_is_valid_openapi() -> None:
@@ -45,8 +44,7 @@ def test_the_committed_document_is_what_the_command_prints() -> None:
 
 @pytest.mark.parametrize("endpoint", list(Endpoint))
 def test_every_client_field_is_documented_and_no_other(endpoint: Endpoint) -> None:
-    name = "ChatCompletionRequest" if endpoint is Endpoint.CHAT else "CompletionRequest"
-    schema = openapi_document()["components"]["schemas"][name]
+    schema = openapi_document()["components"]["schemas"][REQUEST_SCHEMAS[endpoint]]
     expected = {
         spec.name for spec in FIELDS.values() if endpoint in spec.types and spec.group != GUARD_ONLY
     }
@@ -69,9 +67,11 @@ def _validate(endpoint: Endpoint, body: object) -> GuardError | None:
 
 def _body_schema(endpoint: Endpoint) -> Draft202012Validator:
     """A validator of the request body schema of ``endpoint``, as the document has it."""
-    name = "ChatCompletionRequest" if endpoint is Endpoint.CHAT else "CompletionRequest"
     document = openapi_document()
-    schema = {"$ref": f"#/components/schemas/{name}", "components": document["components"]}
+    schema = {
+        "$ref": f"#/components/schemas/{REQUEST_SCHEMAS[endpoint]}",
+        "components": document["components"],
+    }
     return Draft202012Validator(schema)
 
 
