@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import math
 import os
 import signal
 import socket
@@ -30,6 +31,8 @@ _JSON = {"Content-Type": "application/json"}
 _SSE = {"Content-Type": "text/event-stream; charset=utf-8", "Cache-Control": "no-cache"}
 _DONE = b"data: [DONE]\n\n"
 _CHAT, _COMPLETIONS = "/v1/chat/completions", "/v1/completions"
+_EMBEDDINGS = "/v1/embeddings"
+EMBEDDING_DIMENSIONS = 16
 
 
 def _token(i: int) -> str:
@@ -160,6 +163,20 @@ def stream_chunks(path: str, tokens: int, logprobs: int | None, usage: bool) -> 
     return tuple(events)
 
 
+def embeddings_response(body: dict[str, Any]) -> bytes:
+    """One unit vector of ``EMBEDDING_DIMENSIONS`` floats per input, as vLLM answers."""
+    inputs = body.get("input")
+    count = (
+        len(inputs) if isinstance(inputs, list) and inputs and not isinstance(inputs[0], int) else 1
+    )
+    vector = [1.0 / math.sqrt(EMBEDDING_DIMENSIONS)] * EMBEDDING_DIMENSIONS
+    data = [{"index": i, "object": "embedding", "embedding": vector} for i in range(count)]
+    usage = {"prompt_tokens": 4 * count, "total_tokens": 4 * count, "completion_tokens": 0}
+    reply = {"id": "embd-bench", "object": "list", "created": 1700000000, "model": "teacher",
+             "data": data, "usage": usage}  # fmt: skip
+    return orjson.dumps(reply)
+
+
 def _shape(path: str, body: dict[str, Any]) -> tuple[int, int | None]:
     tokens = body.get("max_tokens") or body.get("max_completion_tokens") or DEFAULT_TOKENS
     tokens = max(1, min(int(tokens), MAX_TOKENS))
@@ -190,6 +207,9 @@ class FakeUpstream:
                 data = {"object": "list", "data": [{"id": "teacher", "object": "model"}]}
                 return web.Response(body=orjson.dumps(data), headers=_JSON)
             return web.Response(status=404)
+        if path == _EMBEDDINGS:
+            return web.Response(body=embeddings_response(orjson.loads(await request.read())),
+                                headers=_JSON)  # fmt: skip
         if path not in (_CHAT, _COMPLETIONS):
             return web.Response(status=404)
         try:
