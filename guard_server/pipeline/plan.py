@@ -21,6 +21,7 @@ from guard_server.config.loader import Client
 from guard_server.defences.logprobs import LogprobHardening
 from guard_server.detection.scoring import ACTIONS, Assessment
 from guard_server.metrics import GuardMetrics
+from guard_server.openai_fields import Endpoint
 from guard_server.pipeline.context import RequestContext
 from guard_server.pipeline.decoy import DecoyPlan, plan_decoy
 from guard_server.pipeline.logprob_channel import constraint_of
@@ -85,11 +86,13 @@ def make_plan(
     constrained: bool = False,
     *,
     pin: Pin | None = None,
+    decoys: bool = True,
 ) -> Plan:
     """The plan for one request of ``client`` at its current ``assessment`` and ``pin``.
     ``identities`` (the canonical identity of each prompt) key the misinformation decoy's
     digit maps; under constrained decoding (``constrained``) no logprob value comes back
-    exact."""
+    exact. Without ``decoys`` (embeddings: no text to replace) the ``decoy`` action plans
+    none; the vector policy's ``flagged_noise`` applies instead."""
     tier = client.tier
     detection = tier.detection
     assessed = assessment.action if assessment is not None else "pass"
@@ -111,7 +114,7 @@ def make_plan(
             ranked=perturb.max_top,
         )
         sigma = max(sigma, perturb.sampling_sigma)
-    decoy = plan_decoy(secret, client, identities) if action == "decoy" else None
+    decoy = plan_decoy(secret, client, identities) if action == "decoy" and decoys else None
     if decoy is not None:
         sigma = max(sigma, decoy.sigma)
     return Plan(
@@ -193,7 +196,13 @@ class Planner:
         pin = review.pin_of(client.id) if review is not None else None
         constrained = constraint_of(ctx.endpoint, ctx.body) is not None
         ctx.plan = make_plan(
-            ctx.settings.secret, client, assessment, ctx.canonical.identities, constrained, pin=pin
+            ctx.settings.secret,
+            client,
+            assessment,
+            ctx.canonical.identities,
+            constrained,
+            pin=pin,
+            decoys=ctx.endpoint is not Endpoint.EMBEDDINGS,
         )
         self._track(client.id, *ctx.plan.counted)
         if review is not None and assessment is not None:

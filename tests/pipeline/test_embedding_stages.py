@@ -8,10 +8,13 @@ from typing import Any
 
 import numpy as np
 import pytest
+from prometheus_client import CollectorRegistry
 
 from guard_server.canonical import canonical_input
 from guard_server.defences.embeddings import decode_base64
+from guard_server.detection.scoring import Assessment
 from guard_server.errors import GuardError
+from guard_server.metrics import GuardMetrics
 from guard_server.openai_fields import Endpoint
 from guard_server.pipeline.admit import estimate_tokens
 from guard_server.pipeline.context import RequestContext
@@ -20,6 +23,7 @@ from guard_server.pipeline.embedding_channel import (
     harden_embeddings,
     vector_hardening,
 )
+from guard_server.pipeline.plan import Planner
 from guard_server.testing import TRUSTED_KEY
 from tests.pipeline.helpers import context, planned
 
@@ -130,9 +134,13 @@ async def test_a_flagged_client_gets_the_flagged_noise() -> None:
     policy = ctx.client.tier.embeddings if ctx.client else None
     assert policy is not None and policy.flagged_noise > policy.noise > 0
     assert vector_hardening(ctx).noise == policy.noise
-    assert ctx.plan is not None
-    ctx.plan = dataclasses.replace(ctx.plan, action="perturb")
-    assert vector_hardening(ctx).noise == policy.flagged_noise
+    assert ctx.client is not None and ctx.canonical is not None
+    for action in ("perturb", "decoy"):
+        ctx.assessment = Assessment(0.5, {}, action)
+        await Planner(GuardMetrics(CollectorRegistry()))(ctx)
+        assert ctx.plan is not None and ctx.plan.action == action
+        assert ctx.plan.decoy is None  # no text to replace: the flagged noise instead
+        assert vector_hardening(ctx).noise == policy.flagged_noise
 
 
 @pytest.mark.parametrize(
