@@ -115,12 +115,13 @@ def test_token_id_inputs_are_served(embed_guard: GuardProcess) -> None:
 def test_a_list_counts_each_input_in_the_limits(embed_guard: GuardProcess) -> None:
     client = _sdk(embed_guard, LIMITED_KEY)
     raw = client.embeddings.with_raw_response.create(
-        model=EMBEDDING_MODEL_NAME, input=[f"Sum {i} and {i}." for i in range(LIMIT_RPM - 1)]
+        model=EMBEDDING_MODEL_NAME, input=[f"Sum {i} and {i}." for i in range(LIMIT_RPM)]
     )
     assert raw.headers["x-ratelimit-limit-requests"] == str(LIMIT_RPM)
-    assert int(raw.headers["x-ratelimit-remaining-requests"]) <= 1  # 7 inputs: 7 requests
+    assert raw.headers["x-ratelimit-remaining-requests"] == "0"  # 8 inputs: 8 requests
+    # four more inputs need half a minute of refill
     with pytest.raises(openai.RateLimitError) as caught:
-        client.embeddings.create(model=EMBEDDING_MODEL_NAME, input=["Sum 1 and 2.", "Add 3 and 4."])
+        client.embeddings.create(model=EMBEDDING_MODEL_NAME, input=["Sum 1 and 2."] * 4)
     assert caught.value.code == "rate_limit_exceeded"
 
 
