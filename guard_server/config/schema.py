@@ -448,6 +448,17 @@ class DistinctPromptsRamp(_Strict):
         return self
 
 
+class EndUserPolicy(_Strict):
+    """End users inside one key: a request naming one (``safety_identifier``, else ``user``)
+    is also scored in the end user's own scope, and the key is watched for invented ids."""
+
+    enabled: bool = True
+    max_distinct_per_day: Annotated[int, Field(gt=0)] = 10_000
+    """Distinct end users a key may name in a day. Beyond it the key's end users are no
+    longer acted on one by one (only the key's own scope decides), and the excess raises the
+    key's risk (``end_user_churn``, up to 0.15 at twice the cap)."""
+
+
 DetectionMode = Literal["enforce", "shadow"]
 
 
@@ -463,6 +474,7 @@ class DetectionPolicy(_Strict):
     """The extraction-specific evidence (the score's evidence signals) a text-side action
     (perturb, decoy, block) needs; below it the action stops at ``tighten``."""
     tighten_factor: Annotated[float, Field(gt=0, le=1)] = 0.25
+    end_users: EndUserPolicy = EndUserPolicy()
     perturb: PerturbAction = PerturbAction()
     decoy: DecoyAction = DecoyAction()
 

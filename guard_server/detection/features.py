@@ -38,6 +38,7 @@ class RequestFeatures:
     wants_logprobs: bool
     max_top: bool
     logit_bias: bool
+    logprobs: int | None = None  # the logprob count asked for (None: none; -1: all)
 
     @property
     def prompts(self) -> int:
@@ -136,4 +137,5 @@ def extract_features(canonical: CanonicalInput, max_top: int) -> RequestFeatures
         wants_logprobs=wants,
         max_top=wants and (count == -1 or count >= max_top),
         logit_bias=bool(sampling.get("logit_bias")),
+        logprobs=count,
     )

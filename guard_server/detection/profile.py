@@ -70,6 +70,7 @@ class ClientProfile:
     fingerprint: str
     templated_share: float = 0.0  # decayed share of requests with the previous fingerprint
     age_s: float = 0.0  # since the client's first request (while its profile lived)
+    end_users: int = 0  # distinct end users (safety_identifier / user) named in the DAY window
 
     @property
     def regularity(self) -> float:

@@ -14,6 +14,9 @@
 | campaign: many keys share the client's fingerprint and together collect much distinct
   data in the last day (× 0.5–1 by their max-top-k share) | E | 0.40 | members 5 → 20,
   distinct 100 → 1,000 |
+| end_user_churn: the key named more distinct end users (``safety_identifier`` / ``user``)
+  in the last day than its tier's ``detection.end_users.max_distinct_per_day`` (ids invented
+  to dodge the per-end-user scope) | E | 0.15 | cap → 2 × cap |
 
 (*) the tier's ``detection.distinct_prompts`` ramp (``start``/``full`` for the day; the week
 ramp is five times it). Shares are the profile's decayed shares, bias-corrected for young
@@ -52,7 +55,9 @@ EVIDENCE_MIN = 0.375
 TENURE_DAYS = (7, 35)
 """Age (days since the first request) from which a client without evidence gets a slower
 volume ramp, and at which the ramp is twice as wide."""
-EVIDENCE = frozenset({"max_top_logprobs", "regular_timing", "templated", "logit_bias", "campaign"})
+EVIDENCE = frozenset(
+    {"max_top_logprobs", "regular_timing", "templated", "logit_bias", "campaign", "end_user_churn"}
+)
 """The extraction-specific signals; the others (distinct prompts, novelty, logprobs) measure
 volume, which honest heavy clients bring too."""
 
@@ -90,9 +95,11 @@ def contributions(
     campaign: CampaignProfile | None,
     distinct_ramp: tuple[int, int] = DISTINCT_RAMP,
     evidence_min: float = EVIDENCE_MIN,
+    end_user_cap: int | None = None,
 ) -> dict[str, float]:
-    """Each signal's share of the score (see the module table)."""
-    parts = _evidence(profile, campaign)
+    """Each signal's share of the score (see the module table). ``end_user_cap``: the
+    tier's distinct end users a key may name in a day (None: not watched)."""
+    parts = _evidence(profile, campaign, end_user_cap)
     stretch = 1.0
     if sum(parts.values()) < evidence_min:  # no extraction evidence: history counts
         stretch += _ramp(profile.age_s / 86400, *TENURE_DAYS)
@@ -107,7 +114,9 @@ def contributions(
     return parts
 
 
-def _evidence(profile: ClientProfile, campaign: CampaignProfile | None) -> dict[str, float]:
+def _evidence(
+    profile: ClientProfile, campaign: CampaignProfile | None, end_user_cap: int | None
+) -> dict[str, float]:
     """The extraction-specific signals (``EVIDENCE``)."""
     templated = profile.share(profile.templated_share) if profile.total >= 50 else 0.0
     parts = {
@@ -116,7 +125,10 @@ def _evidence(profile: ClientProfile, campaign: CampaignProfile | None) -> dict[
         "templated": 0.15 * _ramp(templated, 0.6, 0.9),
         "logit_bias": 0.10 * profile.share(profile.logit_bias_share),
         "campaign": 0.0,
+        "end_user_churn": 0.0,
     }
+    if end_user_cap is not None and profile.end_users > end_user_cap:
+        parts["end_user_churn"] = 0.15 * _ramp(profile.end_users, end_user_cap, 2 * end_user_cap)
     if campaign is not None:
         parts["campaign"] = (
             0.40
@@ -133,10 +145,11 @@ def assess(
     thresholds: dict[str, float],
     distinct_ramp: tuple[int, int] = DISTINCT_RAMP,
     evidence_min: float = EVIDENCE_MIN,
+    end_user_cap: int | None = None,
 ) -> Assessment:
     """Score a client and map the score to the highest action whose threshold it reaches;
     a text-side action only with ``evidence_min`` of evidence (else ``tighten``)."""
-    parts = contributions(profile, campaign, distinct_ramp, evidence_min)
+    parts = contributions(profile, campaign, distinct_ramp, evidence_min, end_user_cap)
     parts = {name: value for name, value in parts.items() if value}
     score = min(1.0, sum(parts.values()))
     action = "pass"

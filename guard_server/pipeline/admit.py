@@ -131,9 +131,10 @@ class Admitter:
     async def __call__(self, ctx: RequestContext) -> None:
         assert ctx.client is not None and ctx.plan is not None
         if ctx.plan.action == "block":
+            whom = "Requests for this end user are" if ctx.plan.by_end_user else "This API key is"
             raise GuardError(
                 403,
-                "This API key is suspended. Contact the API operator.",
+                f"{whom} suspended. Contact the API operator.",
                 type="permission_error",
                 code="access_suspended",
             )
@@ -144,7 +145,7 @@ class Admitter:
         ctx.token_ceiling = estimate_tokens(ctx)
         try:
             admission = await self.store.admit(
-                f"c:{ctx.client.id}",
+                ctx.plan.limit_scope,
                 limits,
                 reservation(ctx),
                 uuid.uuid4().hex,
@@ -194,7 +195,7 @@ class Admitter:
             refund = admission.reserved_tokens - ctx.token_ceiling
         task = asyncio.get_running_loop().create_task(
             self._settle(
-                f"c:{ctx.client.id}",
+                ctx.plan.limit_scope,
                 limits,
                 admission.slot,
                 refund,

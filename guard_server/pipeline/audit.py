@@ -2,7 +2,9 @@
 enabled.
 
 Each line has an ``event``: ``request`` for a request's decision, ``pin`` and ``reset`` for
-an operator's change made through the admin API.
+an operator's change made through the admin API. A scored request's line carries the
+``features`` detection counted (prompt hashes, fingerprint, logprob count, ``logit_bias``):
+``guard-server replay`` re-scores a log from them under another policy.
 
 Every file has one writer. With several worker processes each writes its own file
 (``audit.jsonl`` becomes ``audit.w0.jsonl``, ``audit.w1.jsonl``, ...): Python's rotation is
@@ -123,6 +125,20 @@ class AuditLog:
         }
         if ctx.end_user is not None:
             record["end_user"] = ctx.end_user
+            mine = ctx.end_user_assessment
+            if mine is not None:
+                record["end_user_risk"] = mine.score
+                record["end_user_assessed"] = mine.action
+            if plan is not None and plan.by_end_user:
+                record["scope"] = plan.scope
+        features = ctx.features
+        if features is not None:  # what detection counted: enough to replay it (no text)
+            record["features"] = {
+                "prompts": features.prompt_hashes,
+                "fingerprint": features.fingerprint,
+                "logprobs": features.logprobs,
+                "logit_bias": features.logit_bias,
+            }
         if self.settings.include_prompts and ctx.body:
             key = _PROMPT_KEYS[ctx.endpoint]
             record["prompt"] = ctx.body.get(key)

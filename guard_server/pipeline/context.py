@@ -10,6 +10,7 @@ from multidict import CIMultiDictProxy
 from guard_server.canonical import CanonicalInput
 from guard_server.config.loader import Client, Settings
 from guard_server.correlation import Correlation
+from guard_server.detection.features import RequestFeatures
 from guard_server.detection.scoring import Assessment
 from guard_server.openai_fields import Endpoint
 from guard_server.state.base import Admission
@@ -42,7 +43,9 @@ class RequestContext:
     status: int = 0
     upstream_seconds: float = 0.0
     first_token_at: float | None = None
-    assessment: Assessment | None = None
+    assessment: Assessment | None = None  # the key's
+    end_user_assessment: Assessment | None = None  # the end user's own scope's, if scored
+    features: RequestFeatures | None = None  # what detection counted (the audit log's)
     fingerprint: str = ""
     body_hash: str = ""
     plan: Plan | None = None  # set once by the plan stage, read by every later one

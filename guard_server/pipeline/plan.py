@@ -10,6 +10,11 @@ In ``shadow`` detection mode the plan records the action the score calls for
 (``assessed``) and serves the request as ``pass``. An operator's pin overrides both the
 score and the mode: ``allow`` serves the request as ``pass``, ``deny`` blocks it; the score
 is still computed and recorded as ``assessed``.
+
+A request naming an end user is assessed in the key's scope and the end user's
+(:mod:`guard_server.detection.end_users`); the more severe of the two decides, so one
+abusive end user of an application is acted on for its own requests only, while the key's
+own profile is fine. Its tightened limits then apply to a bucket of the end user's own.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from dataclasses import dataclass, replace
 
 from guard_server.config.loader import Client
 from guard_server.defences.logprobs import LogprobHardening
+from guard_server.detection.end_users import end_user_decides, end_user_scope
 from guard_server.detection.scoring import ACTIONS, Assessment
 from guard_server.metrics import GuardMetrics
 from guard_server.openai_fields import Endpoint
@@ -32,6 +38,16 @@ from guard_server.state.review import Pin, ReviewState
 _RANK = {action: rank for rank, action in enumerate(ACTIONS)}
 _CAMPAIGN_SIGNAL = 0.2
 _REASON_SIGNALS = 3  # the largest contributions named in a plan's reason
+_END_USER_SHOWN = 64  # characters of an end user's id in a plan's reason
+
+
+@dataclass(frozen=True, slots=True)
+class EndUser:
+    """The end user a request named, its scope and its own assessment (None: not scored)."""
+
+    name: str  # as the request sent it (safety_identifier, else user)
+    scope: str  # the store scope it is scored in (end_user_scope)
+    assessment: Assessment | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,7 +58,7 @@ class Plan:
     assessed: str  # what the risk score calls for (differs from `action` in shadow mode)
     mode: str  # enforce or shadow
     # What `reason` is worded from: worded only when read (the audit log), not per request.
-    basis: tuple[Client, Assessment | None, Pin | None]
+    basis: tuple[Client, Assessment | None, Pin | None, EndUser | None]
     limits: LimitSpec  # what admission applies (tightened from `tighten` on)
     advertised: LimitSpec  # what x-ratelimit-limit-* shows: the client's configured limits
     logprob_cap: int  # the tier's: a flagged client gets as many values back as any other
@@ -50,6 +66,14 @@ class Plan:
     sampling: SamplingPlan
     decoy: DecoyPlan | None
     pin: str | None = None  # allow or deny: an operator's pin decided `action`
+    scope: str = ""  # whose score decided: the client's id, or an end user's scope
+    limit_scope: str = ""  # the rate-limit bucket admission charges
+
+    @property
+    def by_end_user(self) -> bool:
+        """Whether the end user's own score decided (not the key's)."""
+        end_user = self.basis[3]
+        return end_user is not None and self.scope == end_user.scope
 
     @property
     def reason(self) -> str:
@@ -87,14 +111,19 @@ def make_plan(
     *,
     pin: Pin | None = None,
     decoys: bool = True,
+    end_user: EndUser | None = None,
 ) -> Plan:
     """The plan for one request of ``client`` at its current ``assessment`` and ``pin``.
     ``identities`` (the canonical identity of each prompt) key the misinformation decoy's
     digit maps; under constrained decoding (``constrained``) no logprob value comes back
     exact. Without ``decoys`` (embeddings: no text to replace) the ``decoy`` action plans
-    none; the vector policy's ``flagged_noise`` applies instead."""
+    none; the vector policy's ``flagged_noise`` applies instead. ``end_user``: the end user
+    the request named, with its own assessment."""
     tier = client.tier
     detection = tier.detection
+    scope = client.id
+    if end_user is not None and end_user_decides(assessment, end_user.assessment):
+        assessment, scope = end_user.assessment, end_user.scope
     assessed = assessment.action if assessment is not None else "pass"
     mode = client.detection_mode
     action = planned_action(client, assessed, pin)
@@ -121,7 +150,7 @@ def make_plan(
         action=action,
         assessed=assessed,
         mode=mode,
-        basis=(client, assessment, pin),
+        basis=(client, assessment, pin, end_user),
         limits=client.limits if rank == 0 else _tightened(client.limits, detection.tighten_factor),
         advertised=client.limits,
         logprob_cap=logprob_cap,
@@ -134,6 +163,8 @@ def make_plan(
         ),
         decoy=decoy,
         pin=pin.action if pin is not None else None,
+        scope=scope,
+        limit_scope=f"c:{scope}" if rank else f"c:{client.id}",
     )
 
 
@@ -148,12 +179,18 @@ def _tightened(limits: LimitSpec, factor: float) -> LimitSpec:
     )
 
 
-def _reason(client: Client, assessment: Assessment | None, pin: Pin | None) -> str:
-    """Why the plan is what it is, in words an operator can read in the audit log."""
+def _reason(
+    client: Client, assessment: Assessment | None, pin: Pin | None, end_user: EndUser | None
+) -> str:
+    """Why the plan is what it is, in words an operator can read in the audit log.
+    ``assessment`` is the one that decided (the end user's when it called for more)."""
+    reason = _score_reason(client, assessment)
+    if end_user is not None and assessment is not None and assessment is end_user.assessment:
+        reason = f"end user {end_user.name[:_END_USER_SHOWN]!r} ({end_user.scope}): {reason}"
     if pin is None:
-        return _score_reason(client, assessment)
+        return reason
     by = f" by {pin.by}" if pin.by else ""
-    return f"pinned {pin.action} until {pin.until_iso}{by}; {_score_reason(client, assessment)}"
+    return f"pinned {pin.action} until {pin.until_iso}{by}; {reason}"
 
 
 def _score_reason(client: Client, assessment: Assessment | None) -> str:
@@ -195,7 +232,11 @@ class Planner:
         review = self.review
         pin = review.pin_of(client.id) if review is not None else None
         constrained = constraint_of(ctx.endpoint, ctx.body) is not None
-        ctx.plan = make_plan(
+        end_user = None
+        if ctx.end_user is not None and client.tier.detection.end_users.enabled:
+            scope = end_user_scope(client.id, ctx.end_user)
+            end_user = EndUser(ctx.end_user, scope, ctx.end_user_assessment)
+        plan = ctx.plan = make_plan(
             ctx.settings.secret,
             client,
             assessment,
@@ -203,8 +244,11 @@ class Planner:
             constrained,
             pin=pin,
             decoys=ctx.endpoint is not Endpoint.EMBEDDINGS,
+            end_user=end_user,
         )
-        self._track(client.id, *ctx.plan.counted)
+        self._track(plan.scope, *plan.counted)
+        if end_user is not None and plan.scope != end_user.scope:
+            self._track(end_user.scope, "pass", plan.mode)  # no longer flagged on its own
         if review is not None and assessment is not None:
             review.note(client.id, assessment.score, assessment.action)
         if assessment and assessment.contributions.get("campaign", 0) >= _CAMPAIGN_SIGNAL:

@@ -7,6 +7,7 @@ import math
 
 from guard_server.canonical import first_disallowed_part, prompt_count
 from guard_server.config.schema import Bound
+from guard_server.detection.end_users import end_user_of
 from guard_server.errors import bad_request, model_not_found
 from guard_server.openai_fields import FIELDS, Endpoint
 from guard_server.pipeline.context import RequestContext
@@ -23,7 +24,7 @@ async def apply_tier_policy(ctx: RequestContext) -> None:
     body = ctx.body
     if ctx.model not in ctx.settings.public_models or not tier.may_use(ctx.model):
         raise model_not_found(ctx.model)
-    ctx.end_user = _end_user(body)
+    ctx.end_user = end_user_of(body)
     for name in list(body):
         if name in tier.allowed_fields or name == "vllm_xargs":
             continue
@@ -51,15 +52,6 @@ async def apply_tier_policy(ctx: RequestContext) -> None:
     check_tier_cap(ctx)
     _apply_logit_bias_policy(ctx)
     _default_max_tokens(ctx)
-
-
-def _end_user(body: dict[str, object]) -> str | None:
-    """The end user the client names: ``safety_identifier``, else ``user`` (None: neither)."""
-    for name in ("safety_identifier", "user"):
-        value = body.get(name)
-        if isinstance(value, str) and value:
-            return value
-    return None
 
 
 def _output_ceiling(ctx: RequestContext, bound: Bound) -> float | None:

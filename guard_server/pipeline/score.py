@@ -6,8 +6,10 @@ import logging
 from collections import OrderedDict
 
 from guard_server.config.loader import Client
+from guard_server.detection.end_users import assess_key, score_with_end_user
 from guard_server.detection.features import RequestFeatures, extract_features
-from guard_server.detection.scoring import Assessment, assess
+from guard_server.detection.profile import ClientProfile
+from guard_server.detection.scoring import Assessment
 from guard_server.metrics import GuardMetrics
 from guard_server.pipeline.context import RequestContext
 from guard_server.state.base import StateStore, StateUnavailable
@@ -29,6 +31,8 @@ class RiskScorer:
     established profile moves by well under 0.01 of score per request (decayed shares with
     alpha 0.02, distinct counts ramping over 800 prompts), against 0.05 between action
     thresholds, so an action follows the score at most ``REASSESS_EVERY - 1`` requests late.
+    A request naming an end user (``safety_identifier`` / ``user``) is always assessed, in
+    the key's scope and the end user's (:mod:`guard_server.detection.end_users`).
     """
 
     def __init__(self, store: StateStore, metrics: GuardMetrics) -> None:
@@ -44,11 +48,17 @@ class RiskScorer:
             return
         assert ctx.canonical is not None
         features = extract_features(ctx.canonical, max(1, tier.logprobs.max_top))
+        ctx.features = features
         ctx.fingerprint = features.fingerprint
         client_id = ctx.client.id
         try:
             last = self._last.get(client_id)
-            if last is not None and last[1] > 0:
+            if ctx.end_user is not None and tier.detection.end_users.enabled:
+                ctx.assessment, ctx.end_user_assessment = await score_with_end_user(
+                    self.store, client_id, ctx.end_user, features, tier.detection
+                )
+                self._remember(client_id, ctx.assessment, None)
+            elif last is not None and last[1] > 0:
                 await self.store.count(client_id, features)
                 last[1] -= 1
                 ctx.assessment = last[0]
@@ -66,19 +76,18 @@ class RiskScorer:
         self._last.pop(client_id, None)
 
     async def _assess(self, client: Client, features: RequestFeatures) -> Assessment:
-        client_id = client.id
-        profile, campaign = await self.store.observe(client_id, features)
-        detection = client.tier.detection
-        assessment = assess(
-            profile,
-            campaign,
-            detection.thresholds.by_action,
-            detection.distinct_prompts.bounds,
-            detection.evidence_min,
-        )
-        reuses = REASSESS_EVERY - 1 if profile.total > FRESH_REQUESTS else 0
-        self._last[client_id] = [assessment, reuses]
+        profile, campaign = await self.store.observe(client.id, features)
+        assessment = assess_key(client.tier.detection, profile, campaign)
+        self._remember(client.id, assessment, profile)
+        return assessment
+
+    def _remember(
+        self, client_id: str, assessment: Assessment, profile: ClientProfile | None
+    ) -> None:
+        """Keep the client's last assessment for the next requests to reuse (``profile``:
+        the profile it came from; None: reassess at the next request without an end user)."""
+        fresh = profile is None or profile.total <= FRESH_REQUESTS
+        self._last[client_id] = [assessment, 0 if fresh else REASSESS_EVERY - 1]
         self._last.move_to_end(client_id)
         if len(self._last) > REMEMBERED_CLIENTS:
             self._last.popitem(last=False)
-        return assessment

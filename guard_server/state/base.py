@@ -96,6 +96,15 @@ class StateStore(abc.ABC):
         """Fold one request into the client's profile and its fingerprint's, as one request
         per prompt it batches (timing once), in one round trip; return both."""
 
+    @abc.abstractmethod
+    async def observe_end_user(
+        self, client: str, end_user_scope: str, features: RequestFeatures
+    ) -> tuple[ClientProfile, CampaignProfile, ClientProfile]:
+        """Like :meth:`observe`, for a request naming an end user: also count
+        ``end_user_scope`` among the client's end users of the day (the client profile's
+        ``end_users``) and fold the request into that scope's own profile (no campaign),
+        in one round trip; return the client's, its fingerprint's and the end user's."""
+
     async def count(self, client: str, features: RequestFeatures) -> None:
         """Fold one request in, like :meth:`observe`, when the profiles are not needed."""
         await self.observe(client, features)

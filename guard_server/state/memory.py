@@ -50,6 +50,7 @@ class _Risk:
     gap_sq: float = 0.0
     timed: bool = False  # whether a gap between two requests was seen yet
     fingerprint: str = ""
+    end_users: WindowedDistinct | None = None  # once the client names one
 
     def snapshot(self, now: float) -> ClientProfile:
         return ClientProfile(
@@ -66,6 +67,7 @@ class _Risk:
             fingerprint=self.fingerprint,
             templated_share=self.templated,
             age_s=now - self.since if self.since is not None else 0.0,
+            end_users=self.end_users.distinct(now) if self.end_users is not None else 0,
         )
 
 
@@ -212,8 +214,32 @@ class MemoryStore(StateStore):
     async def count(self, client: str, features: RequestFeatures) -> None:
         self._fold(client, features, self._clock())
 
+    async def observe_end_user(
+        self, client: str, end_user_scope: str, features: RequestFeatures
+    ) -> tuple[ClientProfile, CampaignProfile, ClientProfile]:
+        now = self._clock()
+        risk, campaign = self._fold(client, features, now)
+        if risk.end_users is None:
+            risk.end_users = WindowedDistinct(DAY)
+        risk.end_users.add(now, [register_of(end_user_scope)])
+        mine = _touch(self._risk, end_user_scope, _Risk, self._max_profiles)
+        self._fold_risk(mine, features, now, _registers(features))
+        return risk.snapshot(now), campaign.snapshot(now), mine.snapshot(now)
+
     def _fold(self, client: str, features: RequestFeatures, now: float) -> tuple[_Risk, _Campaign]:
         risk = _touch(self._risk, client, _Risk, self._max_profiles)
+        registers = _registers(features)
+        self._fold_risk(risk, features, now, registers)
+        campaign = _touch(self._campaigns, features.fingerprint, _Campaign, self._max_profiles)
+        campaign.members.add(now, [register_of(client)])
+        campaign.prompts.add(now, registers)
+        campaign.max_top += _share_weight(features.prompts) * (features.max_top - campaign.max_top)
+        return risk, campaign
+
+    @staticmethod
+    def _fold_risk(
+        risk: _Risk, features: RequestFeatures, now: float, registers: list[tuple[int, int]]
+    ) -> None:
         if risk.updated is not None:
             gap = max(0.0, now - risk.updated)
             risk.requests *= 2 ** (-gap / HALF_LIFE_S)
@@ -236,14 +262,8 @@ class MemoryStore(StateStore):
             same = features.fingerprint == risk.fingerprint
             risk.templated += weight * (same - risk.templated)
         risk.fingerprint = features.fingerprint
-        campaign = _touch(self._campaigns, features.fingerprint, _Campaign, self._max_profiles)
-        campaign.members.add(now, [register_of(client)])
-        registers = [register_of(prompt_hash) for prompt_hash in features.prompt_hashes]
         risk.day.add(now, registers)
         risk.week.add(now, registers)
-        campaign.prompts.add(now, registers)
-        campaign.max_top += weight * (features.max_top - campaign.max_top)
-        return risk, campaign
 
     async def peek(self, client: str) -> tuple[ClientProfile | None, CampaignProfile | None]:
         risk = self._risk.get(client)
@@ -272,6 +292,10 @@ class MemoryStore(StateStore):
                 scopes.move_to_end(scope)  # a stream still holds it: look again later
                 continue
             del scopes[scope]
+
+
+def _registers(features: RequestFeatures) -> list[tuple[int, int]]:
+    return [register_of(prompt_hash) for prompt_hash in features.prompt_hashes]
 
 
 @lru_cache(maxsize=64)

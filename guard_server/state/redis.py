@@ -66,6 +66,7 @@ class RedisStore(StateStore):
         self._settle = self._redis.register_script(_script("settle.lua"))
         self._observe_client = self._redis.register_script(_script("observe_client.lua"))
         self._observe_campaign = self._redis.register_script(_script("observe_campaign.lua"))
+        self._observe_end_users = self._redis.register_script(_script("observe_end_users.lua"))
 
     def _keys(self, scope: str) -> list[str]:
         tag = f"{self._prefix}:{{{scope}}}"
@@ -147,6 +148,9 @@ class RedisStore(StateStore):
             *self._buckets(tag, "p", WEEK, now),
         ]
 
+    def _end_user_keys(self, client: str, now: float) -> list[str]:
+        return self._buckets(f"{self._prefix}:{{c:{client}}}", "e", DAY, now)
+
     def _campaign_keys(self, fingerprint: str, now: float) -> list[str]:
         tag = f"{self._prefix}:{{f:{fingerprint}}}"
         return [
@@ -164,28 +168,61 @@ class RedisStore(StateStore):
     async def count(self, client: str, features: RequestFeatures) -> None:
         await self._fold(client, features, want=False)
 
-    async def _fold(self, client: str, features: RequestFeatures, want: bool) -> list:
+    async def observe_end_user(
+        self, client: str, end_user_scope: str, features: RequestFeatures
+    ) -> tuple[ClientProfile, CampaignProfile, ClientProfile]:
+        mine, shared, end_users, own = await self._fold(
+            client, features, want=True, end_user_scope=end_user_scope
+        )
+        profile = _client_profile(mine, features.fingerprint)
+        profile.end_users = int(end_users)
+        return profile, _campaign_profile(shared), _client_profile(own, features.fingerprint)
+
+    async def _fold(
+        self, client: str, features: RequestFeatures, want: bool, end_user_scope: str = ""
+    ) -> list:
         now = self._clock()
         ttl_ms = int(IDLE_TTL_S * 1000)
         day_ttl_ms, week_ttl_ms = (int(w.expires_in_s(now) * 1000) + 1 for w in (DAY, WEEK))
-        risk_keys = self._risk_keys(client, now)
         campaign_keys = self._campaign_keys(features.fingerprint, now)
-        client_call = (
-            self._observe_client.sha, len(risk_keys), *risk_keys,
-            features.fingerprint, int(features.wants_logprobs), int(features.max_top),
-            int(features.logit_bias), SHARE_ALPHA, GAP_ALPHA, HALF_LIFE_S, ttl_ms, repr(now),
-            DAY.bucket_of(now), DAY.buckets, day_ttl_ms, week_ttl_ms, int(want),
-            *features.prompt_hashes,
-        )  # fmt: skip
-        campaign_call = (
+        calls = [self._client_call(client, features, want, now, day_ttl_ms, week_ttl_ms)]
+        calls.append((
             self._observe_campaign.sha, len(campaign_keys), *campaign_keys,
             client, int(features.max_top), SHARE_ALPHA, ttl_ms, day_ttl_ms, int(want),
             *features.prompt_hashes,
-        )  # fmt: skip
+        ))  # fmt: skip
+        if end_user_scope:  # the end user among the client's, and the end user's own profile
+            end_user_keys = self._end_user_keys(client, now)
+            calls.append((
+                self._observe_end_users.sha, len(end_user_keys), *end_user_keys,
+                end_user_scope, day_ttl_ms,
+            ))  # fmt: skip
+            calls.append(
+                self._client_call(end_user_scope, features, want, now, day_ttl_ms, week_ttl_ms)
+            )
         try:
-            return await self._evalsha_pipeline(client_call, campaign_call)
+            return await self._evalsha_pipeline(*calls)
         except (RedisError, OSError) as exc:
             raise StateUnavailable(str(exc)) from exc
+
+    def _client_call(
+        self,
+        scope: str,
+        features: RequestFeatures,
+        want: bool,
+        now: float,
+        day_ttl_ms: int,
+        week_ttl_ms: int,
+    ) -> tuple:
+        """observe_client.lua's call for one scope (a client, or an end user of one)."""
+        risk_keys = self._risk_keys(scope, now)
+        return (
+            self._observe_client.sha, len(risk_keys), *risk_keys,
+            features.fingerprint, int(features.wants_logprobs), int(features.max_top),
+            int(features.logit_bias), SHARE_ALPHA, GAP_ALPHA, HALF_LIFE_S, int(IDLE_TTL_S * 1000),
+            repr(now), DAY.bucket_of(now), DAY.buckets, day_ttl_ms, week_ttl_ms, int(want),
+            *features.prompt_hashes,
+        )  # fmt: skip
 
     async def _evalsha_pipeline(self, *calls: tuple) -> list:
         """Run scripts by SHA in one round trip (their keys may live on different cluster
@@ -195,7 +232,7 @@ class RedisStore(StateStore):
         try:
             return await self._pipeline(calls)
         except NoScriptError:
-            for script in (self._observe_client, self._observe_campaign):
+            for script in (self._observe_client, self._observe_campaign, self._observe_end_users):
                 await self._redis.script_load(script.script)
             return await self._pipeline(calls)
 
@@ -222,6 +259,7 @@ class RedisStore(StateStore):
             members = await self._redis.pfcount(*campaign_buckets[: DAY.buckets])
             campaign_distinct = await self._redis.pfcount(*campaign_buckets[DAY.buckets :])
             campaign_mt = await self._redis.hget(campaign_key, "mt")
+            end_users = await self._redis.pfcount(*self._end_user_keys(client, now))
         except (RedisError, OSError) as exc:
             raise StateUnavailable(str(exc)) from exc
         mine = [
@@ -230,11 +268,16 @@ class RedisStore(StateStore):
             saved.get("tp", 0), now - float(saved.get("since", now)),
         ]  # fmt: skip
         campaign = _campaign_profile([members, campaign_distinct, campaign_mt or 0])
-        return _client_profile(mine, saved["fp"]), campaign
+        profile = _client_profile(mine, saved["fp"])
+        profile.end_users = int(end_users)
+        return profile, campaign
 
     async def forget(self, client: str) -> None:
         try:
-            await self._redis.delete(*self._risk_keys(client, self._clock()))
+            now = self._clock()
+            await self._redis.delete(
+                *self._risk_keys(client, now), *self._end_user_keys(client, now)
+            )
         except (RedisError, OSError) as exc:
             raise StateUnavailable(str(exc)) from exc
 

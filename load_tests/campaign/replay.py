@@ -6,34 +6,55 @@ import asyncio
 import contextlib
 import heapq
 from collections import Counter, defaultdict
+from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
+from guard_server.config.schema import ActionThresholds, DetectionPolicy
+from guard_server.detection.end_users import (
+    assess_key,
+    end_user_decides,
+    end_user_of,
+    score_with_end_user,
+)
+from guard_server.detection.scoring import Assessment
 from load_tests.campaign.analysis import summarize_attacker, summarize_honest
 from load_tests.campaign.config import defended_tier
 from load_tests.campaign.driver import Attempt, Outcome
 from load_tests.simulators import Query, Reply, Simulator
 
 
-def replay_detection(sims: list[Simulator], thresholds: dict[str, float]) -> list[Outcome]:
-    """Score every planned query with the guard's own detection code on the simulated clock.
+@dataclass(slots=True)
+class Scored:
+    """One query as the guard's detection saw it: the key's assessment, the end user's (if
+    the query named one and was scored in its scope), and the action that decides."""
+
+    sim: Simulator
+    query: Query
+    key: Assessment
+    end_user: Assessment | None
+
+    @property
+    def deciding(self) -> Assessment:
+        """The assessment that decides the action (the end user's when it calls for more)."""
+        return self.end_user if end_user_decides(self.key, self.end_user) else self.key  # type: ignore[return-value]
+
+
+def scored_queries(sims: list[Simulator], detection: DetectionPolicy) -> Iterator[Scored]:
+    """Every planned query, scored with the guard's own detection code on the simulated clock.
 
     No guard, no model, no time compression: each query is observed by an in-process
-    ``MemoryStore`` whose clock is the query's planned simulated time, and assessed with
-    ``guard_server.detection.scoring.assess``. Replies are the correct answer, one simulated
-    second later. Limits are not applied (nothing is throttled) and nothing is decoyed, so
-    this measures detection only. The top-k cap and the distinct-prompts ramp are the
-    defended tier's, as in the guard.
+    ``MemoryStore`` whose clock is the query's planned simulated time, and assessed as the
+    guard's scoring stage does (a query naming an end user also in the end user's scope:
+    ``guard_server.detection.end_users``). Replies are the correct answer, one simulated
+    second later. The top-k cap is the defended tier's.
     """
     from guard_server.canonical import canonical_input
     from guard_server.detection.features import extract_features
-    from guard_server.detection.scoring import assess
     from guard_server.openai_fields import Endpoint
     from guard_server.state.memory import MemoryStore
 
-    tier = defended_tier()
-    max_top = tier.logprobs.max_top
-    distinct_ramp = tier.detection.distinct_prompts.bounds
-    evidence_min = tier.detection.evidence_min
+    max_top = max(1, defended_tier().logprobs.max_top)
     clock = [0.0]
     store = MemoryStore(clock=lambda: clock[0])
     streams = {sim.name: (sim, sim.queries()) for sim in sims}
@@ -42,34 +63,54 @@ def replay_detection(sims: list[Simulator], thresholds: dict[str, float]) -> lis
         with contextlib.suppress(StopIteration):
             query = next(stream)
             pending.append((query.at_s, order, name, query))
-    outcomes: list[Outcome] = []
     order = len(pending)
+    heapq.heapify(pending)
     loop = asyncio.new_event_loop()
     try:
-        heapq.heapify(pending)
         while pending:
             at_s, _, name, query = heapq.heappop(pending)
             sim, stream = streams[name]
             clock[0] = at_s
             endpoint = Endpoint.CHAT if query.endpoint == "chat" else Endpoint.COMPLETIONS
-            features = extract_features(canonical_input(endpoint, query.body), max(1, max_top))
-            profile, campaign = loop.run_until_complete(store.observe(query.client, features))
-            assessment = assess(profile, campaign, thresholds, distinct_ramp, evidence_min)
-            outcome = Outcome(sim.name, sim.kind, sim.role, query, "")
-            outcome.attempts.append(Attempt(at_s, 200, assessment.score, assessment.action))
-            outcome.status = 200
-            outcome.texts = [
-                f" The answer is {query.problem_of(c).answer}." for c in range(query.answers)
-            ]
-            outcome.text = outcome.texts[0]
-            outcomes.append(outcome)
-            reply = Reply(200, outcome.text, at_s + 1.0) if query.await_reply else None
+            features = extract_features(canonical_input(endpoint, query.body), max_top)
+            end_user = end_user_of(query.body) if detection.end_users.enabled else None
+            if end_user is None:
+                profile, campaign = loop.run_until_complete(store.observe(query.client, features))
+                yield Scored(sim, query, assess_key(detection, profile, campaign), None)
+            else:
+                key, own = loop.run_until_complete(
+                    score_with_end_user(store, query.client, end_user, features, detection)
+                )
+                yield Scored(sim, query, key, own)
+            reply = None
+            if query.await_reply:
+                text = f" The answer is {query.problem.answer}."
+                reply = Reply(200, text, at_s + 1.0)
             with contextlib.suppress(StopIteration):
                 nxt = stream.send(reply)
                 order += 1
                 heapq.heappush(pending, (nxt.at_s, order, name, nxt))
     finally:
         loop.close()
+
+
+def replay_detection(sims: list[Simulator], thresholds: dict[str, float]) -> list[Outcome]:
+    """:func:`scored_queries` under the defended tier's detection with ``thresholds``, as
+    outcomes: limits are not applied (nothing is throttled) and nothing is decoyed (every
+    answer is correct), so this measures detection only."""
+    detection = defended_tier().detection
+    detection = detection.model_copy(update={"thresholds": ActionThresholds(**thresholds)})
+    outcomes: list[Outcome] = []
+    for scored in scored_queries(sims, detection):
+        sim, query, deciding = scored.sim, scored.query, scored.deciding
+        outcome = Outcome(sim.name, sim.kind, sim.role, query, "")
+        outcome.attempts.append(Attempt(query.at_s, 200, deciding.score, deciding.action))
+        outcome.status = 200
+        outcome.texts = [
+            f" The answer is {query.problem_of(c).answer}." for c in range(query.answers)
+        ]
+        outcome.text = outcome.texts[0]
+        outcomes.append(outcome)
     return outcomes
 
 
