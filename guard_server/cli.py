@@ -1,4 +1,5 @@
-"""The ``guard-server`` command line: serve, check-config, trace, hash-key, clients, openapi."""
+"""The ``guard-server`` command line: serve, check-config, trace, hash-key, clients, replay,
+openapi."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from guard_server import admin_cli
+from guard_server import admin_cli, replay
 from guard_server.config.loader import ConfigError, Settings, load_settings
 from guard_server.logs import configure_logging
 from guard_server.pipeline.auth import hash_key
@@ -65,6 +66,7 @@ def _parser() -> argparse.ArgumentParser:
     key = commands.add_parser("hash-key", help="make a new API key (or hash one from stdin)")
     key.add_argument("--stdin", action="store_true", help="hash the key read from stdin")
     admin_cli.add_parser(commands)
+    replay.add_parser(commands)
     commands.add_parser("openapi", help="print the OpenAPI document of the public API")
     return parser
 
@@ -80,6 +82,8 @@ def main(argv: list[str] | None = None) -> int:
         return _trace(args)
     if args.command == "clients":
         return admin_cli.run(args)
+    if args.command == "replay":
+        return replay.run(args)
     if args.command == "openapi":
         from guard_server.openapi import openapi_json
 

@@ -134,6 +134,7 @@ class AuditLog:
         features = ctx.features
         if features is not None:  # what detection counted: enough to replay it (no text)
             record["features"] = {
+                "at": round(ctx.scored_at, 3),
                 "prompts": features.prompt_hashes,
                 "fingerprint": features.fingerprint,
                 "logprobs": features.logprobs,

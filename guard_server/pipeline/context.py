@@ -46,6 +46,7 @@ class RequestContext:
     assessment: Assessment | None = None  # the key's
     end_user_assessment: Assessment | None = None  # the end user's own scope's, if scored
     features: RequestFeatures | None = None  # what detection counted (the audit log's)
+    scored_at: float = 0.0  # wall-clock time detection counted the request at
     fingerprint: str = ""
     body_hash: str = ""
     plan: Plan | None = None  # set once by the plan stage, read by every later one

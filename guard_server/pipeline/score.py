@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from collections import OrderedDict
 
 from guard_server.config.loader import Client
@@ -49,6 +50,7 @@ class RiskScorer:
         assert ctx.canonical is not None
         features = extract_features(ctx.canonical, max(1, tier.logprobs.max_top))
         ctx.features = features
+        ctx.scored_at = time.time()
         ctx.fingerprint = features.fingerprint
         client_id = ctx.client.id
         try:
