@@ -20,6 +20,7 @@ from aiohttp import web
 
 from guard_server.appkeys import AUDIT, REVIEW, SETTINGS, STATE
 from guard_server.config.loader import Client
+from guard_server.detection.end_users import assess_key, client_of_scope
 from guard_server.detection.profile import CampaignProfile, ClientProfile
 from guard_server.detection.scoring import ACTIONS, Assessment, assess
 from guard_server.errors import GuardError, bad_request, unauthorized
@@ -55,11 +56,15 @@ def _check_admin(request: web.Request) -> None:
 
 
 def _client(request: web.Request) -> Client:
-    client_id = request.match_info["client_id"]
+    """The client the path names; for an end user's scope (``acme~u:<hash>``, from the audit
+    log's ``scope``), its key's client under the scope's id, so that show, pin and reset
+    act on that end user alone."""
+    scope = request.match_info["client_id"]
+    client_id = client_of_scope(scope)
     client = request.app[SETTINGS].current.clients_by_id.get(client_id)
     if client is None:
         raise GuardError(404, f"No client `{client_id}` is configured.", code="client_not_found")
-    return client
+    return client if scope == client_id else dataclasses.replace(client, id=scope)
 
 
 def _unavailable(exc: StateUnavailable) -> GuardError:
@@ -190,9 +195,11 @@ async def client_report(request: web.Request) -> web.Response:
 
 def _assess(client: Client, profile: ClientProfile, campaign: CampaignProfile | None) -> Assessment:
     detection = client.tier.detection
-    return assess(
+    if client_of_scope(client.id) == client.id:
+        return assess_key(detection, profile, campaign)
+    return assess(  # an end user's scope: no campaign, no end users of its own
         profile,
-        campaign,
+        None,
         detection.thresholds.by_action,
         detection.distinct_prompts.bounds,
         detection.evidence_min,

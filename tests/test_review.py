@@ -30,7 +30,7 @@ from guard_server.testing import (
 
 ADMIN_KEY = "sk-admin-review"
 CLIENTS = ["attacker", "honest", "expiring", "cli", *(f"c{i}" for i in range(5))]
-KEYS = {client: f"sk-test-review-{client}" for client in CLIENTS}
+KEYS = {client: f"sk-test-review-{client}" for client in [*CLIENTS, "app"]}
 # Asking for the tier's maximal top-k logprobs scores 0.30 from the first request: past
 # `decoy` at once (maximal logprobs alone count as enough evidence here: `evidence_min`),
 # while plain requests stay at 0.
@@ -173,6 +173,39 @@ def test_pins_and_a_reset_take_effect_at_once_and_are_audited(guard: GuardProces
     metrics = guard.metrics()
     assert metric_value(metrics, "guard_actions_total", action="pass", mode="pinned") == 1
     assert metric_value(metrics, "guard_actions_total", action="block", mode="pinned") == 1
+
+
+def test_an_end_user_is_shown_pinned_and_reset_on_its_own(guard: GuardProcess) -> None:
+    def ask(end_user: str, logprobs: bool = False) -> httpx.Response:
+        body: dict = {"model": "teacher", "messages": QUESTION, "max_tokens": 8,
+                      "temperature": 0, "safety_identifier": end_user}  # fmt: skip
+        if logprobs:
+            body.update(logprobs=True, top_logprobs=5)
+        headers = {"Authorization": f"Bearer {KEYS['app']}"}
+        return httpx.post(guard.base_url + "/chat/completions", json=body, headers=headers)
+
+    truth = _content(_ask(guard, TRUSTED_KEY))
+    for _ in range(12):  # the app's other users keep its key's own profile fine
+        assert _content(ask("alice")) == truth
+    assert _content(ask("mallory", logprobs=True)) != truth  # decoyed on her own scope
+    line = _last_request(guard, "app")
+    scope = line["scope"]
+    assert (line["end_user"], line["action"]) == ("mallory", "decoy") and line["risk"] < 0.2
+    assert scope.startswith("app~u:") and line["reason"].startswith(f"end user 'mallory' ({scope})")
+    assert _content(ask("alice")) == truth
+    report = _admin(guard, "GET", f"/admin/clients/{scope}").json()
+    assert (report["client"], report["assessed"], report["profile"]["total"]) == (scope, "decoy", 1)
+    assert _admin(guard, "GET", "/admin/clients/app").json()["assessed"] == "pass"
+
+    _pin(guard, scope, "allow", expires_in_s=600)
+    assert _content(ask("mallory", logprobs=True)) == truth  # her pin: served as pass
+    line = _last_request(guard, "app")
+    assert (line["action"], line["assessed"], line["pin"]) == ("pass", "decoy", "allow")
+    _pin(guard, scope, "auto")
+    reset = _admin(guard, "POST", f"/admin/clients/{scope}/reset", json={"by": "bob"}).json()
+    assert reset["before"]["assessed"] == "decoy" and reset["client"] == scope
+    assert _admin(guard, "GET", f"/admin/clients/{scope}").json()["profile"] is None
+    assert _admin(guard, "GET", "/admin/clients/app").json()["profile"]["total"] == 15
 
 
 def test_a_pin_expires_by_itself(guard: GuardProcess) -> None:

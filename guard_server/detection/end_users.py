@@ -32,12 +32,21 @@ def end_user_of(body: dict[str, object]) -> str | None:
     return None
 
 
+SCOPE_MARK = "~u:"
+"""Between a key's id and its end user's hash in an end-user scope (no client id has ``~``)."""
+
+
 def end_user_scope(client_id: str, end_user: str) -> str:
-    """The scope an end user of ``client_id`` is scored in: the key's id, ``/u:`` and 16 hex
+    """The scope an end user of ``client_id`` is scored in: the key's id, ``~u:`` and 16 hex
     digits of the end user's hash (any length or character an application sends becomes a
-    short, safe store key; the audit log has the end user as sent)."""
+    short store key that is safe in a URL path; the audit log has the end user as sent)."""
     digest = hashlib.blake2b(end_user.encode(), digest_size=8).hexdigest()
-    return f"{client_id}/u:{digest}"
+    return f"{client_id}{SCOPE_MARK}{digest}"
+
+
+def client_of_scope(scope: str) -> str:
+    """The key's id of a scope (the scope itself for a key's own)."""
+    return scope.partition(SCOPE_MARK)[0]
 
 
 def end_user_decides(key: Assessment | None, end_user: Assessment | None) -> bool:

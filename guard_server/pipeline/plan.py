@@ -236,6 +236,8 @@ class Planner:
         if ctx.end_user is not None and client.tier.detection.end_users.enabled:
             scope = end_user_scope(client.id, ctx.end_user)
             end_user = EndUser(ctx.end_user, scope, ctx.end_user_assessment)
+            if pin is None and review is not None:
+                pin = review.pin_of(scope)  # an operator's pin of this end user alone
         plan = ctx.plan = make_plan(
             ctx.settings.secret,
             client,
