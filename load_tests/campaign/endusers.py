@@ -16,7 +16,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
-from guard_server.config.schema import DetectionPolicy
+from guard_server.config.schema import DetectionPolicy, DistinctPromptsRamp
 from guard_server.detection.scoring import ACTIONS
 from load_tests.campaign.config import defended_tier
 from load_tests.campaign.replay import scored_queries
@@ -37,6 +37,7 @@ class _Actor:
     worst: str = "pass"  # the most severe action any of its requests got
     worst_own: str = "pass"  # ... decided by its own scope
     first: dict[str, tuple[int, float]] = field(default_factory=dict)  # action -> (request, s)
+    first_own: dict[str, tuple[int, float]] = field(default_factory=dict)  # by its own scope
     max_own_risk: float = 0.0
 
     def note(self, at_s: float, action: str, own: str | None, own_risk: float) -> None:
@@ -50,6 +51,8 @@ class _Actor:
         self.max_own_risk = max(self.max_own_risk, own_risk)
         for name in ACTIONS[1 : _RANK[action] + 1]:
             self.first.setdefault(name, (self.requests, at_s - self.first_at_s))
+        for name in ACTIONS[1 : _RANK[own or "pass"] + 1]:
+            self.first_own.setdefault(name, (self.requests, at_s - self.first_at_s))
 
 
 def run(
@@ -114,6 +117,10 @@ def run(
                     act: {"request": n, "hours": round(s / 3600, 2)}
                     for act, (n, s) in a.first.items()
                 },
+                "first_by_own_scope": {
+                    act: {"request": n, "hours": round(s / 3600, 2)}
+                    for act, (n, s) in a.first_own.items()
+                },
             }
             for name, a in actors.items()
             if a.role == "attacker"
@@ -133,8 +140,17 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--logprobs", action="store_true",
                     help="the app asks for top_logprobs 5 on every request")  # fmt: skip
     ap.add_argument("--no-abusive", action="store_true", help="honest end users only")
+    ap.add_argument("--ramp", help="START,FULL: the tier's detection.distinct_prompts instead")
     args = ap.parse_args(argv)
-    report = run(args.seed, args.end_users, args.days, args.logprobs, not args.no_abusive)
+    detection = defended_tier().detection
+    if args.ramp:
+        start, full = (int(bound) for bound in args.ramp.split(","))
+        ramp = DistinctPromptsRamp(start=start, full=full)
+        detection = detection.model_copy(update={"distinct_prompts": ramp})
+    report = run(
+        args.seed, args.end_users, args.days, args.logprobs, not args.no_abusive, detection
+    )
+    report["distinct_prompts_ramp"] = list(detection.distinct_prompts.bounds)
     print(json.dumps(report, indent=2))
 
 
