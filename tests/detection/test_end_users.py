@@ -76,9 +76,8 @@ async def test_both_stores_score_end_users_the_same(redis_server: RedisProcess) 
     clocks = Clock(), Clock()
     memory = MemoryStore(clock=clocks[0])
     prefix = f"t{uuid.uuid4().hex[:8]}"
-    shared = RedisStore(
-        redis_server.url, prefix=prefix, timeout_s=5.0, clock=clocks[1]
-    )  # a busy machine
+    # Up to 5 s a call: three scripts a request, on a machine busy with other work.
+    shared = RedisStore(redis_server.url, prefix=prefix, timeout_s=5.0, clock=clocks[1])
     for at_s, key, end_user, features in traffic:
         clocks[0].now = clocks[1].now = START + at_s
         scope = end_user_scope(key, end_user)
