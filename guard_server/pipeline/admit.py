@@ -5,8 +5,14 @@ Tokens are reserved at admission from an estimate and settled against the real u
 completion, streams included. The estimate counts the request's ``max_tokens`` in full,
 except one the guard filled in (the client set none) for a client whose limits are not
 tightened: that counts as at most ``_DEFAULTED_RESERVATION`` per choice, and a longer answer
-is charged at settlement. Settlement runs as its own task, so a cancelled request
-(client disconnect) still releases its concurrency slot; a slot also expires by itself.
+is charged at settlement. Settlement runs as its own task, off the answer's path, so a
+cancelled request (client disconnect) still releases its concurrency slot; a slot also
+expires by itself. At most ``SETTLING`` settlements talk to the store at once; a failed one is
+counted (``guard_state_errors_total``) and logged.
+
+With a speculative store the score stage has already taken the admission, under the limits
+the plan was expected to have (``ctx.speculation``): this stage keeps it when the plan agrees,
+which is the common case, and otherwise corrects it in one atomic call (``readmit``).
 """
 
 from __future__ import annotations
@@ -21,7 +27,14 @@ from guard_server.errors import GuardError
 from guard_server.metrics import GuardMetrics
 from guard_server.openai_fields import Endpoint
 from guard_server.pipeline.context import RequestContext
-from guard_server.state.base import Admission, LimitSpec, StateStore, StateUnavailable
+from guard_server.state.base import (
+    Admission,
+    AdmitRequest,
+    LimitSpec,
+    SpeculativeStore,
+    StateStore,
+    StateUnavailable,
+)
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +42,9 @@ _CHARS_PER_TOKEN = 4
 _DEFAULT_COMPLETION = {Endpoint.CHAT: 256, Endpoint.COMPLETIONS: 16, Endpoint.EMBEDDINGS: 0}
 _DEFAULTED_RESERVATION = _DEFAULT_COMPLETION[Endpoint.CHAT]
 """Completion tokens reserved per choice for a ``max_tokens`` the guard filled in."""
+SETTLING = 64
+"""Settlements in flight to the store at once (the rest wait their turn, off the answer's
+path)."""
 
 
 def estimate_tokens(ctx: RequestContext) -> int:
@@ -43,8 +59,12 @@ def reservation(ctx: RequestContext) -> int:
     tightened the client's limits. (A short answer then costs a client its own size, not the
     tier's whole bound; settlement charges a long one in full.)"""
     assert ctx.plan is not None
+    return _reservation(ctx, tightened=ctx.plan.limits != ctx.plan.advertised)
+
+
+def _reservation(ctx: RequestContext, tightened: bool) -> int:
     completion = _max_completion(ctx)
-    if ("defaulted", "max_tokens") in ctx.policy_actions and ctx.plan.limits == ctx.plan.advertised:
+    if not tightened and ("defaulted", "max_tokens") in ctx.policy_actions:
         completion = min(completion, _DEFAULTED_RESERVATION)
     return _prompt_estimate(ctx) + _choices(ctx) * completion
 
@@ -127,31 +147,52 @@ class Admitter:
         self.fail_open = fail_open
         self.slot_ttl_s = slot_ttl_s
         self._settling: set[asyncio.Task[None]] = set()
+        self._settle_slots = asyncio.Semaphore(SETTLING)
+
+    def request_for(self, ctx: RequestContext, limits: LimitSpec | None) -> AdmitRequest | None:
+        """The admission a request needs under ``limits`` (None: blocked, or unlimited)."""
+        assert ctx.client is not None and ctx.canonical is not None
+        if limits is None or limits.unlimited:
+            return None
+        advertised = ctx.client.limits
+        return AdmitRequest(
+            f"c:{ctx.client.id}",
+            limits,
+            _reservation(ctx, tightened=limits != advertised),
+            uuid.uuid4().hex,
+            self.slot_ttl_s,
+            ctx.canonical.prompts,
+            _shown(advertised, limits),
+        )
 
     async def __call__(self, ctx: RequestContext) -> None:
         assert ctx.client is not None and ctx.plan is not None
-        if ctx.plan.action == "block":
-            raise GuardError(
-                403,
-                "This API key is suspended. Contact the API operator.",
-                type="permission_error",
-                code="access_suspended",
-            )
-        limits = ctx.plan.limits
-        if limits.unlimited:
-            return
-        assert ctx.canonical is not None
-        ctx.token_ceiling = estimate_tokens(ctx)
+        admission: Admission | None = None
         try:
-            admission = await self.store.admit(
-                f"c:{ctx.client.id}",
-                limits,
-                reservation(ctx),
-                uuid.uuid4().hex,
-                self.slot_ttl_s,
-                requests=ctx.canonical.prompts,
-                shown=_shown(ctx.plan.advertised, limits),
-            )
+            if ctx.speculation is not None:
+                admission = await self._confirm(ctx, ctx.speculation)
+            if ctx.plan.action == "block":
+                raise GuardError(
+                    403,
+                    "This API key is suspended. Contact the API operator.",
+                    type="permission_error",
+                    code="access_suspended",
+                )
+            limits = ctx.plan.limits
+            if limits.unlimited:
+                return
+            assert ctx.canonical is not None
+            ctx.token_ceiling = estimate_tokens(ctx)
+            if admission is None:
+                admission = await self.store.admit(
+                    f"c:{ctx.client.id}",
+                    limits,
+                    reservation(ctx),
+                    uuid.uuid4().hex,
+                    self.slot_ttl_s,
+                    requests=ctx.canonical.prompts,
+                    shown=_shown(ctx.plan.advertised, limits),
+                )
         except StateUnavailable as exc:
             self._state_failed(exc)
             if self.fail_open:
@@ -178,6 +219,23 @@ class Admitter:
             code="rate_limit_exceeded",
             headers={**headers, "Retry-After": str(retry)},
         )
+
+    async def _confirm(
+        self, ctx: RequestContext, speculation: tuple[AdmitRequest | None, Admission | None]
+    ) -> Admission | None:
+        """The speculative admission if the plan needs that one, else what correcting it
+        gives; None when nothing is decided yet (the plan's admission is still to take)."""
+        assert ctx.plan is not None
+        taken, admission = speculation
+        needed = None if ctx.plan.action == "block" else self.request_for(ctx, ctx.plan.limits)
+        if taken == needed:
+            return admission
+        if taken is not None and admission is not None and admission.allowed:
+            store = self.store
+            assert isinstance(store, SpeculativeStore)
+            self.metrics.admissions_corrected.inc()
+            return await store.readmit(taken, needed)
+        return None
 
     def settle(self, ctx: RequestContext) -> None:
         """Release the slot and settle tokens, in a task of its own (survives cancellation)."""
@@ -208,9 +266,18 @@ class Admitter:
         self, scope: str, limits: LimitSpec, slot: str, refund: int, shown: LimitSpec | None
     ) -> None:
         try:
-            await self.store.settle(scope, limits, slot, refund, shown)
+            async with self._settle_slots:
+                await self.store.settle(scope, limits, slot, refund, shown)
         except StateUnavailable as exc:
             self._state_failed(exc)  # the slot expires by itself
+        except Exception:  # never lost silently: counted and logged with its traceback
+            self.metrics.state_errors.inc()
+            log.exception("settling %s failed", scope)
+
+    async def drain(self) -> None:
+        """Wait for the settlements still in flight (at shutdown, before the store closes)."""
+        if self._settling:
+            await asyncio.gather(*self._settling, return_exceptions=True)
 
     def _state_failed(self, exc: Exception) -> None:
         self.metrics.state_up.set(0)
