@@ -150,7 +150,8 @@ class Admitter:
         self._settle_slots = asyncio.Semaphore(SETTLING)
 
     def request_for(self, ctx: RequestContext, limits: LimitSpec | None) -> AdmitRequest | None:
-        """The admission a request needs under ``limits`` (None: blocked, or unlimited)."""
+        """The admission a request needs under ``limits`` (None: blocked, or unlimited). For
+        one request, all of it but the slot id follows from ``limits``."""
         assert ctx.client is not None and ctx.canonical is not None
         if limits is None or limits.unlimited:
             return None
@@ -225,11 +226,14 @@ class Admitter:
     ) -> Admission | None:
         """The speculative admission if the plan needs that one, else what correcting it
         gives; None when nothing is decided yet (the plan's admission is still to take)."""
-        assert ctx.plan is not None
+        plan = ctx.plan
+        assert plan is not None
         taken, admission = speculation
-        needed = None if ctx.plan.action == "block" else self.request_for(ctx, ctx.plan.limits)
-        if taken == needed:
+        # For one request, the limits decide the rest of an admission (see request_for).
+        limits = None if plan.action == "block" or plan.limits.unlimited else plan.limits
+        if limits == (taken.spec if taken is not None else None):
             return admission
+        needed = self.request_for(ctx, limits)
         if taken is not None and admission is not None and admission.allowed:
             store = self.store
             assert isinstance(store, SpeculativeStore)

@@ -40,30 +40,36 @@ def _source(name: str) -> str:
 
 
 class _Batcher:
-    """Every command the event loop's requests issue in one tick, written to Redis at once
-    on one pooled connection and its replies read in order: one connection checkout, one
-    write and one timeout per batch instead of per command (redis-py's per-command path is
-    most of the Redis mode's CPU). Commands are packed by hiredis."""
+    """The commands the event loop's requests issue, written to Redis in batches on one
+    pooled connection at a time, replies read in order: while one batch is out, the next
+    one gathers. One connection checkout, one write and one task per batch instead of per
+    command (redis-py's per-command path was most of the Redis mode's CPU). Commands are
+    packed by hiredis."""
 
     def __init__(self, redis: aioredis.Redis) -> None:
         self._pool = redis.connection_pool
         self._pending: list[tuple[tuple, asyncio.Future]] = []
-        self._flushing: set[asyncio.Task[None]] = set()
+        self._sender: asyncio.Task[None] | None = None
 
     def __call__(self, *args: Any) -> asyncio.Future:
-        """Send ``args`` with this tick's batch; the future holds its reply (or error)."""
+        """Send ``args`` with the next batch; the future holds its reply (or error)."""
         loop = asyncio.get_running_loop()
         future = loop.create_future()
-        if not self._pending:
-            loop.call_soon(self._flush)
         self._pending.append((args, future))
+        if self._sender is None:
+            # Started after this tick's callbacks, so that the tick's commands go together.
+            self._sender = loop.create_task(self._send_all())
         return future
 
-    def _flush(self) -> None:
-        batch, self._pending = self._pending, []
-        task = asyncio.get_running_loop().create_task(self._send(batch))
-        self._flushing.add(task)
-        task.add_done_callback(self._flushing.discard)
+    async def _send_all(self) -> None:
+        try:
+            while self._pending:
+                batch, self._pending = self._pending, []
+                await self._send(batch)
+        finally:
+            self._sender = None
+            if self._pending:  # cancelled with commands waiting: they still go
+                self._sender = asyncio.get_running_loop().create_task(self._send_all())
 
     async def _send(self, batch: list[tuple[tuple, asyncio.Future]]) -> None:
         done = 0
