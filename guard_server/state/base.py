@@ -134,7 +134,9 @@ class SpeculativeStore(StateStore):
     plan is expected to have, before the plan is made; in the rare case the plan turns out
     otherwise, :meth:`readmit` corrects it atomically. A limit holds exactly as with
     :meth:`StateStore.admit`: what a speculative admission took is given back before the
-    right one is taken, and a refused or deferred one took nothing.
+    right one is taken, and a refused or deferred one took nothing. (Until it is corrected, a
+    wrong one may refuse another request the right one would have let through: never admit
+    one it would have refused.)
     """
 
     @abc.abstractmethod

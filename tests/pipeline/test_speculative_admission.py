@@ -67,7 +67,7 @@ async def test_a_plan_that_agrees_keeps_the_speculative_admission(store: RedisSt
         await admitter(ctx)
         assert ctx.admission is ctx.speculation[1]
         assert ctx.admission is not None and ctx.admission.remaining_requests == pytest.approx(
-            19 - i, abs=0.01
+            19 - i, abs=0.2
         )
     assert _corrected(admitter) == 0
 
@@ -83,8 +83,8 @@ async def test_a_tightened_plan_is_admitted_under_its_own_limits(store: RedisSto
         await admitter(ctx)
     assert tight.requests_per_minute == 5
     assert ctx.admission is not None
-    assert ctx.admission.remaining_requests == pytest.approx(2, abs=0.01)
-    assert ctx.admission.shown_requests == pytest.approx(17, abs=0.01)
+    assert ctx.admission.remaining_requests == pytest.approx(2, abs=0.2)
+    assert ctx.admission.shown_requests == pytest.approx(17, abs=0.2)
     assert ctx.admission.in_flight == 3
     # The first was corrected; the next two were deferred (speculated as a pass, they would
     # have ended the tightening) and admitted plainly.
@@ -103,4 +103,4 @@ async def test_a_blocked_plan_gives_back_what_was_speculated(store: RedisStore) 
     after = await _speculated(admitter, store, client)
     await admitter(after)
     assert after.admission is not None and after.admission.in_flight == 1
-    assert after.admission.remaining_requests == pytest.approx(19, abs=0.01)
+    assert after.admission.remaining_requests == pytest.approx(19, abs=0.2)

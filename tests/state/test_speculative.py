@@ -85,13 +85,17 @@ def _same(got: Admission | None, expected: Admission | None) -> bool:
     """The same verdict and the same bucket levels (up to what refills in a moment)."""
     if got is None or expected is None:
         return got is expected
+    # Redis' clock refills the buckets between the two clients' calls: up to a second of it
+    # on a loaded machine (0.1 request, 10 tokens at these limits); a request costs 1 and 100.
+    slack = {"remaining_requests": 0.2, "shown_requests": 0.2}
     levels = ("remaining_requests", "remaining_tokens", "shown_requests", "shown_tokens")
     return (got.allowed, got.exceeded, got.in_flight) == (
         expected.allowed,
         expected.exceeded,
         expected.in_flight,
     ) and all(
-        getattr(got, name) == pytest.approx(getattr(expected, name), abs=0.5) for name in levels
+        getattr(got, name) == pytest.approx(getattr(expected, name), abs=slack.get(name, 20))
+        for name in levels
     )
 
 
