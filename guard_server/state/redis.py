@@ -127,18 +127,20 @@ def _shown_rates(spec: LimitSpec, shown: LimitSpec | None) -> tuple[int, int]:
     return shown.requests_per_minute or 0, shown.tokens_per_minute or 0
 
 
-def _admit_args(request: AdmitRequest, speculative: bool) -> list:
+def _admit_args(request: AdmitRequest, speculative: bool) -> list[str]:
     spec = request.spec
+    shown_rpm, shown_tpm = _shown_rates(spec, request.shown)
     return [
-        spec.requests_per_minute or 0,
-        spec.tokens_per_minute or 0,
-        spec.concurrent_requests or 0,
-        request.tokens,
+        str(spec.requests_per_minute or 0),
+        str(spec.tokens_per_minute or 0),
+        str(spec.concurrent_requests or 0),
+        str(request.tokens),
         request.slot,
-        int(request.slot_ttl_s * 1000),
-        request.requests,
-        *_shown_rates(spec, request.shown),
-        int(speculative),
+        str(int(request.slot_ttl_s * 1000)),
+        str(request.requests),
+        str(shown_rpm),
+        str(shown_tpm),
+        _FLAG[speculative],
     ]
 
 
@@ -164,6 +166,16 @@ def _admission(request: AdmitRequest, reply: list) -> Admission | None:
         reserved_tokens=request.tokens if allowed else 0,
     )
 
+
+_FLAG = ("0", "1")
+"""A flag as a script argument: arguments go as strings, which hiredis packs 2-4x faster
+than ints and floats."""
+_IDLE_TTL_MS = str(int(IDLE_TTL_S * 1000))
+_SHARE_ALPHA, _GAP_ALPHA, _HALF_LIFE_S = (
+    repr(float(x)) for x in (SHARE_ALPHA, GAP_ALPHA, HALF_LIFE_S)
+)
+_OBSERVE_COUNTS = ("14", "6")  # arguments of observe_client and observe_campaign
+_DAY_BUCKETS = str(DAY.buckets)
 
 _KEY_CACHE = 65_536
 """Clients (and fingerprints) whose current bucket keys are kept formatted."""
@@ -255,7 +267,12 @@ class RedisStore(SpeculativeStore):
         refund_tokens: int,
         shown: LimitSpec | None = None,
     ) -> None:
-        args = [spec.tokens_per_minute or 0, refund_tokens, slot, _shown_rates(spec, shown)[1]]
+        args = [
+            str(spec.tokens_per_minute or 0),
+            str(refund_tokens),
+            slot,
+            str(_shown_rates(spec, shown)[1]),
+        ]
         try:
             await self._settle(self._keys(scope), args)
         except (RedisError, OSError) as exc:
@@ -312,8 +329,7 @@ class RedisStore(SpeculativeStore):
         want: bool,
     ) -> tuple[ClientProfile | None, CampaignProfile | None, Admission | None]:
         now = self._clock()
-        ttl_ms = int(IDLE_TTL_S * 1000)
-        day_ttl_ms, week_ttl_ms = (int(w.expires_in_s(now) * 1000) + 1 for w in (DAY, WEEK))
+        day_ttl_ms, week_ttl_ms = (str(int(w.expires_in_s(now) * 1000) + 1) for w in (DAY, WEEK))
         fingerprint = features.fingerprint
         client_keys = self._risk_keys(client, now, every=want)
         campaign_keys = self._campaign_keys(fingerprint, now, every=want)
@@ -321,12 +337,14 @@ class RedisStore(SpeculativeStore):
         keys = [*client_keys, *campaign_keys]
         if request is not None:
             keys += self._keys(request.scope)
+        max_top, counts = _FLAG[features.max_top], _FLAG[want]
         args = (
-            len(client_keys), len(campaign_keys), 14, 6, len(admit_args),
-            fingerprint, int(features.wants_logprobs), int(features.max_top),
-            int(features.logit_bias), SHARE_ALPHA, GAP_ALPHA, HALF_LIFE_S, ttl_ms, repr(now),
-            DAY.bucket_of(now), DAY.buckets, day_ttl_ms, week_ttl_ms, int(want),
-            client, int(features.max_top), SHARE_ALPHA, ttl_ms, day_ttl_ms, int(want),
+            str(len(client_keys)), str(len(campaign_keys)), *_OBSERVE_COUNTS,
+            str(len(admit_args)),
+            fingerprint, _FLAG[features.wants_logprobs], max_top, _FLAG[features.logit_bias],
+            _SHARE_ALPHA, _GAP_ALPHA, _HALF_LIFE_S, _IDLE_TTL_MS, repr(now),
+            str(DAY.bucket_of(now)), _DAY_BUCKETS, day_ttl_ms, week_ttl_ms, counts,
+            client, max_top, _SHARE_ALPHA, _IDLE_TTL_MS, day_ttl_ms, counts,
             *admit_args, *features.prompt_hashes,
         )  # fmt: skip
         try:
