@@ -39,7 +39,12 @@ from guard_server.state.base import (
 log = logging.getLogger(__name__)
 
 _CHARS_PER_TOKEN = 4
-_DEFAULT_COMPLETION = {Endpoint.CHAT: 256, Endpoint.COMPLETIONS: 16, Endpoint.EMBEDDINGS: 0}
+_DEFAULT_COMPLETION = {
+    Endpoint.CHAT: 256,
+    Endpoint.COMPLETIONS: 16,
+    Endpoint.EMBEDDINGS: 0,
+    Endpoint.RESPONSES: 256,
+}
 _DEFAULTED_RESERVATION = _DEFAULT_COMPLETION[Endpoint.CHAT]
 """Completion tokens reserved per choice for a ``max_tokens`` the guard filled in."""
 SETTLING = 64
@@ -64,7 +69,11 @@ def reservation(ctx: RequestContext) -> int:
 
 def _reservation(ctx: RequestContext, tightened: bool) -> int:
     completion = _max_completion(ctx)
-    if not tightened and ("defaulted", "max_tokens") in ctx.policy_actions:
+    defaulted = ("defaulted", "max_tokens") in ctx.policy_actions or (
+        "defaulted",
+        "max_output_tokens",
+    ) in ctx.policy_actions
+    if defaulted and not tightened:
         completion = min(completion, _DEFAULTED_RESERVATION)
     return _prompt_estimate(ctx) + _choices(ctx) * completion
 
@@ -72,7 +81,7 @@ def _reservation(ctx: RequestContext, tightened: bool) -> int:
 def _prompt_estimate(ctx: RequestContext) -> int:
     canonical = ctx.canonical
     assert canonical is not None
-    if ctx.endpoint is Endpoint.CHAT:
+    if ctx.endpoint.conversational:
         return sum(len(text) for _, text in canonical.turns) // _CHARS_PER_TOKEN + 1
     field = "input" if ctx.endpoint is Endpoint.EMBEDDINGS else "prompt"
     return sum(_prompt_tokens(prompt) for prompt in prompt_list(ctx.body[field]))
@@ -85,9 +94,8 @@ def _choices(ctx: RequestContext) -> int:
 
 def _max_completion(ctx: RequestContext) -> int:
     body = ctx.body
-    return (body.get("max_tokens") or body.get("max_completion_tokens")) or _DEFAULT_COMPLETION[
-        ctx.endpoint
-    ]
+    limit = body.get("max_tokens") or body.get("max_completion_tokens")
+    return limit or body.get("max_output_tokens") or _DEFAULT_COMPLETION[ctx.endpoint]
 
 
 def _prompt_tokens(prompt: str | list[int]) -> int:

@@ -51,7 +51,9 @@ class RequestContext:
     body_hash: str = ""
     plan: Plan | None = None  # set once by the plan stage, read by every later one
     logprob_keys: dict[int, bytes] = field(default_factory=dict)  # per prompt of the request
-    logprob_positions: dict[int, int] = field(default_factory=dict)  # per choice, streams
+    # per choice (responses: per output text), streams
+    logprob_positions: dict[int | tuple[int, int], int] = field(default_factory=dict)
+    echo: dict[str, Any] = field(default_factory=dict)  # responses: request fields to echo
     prompt_tokens: int = 0
     completion_tokens: int = 0
 
