@@ -215,6 +215,7 @@ def build_app(
         try:
             yield
         finally:
+            await admitter.drain()  # settlements still in flight, before the store closes
             await review.close()
             await store.close()
 
@@ -228,8 +229,14 @@ def build_app(
         fail_open=settings.config.state.on_failure == "open",
         slot_ttl_s=_slot_ttl(settings),
     )
-    scorer = RiskScorer(store, metrics)
     planner = Planner(metrics, review)
+    scorer = RiskScorer(
+        store,
+        metrics,
+        speculate=lambda ctx, assessment: admitter.request_for(
+            ctx, planner.expected_limits(ctx.client, assessment)
+        ),
+    )
     review.on_reset(scorer.forget)
     review.on_reset(planner.forget)
     metrics.add_collector(TopClientsCollector(review, holder))

@@ -33,17 +33,21 @@ from typing import Any
 import orjson
 
 from guard_server.errors import GuardError, bad_request
-from guard_server.openai_fields import Endpoint
+from guard_server.openai_fields import LOGPROBS_INCLUDE, Endpoint
 
 # --------------------------------------------------------------------------- request fields
 
 PROMPT_FIELDS = frozenset({
     "model", "messages", "prompt", "input", "add_generation_prompt", "continue_final_message",
     "add_special_tokens", "truncate_prompt_tokens", "chat_template", "prompt_embeds",
-    "mm_processor_kwargs",
+    "mm_processor_kwargs", "instructions", "truncation",
 })  # fmt: skip
-"""Fields that shape the prompt the model reads, whatever the chat template."""
-TEMPLATE_FIELDS = frozenset({"tools", "documents", "chat_template_kwargs", "reasoning_effort"})
+"""Fields that shape the prompt the model reads, whatever the chat template. (A Responses
+request's own fields are read through the chat request it becomes:
+``guard_server.responses_input.chat_view``.)"""
+TEMPLATE_FIELDS = frozenset({
+    "tools", "documents", "chat_template_kwargs", "reasoning_effort", "reasoning",
+})  # fmt: skip
 """Fields a chat template may render or ignore."""
 SAMPLING_FIELDS = frozenset({
     "max_tokens", "max_completion_tokens", "n", "temperature", "top_p", "stop", "seed",
@@ -51,6 +55,7 @@ SAMPLING_FIELDS = frozenset({
     "parallel_tool_calls", "logit_bias", "top_k", "min_p", "repetition_penalty",
     "length_penalty", "min_tokens", "stop_token_ids", "ignore_eos", "bad_words",
     "structured_outputs", "allowed_token_ids", "use_beam_search", "thinking_token_budget",
+    "max_output_tokens", "text", "max_tool_calls",
 })  # fmt: skip
 """Fields that change what is sampled (the distribution, or where sampling stops)."""
 OUTPUT_FIELDS = frozenset({
@@ -58,7 +63,7 @@ OUTPUT_FIELDS = frozenset({
     "logprob_token_ids", "echo", "return_tokens_as_token_ids", "return_token_ids",
     "include_stop_str_in_output", "skip_special_tokens", "spaces_between_special_tokens",
     "include_reasoning", "kv_transfer_params", "priority", "request_id", "cache_salt",
-    "vllm_xargs", "encoding_format", "dimensions",
+    "vllm_xargs", "encoding_format", "dimensions", "include",
 })  # fmt: skip
 """Fields that change only what is returned or how: never part of an identity."""
 
@@ -301,7 +306,7 @@ def _template_inputs(messages: list[dict[str, Any]]) -> list[dict[str, Any]] | N
     return inputs if any(inputs) else None
 
 
-_SHAPING_FIELDS = PROMPT_FIELDS - {"model", "messages", "prompt", "input"}
+_SHAPING_FIELDS = PROMPT_FIELDS - {"model", "messages", "prompt", "input", "instructions"}
 _ENDPOINT_NAMES = {endpoint: endpoint.value for endpoint in Endpoint}  # Enum.value is slow
 
 
@@ -347,7 +352,11 @@ def canonical_input(endpoint: Endpoint, body: dict[str, Any]) -> CanonicalInput:
 
 def logprob_count(endpoint: Endpoint, body: dict[str, Any]) -> int | None:
     """How many top logprobs a request asks for: chat ``top_logprobs`` when ``logprobs`` is
-    true (0 if unset), completions ``logprobs``; None when it asks for none."""
+    true (0 if unset), completions ``logprobs``, responses ``top_logprobs`` when ``include``
+    names the output text's logprobs (0 if unset); None when it asks for none."""
+    if endpoint is Endpoint.RESPONSES:
+        include = body.get("include") or ()
+        return (body.get("top_logprobs") or 0) if LOGPROBS_INCLUDE in include else None
     if endpoint is Endpoint.CHAT:
         return (body.get("top_logprobs") or 0) if body.get("logprobs") is True else None
     return body.get("logprobs")
@@ -365,8 +374,8 @@ def prompt_list(prompt: str | list[Any]) -> list[str | list[int]]:
 
 
 def prompt_count(endpoint: Endpoint, body: dict[str, Any]) -> int:
-    """How many prompts a validated request batches (chat: always one; embeddings: each
-    input)."""
-    if endpoint is Endpoint.CHAT:
+    """How many prompts a validated request batches (chat, responses: always one;
+    embeddings: each input)."""
+    if endpoint.conversational:
         return 1
     return len(prompt_list(body["input" if endpoint is Endpoint.EMBEDDINGS else "prompt"]))

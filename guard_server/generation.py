@@ -29,6 +29,7 @@ from guard_server.pipeline.embedding_channel import MalformedEmbeddings, embeddi
 from guard_server.pipeline.plan import Planner
 from guard_server.pipeline.policy import apply_tier_policy
 from guard_server.pipeline.record import record
+from guard_server.pipeline.responses_output import is_terminal
 from guard_server.pipeline.rewrite import rewrite_for_upstream
 from guard_server.pipeline.score import RiskScorer
 from guard_server.pipeline.transform import (
@@ -50,6 +51,7 @@ _PATHS = {
     Endpoint.CHAT: "/v1/chat/completions",
     Endpoint.COMPLETIONS: "/v1/completions",
     Endpoint.EMBEDDINGS: "/v1/embeddings",
+    Endpoint.RESPONSES: "/v1/responses",
 }
 _SSE_HEADERS = {
     "Content-Type": "text/event-stream; charset=utf-8",
@@ -202,7 +204,10 @@ class GenerationHandler:
                 await out.prepare(request)
                 ctx.status = 200
                 writer = ClientWriter(request, out, ctx.settings.config.server.write_timeout_s)
-                await self._pump(ctx, response, writer)
+                if ctx.endpoint is Endpoint.RESPONSES:
+                    await self._pump_events(ctx, response, writer)
+                else:
+                    await self._pump(ctx, response, writer)
                 await writer.finish()
             except ConnectionResetError:
                 ctx.status = 499  # the client went away; closing `response` cancels upstream
@@ -254,6 +259,51 @@ class GenerationHandler:
             if ctx.first_token_at is None and carries_token(chunk):
                 ctx.first_token_at = time.perf_counter()
             await out.write(b"data: " + orjson.dumps(chunk) + b"\n\n")
+
+    async def _pump_events(
+        self, ctx: RequestContext, response: aiohttp.ClientResponse, out: ClientWriter
+    ) -> None:
+        """Relay a Responses API stream: typed events (``event:`` and ``data:`` lines), one by
+        one, ending after ``response.completed`` (or ``incomplete``, ``failed``); an error is
+        an ``error`` event in the guard's words, and ends the stream."""
+        content = response.content
+        sequence = 0
+        while True:
+            waited = time.perf_counter()
+            try:
+                line = await content.readline()
+            except (TimeoutError, aiohttp.ClientPayloadError, aiohttp.ClientConnectionError) as exc:
+                await out.write(_typed_error(_broken_read(exc, self.metrics), sequence))
+                return
+            finally:
+                ctx.upstream_seconds += time.perf_counter() - waited
+            if not line:
+                self.metrics.upstream_errors.labels("stream").inc()
+                error = upstream_error(502, "The upstream stream ended early.", "upstream_stream")
+                await out.write(_typed_error(error, sequence))
+                return
+            if not line.startswith(b"data:"):
+                continue  # the ``event:`` line: written again from the event's own type
+            event = _json_object(line[5:].strip())
+            if event is not None and (
+                event.get("type") == "error"
+                or (event.get("type") is None and event.get("error") is not None)
+            ):
+                error = _stream_error(ctx, {"error": event.get("error", event)}, self.metrics)
+                await out.write(_typed_error(error, sequence))
+                return
+            if event is None or not isinstance(event.get("type"), str):
+                await out.write(_typed_error(_malformed(line[5:], self.metrics), sequence))
+                return
+            number = event.get("sequence_number")
+            sequence = (number if type(number) is int else sequence) + 1
+            transform_chunk(ctx, event)
+            if ctx.first_token_at is None and carries_token(event):
+                ctx.first_token_at = time.perf_counter()
+            kind = event["type"].encode()
+            await out.write(b"event: " + kind + b"\ndata: " + orjson.dumps(event) + b"\n\n")
+            if is_terminal(event):
+                return
 
 
 def _upstream_headers(ctx: RequestContext) -> dict[str, str]:
@@ -423,6 +473,19 @@ def _broken_read(exc: BaseException, metrics: GuardMetrics) -> GuardError:
     return upstream_error(
         502, f"The upstream connection broke: {type(exc).__name__}.", "upstream_disconnected"
     )
+
+
+def _typed_error(error: GuardError, sequence: int) -> bytes:
+    """A Responses API ``error`` event (``ResponseErrorEvent``), in the guard's words."""
+    body = error.body()["error"]
+    event = {
+        "type": "error",
+        "code": body.get("code"),
+        "message": body["message"],
+        "param": body.get("param"),
+        "sequence_number": sequence,
+    }
+    return b"event: error\ndata: " + orjson.dumps(event) + b"\n\n"
 
 
 def _error_event(error: GuardError) -> bytes:

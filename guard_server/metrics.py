@@ -150,6 +150,13 @@ class GuardMetrics:
         self.state_errors = Counter(
             "guard_state_errors", "Calls to the state backend that failed.", registry=r
         )
+        self.admissions_corrected = Counter(
+            "guard_admissions_corrected",
+            "Admissions taken with the request's observation under limits its plan did not "
+            "keep (its action crossed pass or block), given back and taken again in a second "
+            "round trip (Redis backend).",
+            registry=r,
+        )
         self.actions = Counter(
             "guard_actions",
             "Actions the plan stage chose, by tier, action (pass, tighten, perturb, decoy, "

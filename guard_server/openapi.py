@@ -39,6 +39,7 @@ from guard_server.openai_fields import (
     JsonType,
 )
 from guard_server.pipeline.validate import INTEGER_RANGE
+from guard_server.responses_input import INCLUDE_VALUES, ITEM_KEYS, OUTPUT_PART_EXTRAS
 
 OPENAPI_VERSION = "3.1.0"
 
@@ -143,7 +144,84 @@ _PROMPT = {
         {"type": "array", "minItems": 1, "items": _TOKEN_IDS},
     ]
 }
+
+
+def _input_part() -> dict[str, Any]:
+    """A Responses API content part: an object of a known type (no plain strings)."""
+    parts = []
+    for kind, keys in sorted(PART_KEYS.items()):
+        text_key = TEXT_OF_PART.get(kind)
+        used = keys | (OUTPUT_PART_EXTRAS if kind == "output_text" else frozenset())
+        properties: dict[str, Any] = {key: {} for key in sorted(used)}
+        properties["type"] = {"const": kind}
+        if text_key is not None:
+            properties[text_key] = {"type": "string"}
+        parts.append(
+            {
+                "type": "object",
+                "required": ["type", *([text_key] if text_key else [])],
+                "properties": properties,
+                "additionalProperties": False,
+            }
+        )
+    return {"anyOf": parts}
+
+
+def _item(kind: str, required: list[str], shapes: dict[str, Any]) -> dict[str, Any]:
+    properties: dict[str, Any] = {key: {} for key in sorted(ITEM_KEYS[kind])}
+    properties["type"] = {"const": kind}
+    properties.update(shapes)
+    return {
+        "type": "object",
+        "required": required,
+        "properties": properties,
+        "additionalProperties": False,
+    }
+
+
+def _input() -> dict[str, Any]:
+    """``input``: a string, or a non-empty list of the items responses_input.py serves."""
+    part = _input_part()
+    one_or_more = {"type": "array", "minItems": 1, "items": part}
+    texts = {
+        "anyOf": [
+            {"type": "null"},
+            {
+                "type": "array",
+                "items": {
+                    "type": "object",
+                    "required": ["text"],
+                    "properties": {"text": {"type": "string"}},
+                },
+            },
+        ]
+    }
+    string = {"type": "string"}
+    items = [
+        _item("message", ["role", "content"], {
+            "role": {"enum": ["user", "system", "developer"]},
+            "content": {"anyOf": [string, one_or_more]},
+        }),
+        _item("message", ["role", "content"], {
+            "role": {"const": "assistant"},
+            "content": {"anyOf": [string, {**one_or_more, "maxItems": 1}]},
+        }),
+        _item("function_call", ["type", "call_id", "name", "arguments"],
+              {"call_id": string, "name": string, "arguments": string}),
+        _item("function_call_output", ["type", "call_id", "output"],
+              {"call_id": string, "output": string}),
+        _item("reasoning", ["type"],
+              {"summary": texts, "content": texts, "encrypted_content": {"type": "null"}}),
+    ]  # fmt: skip
+    return {"anyOf": [string, {"type": "array", "minItems": 1, "items": {"anyOf": items}}]}
+
+
 _SHAPES: dict[str, dict[str, Any]] = {
+    "include": {"type": ["array", "null"], "items": {"enum": sorted(INCLUDE_VALUES)}},
+    "text": {
+        "type": ["object", "null"],
+        "properties": {"format": {"type": ["object", "null"]}},
+    },
     "messages": _messages(),
     "prompt": _PROMPT,
     "input": _PROMPT,
@@ -161,18 +239,27 @@ PATHS = {
     Endpoint.CHAT: "/v1/chat/completions",
     Endpoint.COMPLETIONS: "/v1/completions",
     Endpoint.EMBEDDINGS: "/v1/embeddings",
+    Endpoint.RESPONSES: "/v1/responses",
 }
 """Each endpoint's path."""
 REQUEST_SCHEMAS = {
     Endpoint.CHAT: "ChatCompletionRequest",
     Endpoint.COMPLETIONS: "CompletionRequest",
     Endpoint.EMBEDDINGS: "EmbeddingRequest",
+    Endpoint.RESPONSES: "ResponseCreateRequest",
 }
 """The name of each endpoint's request body schema (``components.schemas``)."""
+_STREAM_NOTES = {
+    Endpoint.CHAT: "chunks, then `data: [DONE]`; a failure mid-stream is an error event",
+    Endpoint.COMPLETIONS: "chunks, then `data: [DONE]`; a failure mid-stream is an error event",
+    Endpoint.RESPONSES: "typed events (`event:` and `data:` lines) from `response.created` to "
+    "`response.completed` (or `response.incomplete`); a failure mid-stream is an `error` event",
+}
 _RESPONSE_SCHEMAS = {
     Endpoint.CHAT: "ChatCompletion",
     Endpoint.COMPLETIONS: "Completion",
     Endpoint.EMBEDDINGS: "EmbeddingList",
+    Endpoint.RESPONSES: "Response",
 }
 
 # Every status the guard answers a generation request with besides 200, and why.
@@ -191,8 +278,15 @@ _GENERATION_ERRORS = {
 }
 
 
+_ENDPOINT_SHAPES: dict[tuple[Endpoint, str], dict[str, Any]] = {
+    (Endpoint.RESPONSES, "input"): _input(),
+}
+"""Shapes of a field that means something else on one endpoint (``input``)."""
+
+
 def _field_schema(spec: FieldSpec, endpoint: Endpoint, required: bool) -> dict[str, Any]:
-    schema: dict[str, Any] = dict(_SHAPES.get(spec.name) or {})
+    shape = _ENDPOINT_SHAPES.get((endpoint, spec.name)) or _SHAPES.get(spec.name)
+    schema: dict[str, Any] = dict(shape or {})
     if not schema:
         types = list(_JSON_TYPES[spec.types[endpoint]])
         if not required:
@@ -288,6 +382,19 @@ def _schemas() -> dict[str, Any]:
     }
     return {
         **{REQUEST_SCHEMAS[e]: request_schema(e) for e in Endpoint},
+        "Response": {
+            "type": "object",
+            "required": ["id", "object", "model", "output", "status"],
+            "properties": {
+                "id": {"type": "string"},
+                "object": {"const": "response"},
+                "created_at": {"type": "number"},
+                "model": {"type": "string"},
+                "status": {"type": "string"},
+                "output": {"type": "array", "items": {"type": "object"}},
+                "usage": {"type": ["object", "null"]},
+            },
+        },
         "ChatCompletion": _completion_object(
             "chat.completion", _choice(["message"], {"message": message})
         ),
@@ -390,7 +497,7 @@ def _generation_operation(endpoint: Endpoint) -> dict[str, Any]:
         "responses": {
             "200": {
                 "description": "The answer: a JSON object, or with `stream` server-sent events "
-                "(chunks, then `data: [DONE]`; a failure mid-stream is an error event).",
+                f"({_STREAM_NOTES[endpoint]}).",
                 "content": {
                     "application/json": {
                         "schema": {"$ref": f"#/components/schemas/{_RESPONSE_SCHEMAS[endpoint]}"}
@@ -428,10 +535,9 @@ def _embeddings_operation() -> dict[str, Any]:
 @cache
 def openapi_document() -> dict[str, Any]:
     """The OpenAPI 3.1 document of ``/v1/chat/completions``, ``/v1/completions``,
-    ``/v1/embeddings``, ``/v1/models`` and ``/v1/models/{model}``."""
-    paths: dict[str, Any] = {
-        PATHS[e]: {"post": _generation_operation(e)} for e in (Endpoint.CHAT, Endpoint.COMPLETIONS)
-    }
+    ``/v1/embeddings``, ``/v1/responses``, ``/v1/models`` and ``/v1/models/{model}``."""
+    generation = (Endpoint.CHAT, Endpoint.COMPLETIONS, Endpoint.RESPONSES)
+    paths: dict[str, Any] = {PATHS[e]: {"post": _generation_operation(e)} for e in generation}
     paths[PATHS[Endpoint.EMBEDDINGS]] = {"post": _embeddings_operation()}
     paths["/v1/models"] = {
         "get": {

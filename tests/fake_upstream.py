@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
+import json
 import socket
 import struct
 import threading
@@ -20,6 +22,19 @@ def _reset(request: web.Request) -> None:
     sock = transport.get_extra_info("socket")
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
     transport.abort()
+
+
+_RESPONSE = {"id": "resp_1", "object": "response", "model": "teacher", "output": [],
+             "status": "in_progress", "created_at": 0}  # fmt: skip
+_SEQUENCE = itertools.count()
+
+
+def _event(kind: str, **fields: object) -> bytes:
+    """One Responses API event, with its ``event:`` line."""
+    body = {"type": kind, "sequence_number": next(_SEQUENCE), **fields}
+    if kind == "response.output_text.delta":
+        body.update(item_id="msg_1", output_index=0, content_index=0, logprobs=[])
+    return f"event: {kind}\ndata: {json.dumps(body)}\n\n".encode()
 
 
 def _chunk(text: str) -> bytes:
@@ -90,6 +105,7 @@ class FaultyUpstream:
         app.router.add_get("/health", self._health)
         app.router.add_post("/v1/completions", self._generate)
         app.router.add_post("/v1/chat/completions", self._generate)
+        app.router.add_post("/v1/responses", self._generate)
         self._runner = web.AppRunner(app, handler_cancellation=True)
         self._loop.run_until_complete(self._runner.setup())
         site = web.TCPSite(self._runner, "127.0.0.1", self.port)
@@ -136,6 +152,13 @@ class FaultyUpstream:
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         await response.prepare(request)
         try:
+            if self.mode == "break_events":  # a Responses API stream that breaks
+                await response.write(_event("response.created", response=_RESPONSE))
+                await response.write(_event("response.output_text.delta", delta="a"))
+                await asyncio.sleep(0.05)
+                assert request.transport is not None
+                request.transport.close()
+                return response
             if self.mode == "break_stream":
                 await response.write(_chunk("a") + _chunk("b"))
                 await asyncio.sleep(0.05)

@@ -9,10 +9,12 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
+import redis.asyncio as aioredis
 import yaml
 
 from guard_server.config.loader import ConfigError, load_settings
 from guard_server.pipeline.auth import hash_key
+from guard_server.state.redis import RedisStore
 from guard_server.testing import (
     POLICIES,
     GuardProcess,
@@ -233,3 +235,55 @@ def test_a_password_in_the_redis_url_is_refused_without_echoing_it(tmp_path: Pat
     with pytest.raises(ConfigError, match=r"state.redis_url: the URL holds a password") as caught:
         load_settings(path)
     assert "hunter2" not in str(caught.value)
+
+
+def test_one_redis_round_trip_per_request_on_the_way_in(
+    tmp_path: Path, vllm_url: str, redis_server: RedisProcess
+) -> None:
+    """With limits and detection on, a request's way in costs one Redis command, the
+    observe-and-admit script (no admit, no readmit); its settlement is the only other one."""
+    prefix = f"g{time.time_ns()}"
+    state = {"backend": "redis", "redis_url": redis_server.url, "key_prefix": prefix}
+    limits = {"requests_per_minute": 1000, "tokens_per_minute": 100_000, "concurrent_requests": 4}
+    guard = _limited_guard(tmp_path, vllm_url, limits, state)
+    scripts = RedisStore(redis_server.url)
+    shas = {
+        scripts._observe_admit.sha: "observe_admit",
+        scripts._admit.sha: "admit",
+        scripts._readmit.sha: "readmit",
+        scripts._settle.sha: "settle",
+    }
+    requests = 6
+
+    async def watch() -> list[str]:
+        redis = aioredis.Redis.from_url(redis_server.url)
+        seen: list[str] = []
+        try:
+            async with redis.monitor() as monitor:
+
+                async def listen() -> None:
+                    async for command in monitor.listen():
+                        if command.get("client_type") != "lua":  # not those scripts run
+                            seen.append(command["command"])
+
+                listener = asyncio.create_task(listen())
+                await asyncio.sleep(0.2)
+                for _ in range(requests):
+                    await asyncio.to_thread(_complete, guard)
+                await asyncio.sleep(0.5)  # the last settlement
+                listener.cancel()
+        finally:
+            await redis.aclose()
+            await scripts.close()
+        return seen
+
+    try:
+        _complete(guard)  # the scripts are loaded
+        seen = asyncio.run(watch())
+    finally:
+        guard.stop()
+    mine = [command for command in seen if f"{prefix}:{{c:limited}}" in command]
+    kinds = [shas.get(command.split()[1], command.split()[0]) for command in mine]
+    assert kinds.count("observe_admit") == requests, kinds
+    assert kinds.count("settle") == requests, kinds
+    assert len(kinds) == 2 * requests, kinds

@@ -56,6 +56,24 @@ def test_upstream_500_is_502_without_its_internals(guard_for) -> None:  # type: 
     assert metric_value(guard.metrics(), "guard_upstream_errors_total", kind="status") == 1
 
 
+def test_a_broken_responses_stream_ends_with_an_error_event(guard_for) -> None:  # type: ignore[no-untyped-def]
+    with FaultyUpstream("break_events") as upstream:
+        guard = guard_for([upstream.url])
+        stream = _sdk(guard).responses.create(
+            model="teacher", input="hi", max_output_tokens=5, stream=True
+        )
+        events = list(stream)
+    assert [event.type for event in events] == [
+        "response.created",
+        "response.output_text.delta",
+        "error",
+    ]
+    assert events[0].response.model == "teacher"
+    error = events[-1]
+    assert error.code == "upstream_disconnected" and "Traceback" not in error.message
+    assert error.sequence_number == events[1].sequence_number + 1
+
+
 def test_upstream_timeout_is_504(guard_for) -> None:  # type: ignore[no-untyped-def]
     with FaultyUpstream("hang") as upstream:
         guard = guard_for([upstream.url], read_timeout=0.5)

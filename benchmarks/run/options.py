@@ -52,6 +52,7 @@ class Options:
     rate_concurrency: int = 8
     vllm_model: Path | None = None
     only: set[str] = field(default_factory=set)
+    rows: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -98,6 +99,11 @@ def parse_options(argv: list[str] | None) -> Options:
     parser.add_argument("--no-pin", action="store_true", help="do not pin processes to CPUs")
     parser.add_argument("--vllm-model", type=Path, help="model folder (default: bundled teacher)")
     parser.add_argument("--only", help=f"comma-separated phases to run, of: {', '.join(PHASES)}")
+    parser.add_argument(
+        "--rows",
+        help="comma-separated: run only the saturation rows whose label contains one of these "
+        "(e.g. 'limits' for memory vs Redis vs 2 workers in one run)",
+    )
     args = parser.parse_args(argv)
     quick = args.quick
     scale = args.scale_clients or ("1,300" if quick else "1,10000,1000000")
@@ -121,4 +127,5 @@ def parse_options(argv: list[str] | None) -> Options:
         pin=not args.no_pin,
         vllm_model=args.vllm_model,
         only=only - ({"profile"} if args.no_profile else set()),
+        rows=[r.strip() for r in args.rows.split(",") if r.strip()] if args.rows else [],
     )

@@ -81,6 +81,8 @@ def phase_saturation(bench: Bench) -> list[dict[str, Any]]:
     if has_litellm:
         plan.insert(2, ("LiteLLM proxy", "litellm", "pass", "chat", every, "main", "-"))
         plan.append(("LiteLLM proxy stream", "litellm", "pass", "stream", [sc], "stream", "-"))
+    if o.rows:
+        plan = [row for row in plan if any(part in row[0] for part in o.rows)]
     rows = []
     for label, service, key, body, concurrencies, group, policy in plan:
         for concurrency in concurrencies:

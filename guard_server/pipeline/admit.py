@@ -5,8 +5,14 @@ Tokens are reserved at admission from an estimate and settled against the real u
 completion, streams included. The estimate counts the request's ``max_tokens`` in full,
 except one the guard filled in (the client set none) for a client whose limits are not
 tightened: that counts as at most ``_DEFAULTED_RESERVATION`` per choice, and a longer answer
-is charged at settlement. Settlement runs as its own task, so a cancelled request
-(client disconnect) still releases its concurrency slot; a slot also expires by itself.
+is charged at settlement. Settlement runs as its own task, off the answer's path, so a
+cancelled request (client disconnect) still releases its concurrency slot; a slot also
+expires by itself. At most ``SETTLING`` settlements talk to the store at once; a failed one is
+counted (``guard_state_errors_total``) and logged.
+
+With a speculative store the score stage has already taken the admission, under the limits
+the plan was expected to have (``ctx.speculation``): this stage keeps it when the plan agrees,
+which is the common case, and otherwise corrects it in one atomic call (``readmit``).
 """
 
 from __future__ import annotations
@@ -21,14 +27,29 @@ from guard_server.errors import GuardError
 from guard_server.metrics import GuardMetrics
 from guard_server.openai_fields import Endpoint
 from guard_server.pipeline.context import RequestContext
-from guard_server.state.base import Admission, LimitSpec, StateStore, StateUnavailable
+from guard_server.state.base import (
+    Admission,
+    AdmitRequest,
+    LimitSpec,
+    SpeculativeStore,
+    StateStore,
+    StateUnavailable,
+)
 
 log = logging.getLogger(__name__)
 
 _CHARS_PER_TOKEN = 4
-_DEFAULT_COMPLETION = {Endpoint.CHAT: 256, Endpoint.COMPLETIONS: 16, Endpoint.EMBEDDINGS: 0}
+_DEFAULT_COMPLETION = {
+    Endpoint.CHAT: 256,
+    Endpoint.COMPLETIONS: 16,
+    Endpoint.EMBEDDINGS: 0,
+    Endpoint.RESPONSES: 256,
+}
 _DEFAULTED_RESERVATION = _DEFAULT_COMPLETION[Endpoint.CHAT]
 """Completion tokens reserved per choice for a ``max_tokens`` the guard filled in."""
+SETTLING = 64
+"""Settlements in flight to the store at once (the rest wait their turn, off the answer's
+path)."""
 
 
 def estimate_tokens(ctx: RequestContext) -> int:
@@ -43,8 +64,16 @@ def reservation(ctx: RequestContext) -> int:
     tightened the client's limits. (A short answer then costs a client its own size, not the
     tier's whole bound; settlement charges a long one in full.)"""
     assert ctx.plan is not None
+    return _reservation(ctx, tightened=ctx.plan.limits != ctx.plan.advertised)
+
+
+def _reservation(ctx: RequestContext, tightened: bool) -> int:
     completion = _max_completion(ctx)
-    if ("defaulted", "max_tokens") in ctx.policy_actions and ctx.plan.limits == ctx.plan.advertised:
+    defaulted = ("defaulted", "max_tokens") in ctx.policy_actions or (
+        "defaulted",
+        "max_output_tokens",
+    ) in ctx.policy_actions
+    if defaulted and not tightened:
         completion = min(completion, _DEFAULTED_RESERVATION)
     return _prompt_estimate(ctx) + _choices(ctx) * completion
 
@@ -52,7 +81,7 @@ def reservation(ctx: RequestContext) -> int:
 def _prompt_estimate(ctx: RequestContext) -> int:
     canonical = ctx.canonical
     assert canonical is not None
-    if ctx.endpoint is Endpoint.CHAT:
+    if ctx.endpoint.conversational:
         return sum(len(text) for _, text in canonical.turns) // _CHARS_PER_TOKEN + 1
     field = "input" if ctx.endpoint is Endpoint.EMBEDDINGS else "prompt"
     return sum(_prompt_tokens(prompt) for prompt in prompt_list(ctx.body[field]))
@@ -65,9 +94,8 @@ def _choices(ctx: RequestContext) -> int:
 
 def _max_completion(ctx: RequestContext) -> int:
     body = ctx.body
-    return (body.get("max_tokens") or body.get("max_completion_tokens")) or _DEFAULT_COMPLETION[
-        ctx.endpoint
-    ]
+    limit = body.get("max_tokens") or body.get("max_completion_tokens")
+    return limit or body.get("max_output_tokens") or _DEFAULT_COMPLETION[ctx.endpoint]
 
 
 def _prompt_tokens(prompt: str | list[int]) -> int:
@@ -127,32 +155,56 @@ class Admitter:
         self.fail_open = fail_open
         self.slot_ttl_s = slot_ttl_s
         self._settling: set[asyncio.Task[None]] = set()
+        self._settle_slots = asyncio.Semaphore(SETTLING)
+
+    def request_for(self, ctx: RequestContext, limits: LimitSpec | None) -> AdmitRequest | None:
+        """The admission a request needs under ``limits`` (None: blocked, or unlimited). For
+        one request, all of it but the slot id follows from ``limits``."""
+        assert ctx.client is not None and ctx.canonical is not None
+        if limits is None or limits.unlimited:
+            return None
+        advertised = ctx.client.limits
+        return AdmitRequest(
+            f"c:{ctx.client.id}",
+            limits,
+            _reservation(ctx, tightened=limits != advertised),
+            uuid.uuid4().hex,
+            self.slot_ttl_s,
+            ctx.canonical.prompts,
+            _shown(advertised, limits),
+        )
 
     async def __call__(self, ctx: RequestContext) -> None:
         assert ctx.client is not None and ctx.plan is not None
-        if ctx.plan.action == "block":
-            whom = "Requests for this end user are" if ctx.plan.by_end_user else "This API key is"
-            raise GuardError(
-                403,
-                f"{whom} suspended. Contact the API operator.",
-                type="permission_error",
-                code="access_suspended",
-            )
-        limits = ctx.plan.limits
-        if limits.unlimited:
-            return
-        assert ctx.canonical is not None
-        ctx.token_ceiling = estimate_tokens(ctx)
+        admission: Admission | None = None
         try:
-            admission = await self.store.admit(
-                ctx.plan.limit_scope,
-                limits,
-                reservation(ctx),
-                uuid.uuid4().hex,
-                self.slot_ttl_s,
-                requests=ctx.canonical.prompts,
-                shown=_shown(ctx.plan.advertised, limits),
-            )
+            if ctx.speculation is not None:
+                admission = await self._confirm(ctx, ctx.speculation)
+            if ctx.plan.action == "block":
+                whom = (
+                    "Requests for this end user are" if ctx.plan.by_end_user else "This API key is"
+                )
+                raise GuardError(
+                    403,
+                    f"{whom} suspended. Contact the API operator.",
+                    type="permission_error",
+                    code="access_suspended",
+                )
+            limits = ctx.plan.limits
+            if limits.unlimited:
+                return
+            assert ctx.canonical is not None
+            ctx.token_ceiling = estimate_tokens(ctx)
+            if admission is None:
+                admission = await self.store.admit(
+                    ctx.plan.limit_scope,
+                    limits,
+                    reservation(ctx),
+                    uuid.uuid4().hex,
+                    self.slot_ttl_s,
+                    requests=ctx.canonical.prompts,
+                    shown=_shown(ctx.plan.advertised, limits),
+                )
         except StateUnavailable as exc:
             self._state_failed(exc)
             if self.fail_open:
@@ -179,6 +231,26 @@ class Admitter:
             code="rate_limit_exceeded",
             headers={**headers, "Retry-After": str(retry)},
         )
+
+    async def _confirm(
+        self, ctx: RequestContext, speculation: tuple[AdmitRequest | None, Admission | None]
+    ) -> Admission | None:
+        """The speculative admission if the plan needs that one, else what correcting it
+        gives; None when nothing is decided yet (the plan's admission is still to take)."""
+        plan = ctx.plan
+        assert plan is not None
+        taken, admission = speculation
+        # For one request, the limits decide the rest of an admission (see request_for).
+        limits = None if plan.action == "block" or plan.limits.unlimited else plan.limits
+        if limits == (taken.spec if taken is not None else None):
+            return admission
+        needed = self.request_for(ctx, limits)
+        if taken is not None and admission is not None and admission.allowed:
+            store = self.store
+            assert isinstance(store, SpeculativeStore)
+            self.metrics.admissions_corrected.inc()
+            return await store.readmit(taken, needed)
+        return None
 
     def settle(self, ctx: RequestContext) -> None:
         """Release the slot and settle tokens, in a task of its own (survives cancellation)."""
@@ -209,9 +281,18 @@ class Admitter:
         self, scope: str, limits: LimitSpec, slot: str, refund: int, shown: LimitSpec | None
     ) -> None:
         try:
-            await self.store.settle(scope, limits, slot, refund, shown)
+            async with self._settle_slots:
+                await self.store.settle(scope, limits, slot, refund, shown)
         except StateUnavailable as exc:
             self._state_failed(exc)  # the slot expires by itself
+        except Exception:  # never lost silently: counted and logged with its traceback
+            self.metrics.state_errors.inc()
+            log.exception("settling %s failed", scope)
+
+    async def drain(self) -> None:
+        """Wait for the settlements still in flight (at shutdown, before the store closes)."""
+        if self._settling:
+            await asyncio.gather(*self._settling, return_exceptions=True)
 
     def _state_failed(self, exc: Exception) -> None:
         self.metrics.state_up.set(0)

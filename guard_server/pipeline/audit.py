@@ -25,15 +25,9 @@ import orjson
 
 from guard_server.config.schema import AuditSettings
 from guard_server.correlation import CURRENT
-from guard_server.openai_fields import Endpoint
 from guard_server.pipeline.context import RequestContext
 
 STDOUT = "-"
-_PROMPT_KEYS = {
-    Endpoint.CHAT: "messages",
-    Endpoint.COMPLETIONS: "prompt",
-    Endpoint.EMBEDDINGS: "input",
-}
 
 
 def worker_audit_path(path: str, worker: int | None) -> str:
@@ -141,8 +135,9 @@ class AuditLog:
                 "logit_bias": features.logit_bias,
             }
         if self.settings.include_prompts and ctx.body:
-            key = _PROMPT_KEYS[ctx.endpoint]
-            record["prompt"] = ctx.body.get(key)
+            record["prompt"] = ctx.body.get(ctx.endpoint.prompt_field)
+            if ctx.body.get("instructions") is not None:
+                record["instructions"] = ctx.body["instructions"]
         self._sink.write(orjson.dumps(record))
 
     def event(self, event: str, fields: dict[str, Any]) -> None:

@@ -13,7 +13,7 @@ from guard_server.correlation import Correlation
 from guard_server.detection.features import RequestFeatures
 from guard_server.detection.scoring import Assessment
 from guard_server.openai_fields import Endpoint
-from guard_server.state.base import Admission
+from guard_server.state.base import Admission, AdmitRequest
 
 if TYPE_CHECKING:
     from guard_server.pipeline.plan import Plan
@@ -37,6 +37,10 @@ class RequestContext:
     client_wants_usage: bool = False
     response_headers: dict[str, str] = field(default_factory=dict)
     admission: Admission | None = None
+    # What the score stage admitted with the observation, under the limits the plan was
+    # expected to have (a speculative store only): (request, verdict); the verdict is None
+    # when nothing was decided (deferred), the request None when none was expected.
+    speculation: tuple[AdmitRequest | None, Admission | None] | None = None
     token_ceiling: int = 0  # the most tokens the request may use (admission's full estimate)
     policy_actions: list[tuple[str, str]] = field(default_factory=list)  # (action, field)
     end_user: str | None = None  # the client's safety_identifier or user, if it names one
@@ -51,7 +55,9 @@ class RequestContext:
     body_hash: str = ""
     plan: Plan | None = None  # set once by the plan stage, read by every later one
     logprob_keys: dict[int, bytes] = field(default_factory=dict)  # per prompt of the request
-    logprob_positions: dict[int, int] = field(default_factory=dict)  # per choice, streams
+    # per choice (responses: per output text), streams
+    logprob_positions: dict[int | tuple[int, int], int] = field(default_factory=dict)
+    echo: dict[str, Any] = field(default_factory=dict)  # responses: request fields to echo
     prompt_tokens: int = 0
     completion_tokens: int = 0
 

@@ -16,13 +16,18 @@ from typing import Any
 
 from guard_server.config.loader import Client
 from guard_server.defences.decoy import DigitMap, digit_map
+from guard_server.openai_fields import Endpoint
 from guard_server.pipeline.context import RequestContext
+from guard_server.pipeline.responses_output import pieces, response_object
 
 _HOT_TEMPERATURE = 2.0
 """The ``perturbed`` decoy's sampling temperature when the upstream runs no guard plugin."""
 
 _WRITTEN_TEXT = ("content", "reasoning", "reasoning_content")
 """The text fields of a chat message or delta that the model wrote."""
+
+_ECHOED = ("instructions", "tools", "text", "temperature")
+"""Request fields a Response object echoes that a decoy's request half may rewrite."""
 
 _SCHEMA_MEMBERS = frozenset(("properties", "patternProperties", "$defs", "definitions"))
 """JSON-schema keywords whose keys are names (the model writes them as JSON keys)."""
@@ -62,18 +67,28 @@ class Decoy:
         decoy = ctx.plan.decoy
         if decoy is None:
             return
+        if ctx.endpoint is Endpoint.RESPONSES:  # the answer echoes them: as the client sent them
+            ctx.echo = {name: body.get(name) for name in _ECHOED if name in body}
+            ctx.echo.setdefault("temperature", 1.0)  # vLLM's default when the client sets none
         if decoy.source == "perturbed" and not guard_plugin:
             body["temperature"] = _HOT_TEMPERATURE
         if decoy.maps:
             _hide_request(body, decoy.maps)
+            if ctx.endpoint is Endpoint.RESPONSES:
+                _hide_responses_input(body, decoy.maps[0])
 
     def response(self, ctx: RequestContext, payload: dict[str, Any], streaming: bool) -> None:
         """``misinformation``: map every text the model wrote back out of the permuted world."""
         assert ctx.plan is not None
         decoy = ctx.plan.decoy
-        if decoy is None or not decoy.maps:
+        if decoy is None:
+            return
+        if ctx.endpoint is Endpoint.RESPONSES:
+            _show_responses(ctx, decoy.maps[0] if decoy.maps else None, payload)
             return
         maps = decoy.maps
+        if not maps:
+            return
         n = ctx.body.get("n") or 1
         for choice in payload.get("choices") or ():
             index = choice.get("index", 0)
@@ -106,6 +121,54 @@ def _hide_request(body: dict[str, Any], maps: tuple[DigitMap, ...]) -> None:
     for field in ("structured_outputs", "response_format"):
         if isinstance(body.get(field), dict):
             body[field] = _hide_constraint(first, body[field])
+
+
+def _hide_responses_input(body: dict[str, Any], digits: DigitMap) -> None:
+    """The Responses API's own model input: instructions, input items, ``text.format``."""
+    if isinstance(body.get("instructions"), str):
+        body["instructions"] = digits.hide(body["instructions"])
+    items = body["input"]
+    if isinstance(items, str):
+        body["input"] = digits.hide(items)
+    else:
+        body["input"] = [_hide_item(digits, item) for item in items]
+    text = body.get("text")
+    if isinstance(text, dict) and isinstance(text.get("format"), dict):
+        text_format = dict(text["format"])
+        if isinstance(text_format.get("schema"), dict):
+            text_format["schema"] = _hide_schema(digits, text_format["schema"])
+        body["text"] = {**text, "format": text_format}
+
+
+def _hide_item(digits: DigitMap, item: dict[str, Any]) -> dict[str, Any]:
+    """One input item as the model reads it in the permuted world (validated shapes)."""
+    kind = item.get("type", "message")
+    if kind == "message":
+        return _hide_message(digits, item)
+    item = dict(item)
+    for field in ("name", "arguments", "output"):
+        if isinstance(item.get(field), str):
+            item[field] = digits.hide(item[field])
+    for field in ("content", "summary"):
+        if isinstance(item.get(field), list):
+            item[field] = [{**part, "text": digits.hide(part["text"])} for part in item[field]]
+    return item
+
+
+def _show_responses(ctx: RequestContext, digits: DigitMap | None, payload: dict[str, Any]) -> None:
+    """The Response object's echoes of the request as the client sent them; with a digit
+    map, every text the model wrote mapped back."""
+    response = response_object(payload)
+    if response is not None:
+        response.update(ctx.echo)
+    if digits is None:
+        return
+    for piece in pieces(payload):
+        for key in piece.keys:
+            if isinstance(piece.holder.get(key), str):
+                piece.holder[key] = digits.show(piece.holder[key])
+        if piece.logprobs is not None:
+            _show_logprobs(digits, {"content": piece.logprobs})
 
 
 def _hide_message(digits: DigitMap, message: Any) -> Any:

@@ -18,8 +18,9 @@ from guard_server.canonical import logprob_count
 from guard_server.defences.keys import client_key, identity_key
 from guard_server.defences.logprob_batch import Positions, apply_many, listed_order, rerank_many
 from guard_server.errors import bad_request
-from guard_server.openai_fields import Endpoint
+from guard_server.openai_fields import LOGPROBS_INCLUDE, Endpoint
 from guard_server.pipeline.context import RequestContext
+from guard_server.pipeline.responses_output import pieces
 
 _PROMPT_POSITIONS = "prompt-logprob-noise"  # the key purpose for prompt logprobs
 _GENERATED_POSITIONS = "logprob-noise"
@@ -42,14 +43,19 @@ def constraint_of(endpoint: Endpoint, body: dict[str, Any]) -> str | None:
     than ``text`` (json_object, json_schema, structural_tag); ``tools`` unless ``tool_choice``
     is ``none`` (named and ``required`` choices become a JSON-schema grammar, and with a tool
     parser ``auto`` adds a structural tag); ``allowed_token_ids`` (it forces the sampled token
-    into a chosen set, as a large ``logit_bias`` would).
+    into a chosen set, as a large ``logit_bias`` would). On the Responses API: ``text.format``
+    other than ``text`` (vLLM makes it a structured output), and ``tools`` as on chat.
     """
     if body.get("structured_outputs") is not None:
         return "structured_outputs"
+    if endpoint is Endpoint.RESPONSES:
+        text_format = (body.get("text") or {}).get("format")
+        if isinstance(text_format, dict) and text_format.get("type", "text") != "text":
+            return "text.format"
     response_format = body.get("response_format")
     if isinstance(response_format, dict) and response_format.get("type", "text") != "text":
         return "response_format"
-    if endpoint is Endpoint.CHAT and body.get("tools") and body.get("tool_choice") != "none":
+    if endpoint.conversational and body.get("tools") and body.get("tool_choice") != "none":
         return "tool_choice" if body.get("tool_choice") is not None else "tools"
     if body.get("allowed_token_ids"):
         return "allowed_token_ids"
@@ -57,12 +63,15 @@ def constraint_of(endpoint: Endpoint, body: dict[str, Any]) -> str | None:
 
 
 def _count_field(ctx: RequestContext) -> str:
-    return "top_logprobs" if ctx.endpoint is Endpoint.CHAT else "logprobs"
+    return "top_logprobs" if ctx.endpoint.conversational else "logprobs"
 
 
 def _drop_logprobs(body: dict[str, Any]) -> None:
     body.pop("logprobs", None)
     body.pop("top_logprobs", None)
+    include = body.get("include")
+    if include and LOGPROBS_INCLUDE in include:
+        body["include"] = [value for value in include if value != LOGPROBS_INCLUDE]
 
 
 def check_tier_cap(ctx: RequestContext) -> None:
@@ -80,7 +89,7 @@ def check_tier_cap(ctx: RequestContext) -> None:
         if policy.on_exceed == "reject":
             raise bad_request(
                 f"Logprobs are not available to tier `{tier.name}`.",
-                param="logprobs",
+                param="include" if ctx.endpoint is Endpoint.RESPONSES else "logprobs",
                 code="value_out_of_range",
             )
         _drop_logprobs(body)
@@ -152,6 +161,9 @@ class LogprobChannel:
         assert ctx.plan is not None and ctx.canonical is not None
         if not ctx.plan.hardening.active:
             return
+        if ctx.endpoint is Endpoint.RESPONSES:
+            self._harden_responses(ctx, payload, streaming)
+            return
         n = ctx.canonical.n
         for choice in payload.get("choices") or ():
             index = choice.get("index", 0)
@@ -169,6 +181,20 @@ class LogprobChannel:
             else:
                 count = _harden_completion(ctx, key, logprobs, start)
             ctx.logprob_positions[index] = start + count
+
+    @staticmethod
+    def _harden_responses(ctx: RequestContext, payload: dict[str, Any], streaming: bool) -> None:
+        """The output text's logprobs: a stream's deltas run on from the ones before; every
+        full list (a done event, the final response) starts over and so hardens alike."""
+        key = _key(ctx, _GENERATED_POSITIONS, 0)
+        for piece in pieces(payload):
+            if piece.logprobs is None:
+                continue
+            slot = piece.slot if streaming else None
+            start = ctx.logprob_positions.get(slot, 0) if slot is not None else 0
+            count = _harden_chat(ctx, key, piece.logprobs, start)
+            if slot is not None:
+                ctx.logprob_positions[slot] = start + count
 
 
 def _key(ctx: RequestContext, purpose: str, prompt: int) -> bytes:

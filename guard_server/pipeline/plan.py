@@ -102,6 +102,14 @@ def planned_action(client: Client, assessed: str, pin: Pin | None) -> str:
     return assessed if client.detection_mode == "enforce" else "pass"
 
 
+def limits_of(client: Client, action: str) -> LimitSpec:
+    """The limits admission applies to a request of ``client`` planned as ``action``: its
+    own, tightened from ``tighten`` on."""
+    if _RANK[action] == 0:
+        return client.limits
+    return _tightened(client.limits, client.tier.detection.tighten_factor)
+
+
 def make_plan(
     secret: bytes,
     client: Client,
@@ -151,7 +159,7 @@ def make_plan(
         assessed=assessed,
         mode=mode,
         basis=(client, assessment, pin, end_user),
-        limits=client.limits if rank == 0 else _tightened(client.limits, detection.tighten_factor),
+        limits=limits_of(client, action),
         advertised=client.limits,
         logprob_cap=logprob_cap,
         hardening=hardening,
@@ -255,6 +263,14 @@ class Planner:
             review.note(client.id, assessment.score, assessment.action)
         if assessment and assessment.contributions.get("campaign", 0) >= _CAMPAIGN_SIGNAL:
             self._note_campaign(ctx.fingerprint)
+
+    def expected_limits(self, client: Client, assessment: Assessment | None) -> LimitSpec | None:
+        """The limits a request of ``client`` will be admitted under if the plan assesses it
+        as ``assessment`` (None: it will be blocked), for a speculative admission."""
+        pin = self.review.pin_of(client.id) if self.review is not None else None
+        assessed = assessment.action if assessment is not None else "pass"
+        action = planned_action(client, assessed, pin)
+        return None if action == "block" else limits_of(client, action)
 
     def _track(self, client_id: str, action: str, mode: str) -> None:
         gauge = self.metrics.flagged_clients

@@ -12,6 +12,15 @@ from guard_server.errors import bad_request, model_not_found
 from guard_server.openai_fields import FIELDS, Endpoint
 from guard_server.pipeline.context import RequestContext
 from guard_server.pipeline.logprob_channel import check_tier_cap, wants_logprobs
+from guard_server.responses_input import content_part_types
+
+_OUTPUT_LIMITS = ("max_tokens", "max_completion_tokens", "max_output_tokens")
+"""The names of the output-token limit a ``max_tokens`` bound applies to."""
+_OUTPUT_LIMIT = {
+    Endpoint.CHAT: "max_tokens",
+    Endpoint.COMPLETIONS: "max_tokens",
+    Endpoint.RESPONSES: "max_output_tokens",
+}
 
 # -1 asks vLLM for every token's logprob: larger than any bound.
 _ALL_MEANS_UNBOUNDED = frozenset({"prompt_logprobs"})
@@ -45,7 +54,7 @@ async def apply_tier_policy(ctx: RequestContext) -> None:
     for name, bound in tier.bounds.items():
         if name == "max_tokens":
             ceiling = _output_ceiling(ctx, bound)
-            for field in ("max_tokens", "max_completion_tokens"):
+            for field in _OUTPUT_LIMITS:
                 _enforce_bound(ctx, field, bound, ceiling)
         else:
             _enforce_bound(ctx, name, bound)
@@ -63,36 +72,41 @@ def _output_ceiling(ctx: RequestContext, bound: Bound) -> float | None:
 
 
 def _default_max_tokens(ctx: RequestContext) -> None:
-    """A chat request without an output limit gets the tier's, named in ``x-guard-policy``."""
+    """A chat or responses request without an output limit gets the tier's, named in
+    ``x-guard-policy`` (``defaulted=max_tokens``, ``defaulted=max_output_tokens``)."""
     assert ctx.client is not None
     bound = ctx.client.tier.bounds.get("max_tokens")
     body = ctx.body
     if (
-        ctx.endpoint is not Endpoint.CHAT
+        not ctx.endpoint.conversational
         or bound is None
-        or body.get("max_tokens") is not None
-        or body.get("max_completion_tokens") is not None
+        or any(body.get(name) is not None for name in _OUTPUT_LIMITS)
     ):
         return
     ceiling = _output_ceiling(ctx, bound)
     if ceiling is not None:
-        body["max_tokens"] = int(ceiling)
-        ctx.note("defaulted", "max_tokens")
+        field = _OUTPUT_LIMIT[ctx.endpoint]
+        body[field] = int(ceiling)
+        ctx.note("defaulted", field)
 
 
 def _check_content_parts(ctx: RequestContext) -> None:
     """Content parts of a type the tier does not allow never reach vLLM."""
     assert ctx.client is not None
-    if ctx.endpoint is not Endpoint.CHAT:
-        return
     tier = ctx.client.tier
-    kind = first_disallowed_part(ctx.body["messages"], tier.content_parts)
+    if ctx.endpoint is Endpoint.CHAT:
+        kind = first_disallowed_part(ctx.body["messages"], tier.content_parts)
+    elif ctx.endpoint is Endpoint.RESPONSES:
+        disallowed = (k for k in content_part_types(ctx.body) if k not in tier.content_parts)
+        kind = next(disallowed, None)
+    else:
+        return
     if kind is not None:
         allowed = ", ".join(f"`{name}`" for name in sorted(tier.content_parts))
         raise bad_request(
             f"Content parts of type `{kind}` are not allowed for tier `{tier.name}` "
             f"(allowed: {allowed}).",
-            param="messages",
+            param=ctx.endpoint.prompt_field,
             code="parameter_not_allowed",
         )
 

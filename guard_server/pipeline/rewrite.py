@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import orjson
 
+from guard_server.openai_fields import Endpoint
 from guard_server.pipeline.context import RequestContext
 from guard_server.pipeline.defences import DEFENCES
 
@@ -20,6 +21,11 @@ def rewrite_for_upstream(ctx: RequestContext, served_model: str, guard_plugin: b
     for defence in DEFENCES:
         defence.request(ctx, body, guard_plugin)
     body["model"] = served_model
+    if ctx.endpoint is Endpoint.RESPONSES:
+        # vLLM keeps nothing between requests: no stored response to continue or poll, so no
+        # turn can reach the model unseen by the guard (README, "The Responses API").
+        body["store"] = False
+        return orjson.dumps(body)
     if ctx.stream:
         options = body.get("stream_options")
         ctx.client_wants_usage = options is not None and bool(options.get("include_usage", True))

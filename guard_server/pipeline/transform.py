@@ -6,6 +6,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from guard_server.openai_fields import Endpoint
+from guard_server.pipeline import responses_output
 from guard_server.pipeline.context import RequestContext
 from guard_server.pipeline.defences import DEFENCES
 from guard_server.pipeline.embedding_channel import harden_embeddings
@@ -35,8 +37,24 @@ def _defend(ctx: RequestContext, payload: dict[str, Any], streaming: bool) -> No
             defence.response(ctx, payload, streaming)
 
 
+def _transform_responses(ctx: RequestContext, payload: dict[str, Any], streaming: bool) -> None:
+    """A Responses API answer, whole or one streamed event: every defence sees every one
+    (the text and logprobs sit in output items, parts and events of many types)."""
+    response = responses_output.response_object(payload)
+    if response is not None:
+        response["model"] = ctx.model
+        usage = responses_output.take_usage(response)
+        if usage is not None:
+            ctx.prompt_tokens, ctx.completion_tokens = usage
+    for defence in DEFENCES:
+        defence.response(ctx, payload, streaming)
+
+
 def transform_response(ctx: RequestContext, body: dict[str, Any]) -> None:
     """Rewrite a whole (non-streaming) response in place."""
+    if ctx.endpoint is Endpoint.RESPONSES:
+        _transform_responses(ctx, body, streaming=False)
+        return
     _stamp(ctx, body)
     _take_usage(ctx, body)
     if body.get("prompt_logprobs"):  # chat's, for the whole response (vLLM refuses it on streams)
@@ -54,6 +72,9 @@ def transform_embeddings(ctx: RequestContext, body: dict[str, Any]) -> None:
 
 def transform_chunk(ctx: RequestContext, chunk: dict[str, Any]) -> bool:
     """Rewrite one streamed chunk in place; return False to drop it."""
+    if ctx.endpoint is Endpoint.RESPONSES:
+        _transform_responses(ctx, chunk, streaming=True)
+        return True
     if "usage" in chunk and not chunk.get("choices"):
         _take_usage(ctx, chunk)
         if not ctx.client_wants_usage:
@@ -65,6 +86,8 @@ def transform_chunk(ctx: RequestContext, chunk: dict[str, Any]) -> bool:
 
 def carries_token(chunk: dict[str, Any]) -> bool:
     """Whether a chunk holds generated text (for time-to-first-token)."""
+    if "type" in chunk:  # a Responses API event
+        return responses_output.carries_text(chunk)
     for choice in chunk.get("choices") or ():
         if choice.get("text") or (choice.get("delta") or {}).get("content"):
             return True

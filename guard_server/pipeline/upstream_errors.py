@@ -60,8 +60,8 @@ def _field_of(endpoint: Endpoint, param: str | None, sent: dict[str, Any]) -> st
     path = param.removeprefix("body.")
     head, _, rest = path.partition(".")
     if head == "input_tokens":
-        return _prompt_field(endpoint)
-    if head == "logprobs" and endpoint is Endpoint.CHAT:
+        return endpoint.prompt_field
+    if head == "logprobs" and endpoint.conversational:
         return "top_logprobs"
     if head == "max_tokens" and "max_completion_tokens" in sent and "max_tokens" not in sent:
         return "max_completion_tokens"
@@ -92,19 +92,12 @@ class _Rule:
     param: Callable[[str | None, Endpoint], str | None] = lambda field, endpoint: field
 
 
-_PROMPT_FIELDS = {
-    Endpoint.CHAT: "messages",
-    Endpoint.COMPLETIONS: "prompt",
-    Endpoint.EMBEDDINGS: "input",
-}
-
-
 def _prompt_field(endpoint: Endpoint) -> str:
-    return _PROMPT_FIELDS[endpoint]
+    return endpoint.prompt_field
 
 
 def _context_wording(field: str | None, endpoint: Endpoint) -> str:
-    if field in ("max_tokens", "max_completion_tokens"):
+    if field in _OUTPUT_LIMITS:
         return f"`{field}` is larger than this model can generate; request fewer completion tokens."
     if field == "truncate_prompt_tokens":
         return "`truncate_prompt_tokens` is larger than this model's context window."
@@ -114,8 +107,11 @@ def _context_wording(field: str | None, endpoint: Endpoint) -> str:
     )
 
 
+_OUTPUT_LIMITS = ("max_tokens", "max_completion_tokens", "max_output_tokens")
+
+
 def _context_param(field: str | None, endpoint: Endpoint) -> str | None:
-    if field in ("max_tokens", "max_completion_tokens", "truncate_prompt_tokens"):
+    if field in _OUTPUT_LIMITS or field == "truncate_prompt_tokens":
         return field
     return _prompt_field(endpoint)
 
@@ -123,7 +119,7 @@ def _context_param(field: str | None, endpoint: Endpoint) -> str | None:
 def _logprobs_field(field: str | None, endpoint: Endpoint) -> str:
     if field == "prompt_logprobs":
         return field
-    return "top_logprobs" if endpoint is Endpoint.CHAT else "logprobs"
+    return "top_logprobs" if endpoint.conversational else "logprobs"
 
 
 _RULES: tuple[_Rule, ...] = (
@@ -141,7 +137,7 @@ _RULES: tuple[_Rule, ...] = (
         ),
         "invalid_token_id",
         lambda field, endpoint: (
-            field or (None if endpoint is Endpoint.CHAT else _prompt_field(endpoint))
+            field or (None if endpoint.conversational else _prompt_field(endpoint))
         ),
     ),
     _Rule(
@@ -201,7 +197,7 @@ _RULES: tuple[_Rule, ...] = (
         re.compile(r"multimodal|image|audio|video", re.I),
         lambda field, endpoint: "This model accepts text input only.",
         "invalid_value",
-        lambda field, endpoint: "messages" if endpoint is Endpoint.CHAT else field,
+        lambda field, endpoint: endpoint.prompt_field if endpoint.conversational else field,
     ),
     _Rule(
         re.compile(r"structured output|grammar|regex|json.?schema|choice", re.I),

@@ -12,11 +12,13 @@ from guard_server.openai_fields import (
     ENCODING_FORMATS,
     FIELDS,
     MINIMUMS,
+    NOT_SERVED,
     REQUIRED,
     Endpoint,
     JsonType,
 )
 from guard_server.pipeline.context import RequestContext
+from guard_server.responses_input import check_input
 
 INTEGER_RANGE = (-(2**63), 2**64 - 1)
 """The integers the JSON parser (orjson) reads as integers; it reads a larger one as a float."""
@@ -120,6 +122,9 @@ async def validate_request(ctx: RequestContext) -> None:
     for name, value in body.items():
         spec = FIELDS.get(name)
         if spec is None or endpoint not in spec.types:
+            refusal = NOT_SERVED.get((endpoint, name))
+            if refusal is not None:
+                raise bad_request(refusal, param=name, code="parameter_not_allowed")
             raise bad_request(
                 f"Unrecognized request argument supplied: {name}",
                 param=name,
@@ -152,6 +157,8 @@ async def validate_request(ctx: RequestContext) -> None:
     elif endpoint is Endpoint.EMBEDDINGS:
         body["input"] = _checked_prompt(body["input"], "input")
         _check_encoding_format(body.get("encoding_format"))
+    elif endpoint is Endpoint.RESPONSES:
+        check_input(body)
     else:
         body["prompt"] = _checked_prompt(body["prompt"])
     if body.get("stop") is not None:

@@ -46,6 +46,20 @@ class Admission:
     headers: dict[str, str] = field(default_factory=dict)
 
 
+@dataclass(slots=True)
+class AdmitRequest:
+    """The arguments of one admission (see :meth:`StateStore.admit`). Two requests are the
+    same admission whatever their slot ids."""
+
+    scope: str
+    spec: LimitSpec
+    tokens: int
+    slot: str = field(compare=False)
+    slot_ttl_s: float
+    requests: int = 1
+    shown: LimitSpec | None = None
+
+
 class StateUnavailable(Exception):
     """The state backend cannot be reached."""
 
@@ -120,3 +134,35 @@ class StateStore(abc.ABC):
 
     async def close(self) -> None:  # noqa: B027 - a no-op by default, on purpose
         """Release connections."""
+
+
+class SpeculativeStore(StateStore):
+    """A store whose round trips cost more than its work (a shared one, over the network).
+
+    It takes a request's admission in the same call that observes it, under the limits its
+    plan is expected to have, before the plan is made; in the rare case the plan turns out
+    otherwise, :meth:`readmit` corrects it atomically. A limit holds exactly as with
+    :meth:`StateStore.admit`: what a speculative admission took is given back before the
+    right one is taken, and a refused or deferred one took nothing. (Until it is corrected, a
+    wrong one may refuse another request the right one would have let through: never admit
+    one it would have refused.)
+    """
+
+    @abc.abstractmethod
+    async def observe_admit(
+        self,
+        client: str,
+        features: RequestFeatures,
+        request: AdmitRequest | None,
+        *,
+        want: bool,
+    ) -> tuple[ClientProfile | None, CampaignProfile | None, Admission | None]:
+        """Fold one request in (:meth:`StateStore.observe`; the profiles only if ``want``)
+        and take ``request``'s admission, in one round trip. The admission is None when
+        there is no ``request``, or when the store defers it: it would end a tightening (a
+        step :meth:`readmit` could not take back), so it must be taken with ``admit``."""
+
+    @abc.abstractmethod
+    async def readmit(self, taken: AdmitRequest, request: AdmitRequest | None) -> Admission | None:
+        """Give back what the allowed admission ``taken`` took (its slot, requests and
+        tokens), then admit ``request`` (if any), atomically."""

@@ -1,14 +1,18 @@
-"""The Redis state store: one Lua script per admission and per settlement, keys hash-tagged
-per scope so Redis Cluster keeps each scope's keys on one slot."""
+"""The Redis state store: one Lua script per request on its way in (observation and
+admission) and one per settlement; keys hash-tagged per client and per fingerprint."""
 
 from __future__ import annotations
 
+import asyncio
+import hashlib
 import time
 from collections.abc import Callable
 from importlib import resources
+from typing import Any
 
+import hiredis
 import redis.asyncio as aioredis
-from redis.exceptions import NoScriptError, RedisError
+from redis.exceptions import NoScriptError, RedisError, ResponseError
 
 from guard_server.detection.features import RequestFeatures
 from guard_server.detection.profile import (
@@ -22,11 +26,98 @@ from guard_server.detection.profile import (
     ClientProfile,
     Window,
 )
-from guard_server.state.base import Admission, LimitSpec, StateStore, StateUnavailable
+from guard_server.state.base import (
+    Admission,
+    AdmitRequest,
+    LimitSpec,
+    SpeculativeStore,
+    StateUnavailable,
+)
 
 
-def _script(name: str) -> str:
+def _source(name: str) -> str:
     return resources.files(__package__).joinpath(name).read_text()
+
+
+class _Batcher:
+    """The commands the event loop's requests issue, written to Redis in batches on one
+    pooled connection at a time, replies read in order: while one batch is out, the next
+    one gathers. One connection checkout, one write and one task per batch instead of per
+    command (redis-py's per-command path was most of the Redis mode's CPU). Commands are
+    packed by hiredis."""
+
+    def __init__(self, redis: aioredis.Redis) -> None:
+        self._pool = redis.connection_pool
+        self._pending: list[tuple[tuple, asyncio.Future]] = []
+        self._sender: asyncio.Task[None] | None = None
+
+    def __call__(self, *args: Any) -> asyncio.Future:
+        """Send ``args`` with the next batch; the future holds its reply (or error)."""
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        self._pending.append((args, future))
+        if self._sender is None:
+            # Started after this tick's callbacks, so that the tick's commands go together.
+            self._sender = loop.create_task(self._send_all())
+        return future
+
+    async def _send_all(self) -> None:
+        try:
+            while self._pending:
+                batch, self._pending = self._pending, []
+                await self._send(batch)
+        finally:
+            self._sender = None
+            if self._pending:  # cancelled with commands waiting: they still go
+                self._sender = asyncio.get_running_loop().create_task(self._send_all())
+
+    async def _send(self, batch: list[tuple[tuple, asyncio.Future]]) -> None:
+        done = 0
+        try:
+            connection = await self._pool.get_connection()
+            try:
+                await connection.send_packed_command(
+                    b"".join(hiredis.pack_command(args) for args, _ in batch)
+                )
+                for _, future in batch:
+                    try:
+                        reply = await connection.read_response()
+                    except ResponseError as exc:  # this command's error; the rest still come
+                        reply = exc
+                    done += 1
+                    if future.done():  # its request was cancelled
+                        continue
+                    if isinstance(reply, ResponseError):
+                        future.set_exception(reply)
+                    else:
+                        future.set_result(reply)
+            finally:
+                await self._pool.release(connection)
+        except BaseException as exc:  # the connection failed: so did every unanswered command
+            for _, future in batch[done:]:
+                if not future.done():
+                    future.set_exception(exc if isinstance(exc, Exception) else RedisError(exc))
+            if not isinstance(exc, Exception):
+                raise
+
+
+class _Script:
+    """A Lua script run by its SHA (``EVALSHA`` through the batcher), loaded when Redis
+    answers NOSCRIPT (first use, or after a restart or a flush). Built from function files
+    and a main chunk."""
+
+    def __init__(self, redis: aioredis.Redis, batch: _Batcher, *files: str, main: str) -> None:
+        self.text = "\n".join([*(_source(name) for name in files), main])
+        self.sha = hashlib.sha1(self.text.encode()).hexdigest()
+        self._redis = redis
+        self._batch = batch
+
+    async def __call__(self, keys: list[str], args: list | tuple) -> Any:
+        try:
+            return await self._batch("EVALSHA", self.sha, len(keys), *keys, *args)
+        except NoScriptError:
+            await self._redis.script_load(self.text)
+            return await self._batch("EVALSHA", self.sha, len(keys), *keys, *args)
 
 
 def _shown_rates(spec: LimitSpec, shown: LimitSpec | None) -> tuple[int, int]:
@@ -36,12 +127,69 @@ def _shown_rates(spec: LimitSpec, shown: LimitSpec | None) -> tuple[int, int]:
     return shown.requests_per_minute or 0, shown.tokens_per_minute or 0
 
 
-class RedisStore(StateStore):
+def _admit_args(request: AdmitRequest, speculative: bool) -> list[str]:
+    spec = request.spec
+    shown_rpm, shown_tpm = _shown_rates(spec, request.shown)
+    return [
+        str(spec.requests_per_minute or 0),
+        str(spec.tokens_per_minute or 0),
+        str(spec.concurrent_requests or 0),
+        str(request.tokens),
+        request.slot,
+        str(int(request.slot_ttl_s * 1000)),
+        str(request.requests),
+        str(shown_rpm),
+        str(shown_tpm),
+        _FLAG[speculative],
+    ]
+
+
+def _admission(request: AdmitRequest, reply: list) -> Admission | None:
+    """admit.lua's reply as an Admission; None for a deferred speculative one."""
+    verdict = reply[0]
+    verdict = verdict.decode() if isinstance(verdict, bytes) else verdict
+    if verdict == "defer":
+        return None
+    _, left_requests, left, in_flight, retry_ms, shown_r, shown_t = reply
+    spec = request.spec
+    allowed = verdict == "ok"
+    return Admission(
+        allowed=allowed,
+        exceeded=None if allowed else verdict,
+        retry_after_s=int(retry_ms) / 1000,
+        remaining_requests=float(left_requests) if spec.requests_per_minute else None,
+        remaining_tokens=float(left) if spec.tokens_per_minute else None,
+        shown_requests=float(shown_r) if spec.requests_per_minute else None,
+        shown_tokens=float(shown_t) if spec.tokens_per_minute else None,
+        in_flight=int(in_flight),
+        slot=request.slot if allowed and spec.concurrent_requests else "",
+        reserved_tokens=request.tokens if allowed else 0,
+    )
+
+
+_FLAG = ("0", "1")
+"""A flag as a script argument: arguments go as strings, which hiredis packs 2-4x faster
+than ints and floats."""
+_IDLE_TTL_MS = str(int(IDLE_TTL_S * 1000))
+_SHARE_ALPHA, _GAP_ALPHA, _HALF_LIFE_S = (
+    repr(float(x)) for x in (SHARE_ALPHA, GAP_ALPHA, HALF_LIFE_S)
+)
+_OBSERVE_COUNTS = ("14", "6")  # arguments of observe_client and observe_campaign
+_DAY_BUCKETS = str(DAY.buckets)
+
+_KEY_CACHE = 65_536
+"""Clients (and fingerprints) whose current bucket keys are kept formatted."""
+
+
+class RedisStore(SpeculativeStore):
     """Limits shared by every guard replica that points at the same Redis.
 
     Token buckets run on Redis's clock. Risk profiles run on ``clock`` (the replicas' wall
     clocks, NTP-synchronized): it names the time buckets of the volume windows, whose keys
     the scripts must be given, and a test can drive it.
+
+    A request costs one round trip on its way in: ``observe_admit`` (one script) folds it
+    into both profiles and takes its admission; ``settle`` is a second, off the answer's path.
     """
 
     def __init__(
@@ -62,11 +210,23 @@ class RedisStore(StateStore):
         )
         self._prefix = prefix
         self._clock = clock
-        self._admit = self._redis.register_script(_script("admit.lua"))
-        self._settle = self._redis.register_script(_script("settle.lua"))
-        self._observe_client = self._redis.register_script(_script("observe_client.lua"))
-        self._observe_campaign = self._redis.register_script(_script("observe_campaign.lua"))
-        self._observe_end_users = self._redis.register_script(_script("observe_end_users.lua"))
+        redis, batch = self._redis, _Batcher(self._redis)
+        self._admit = _Script(redis, batch, "admit.lua", main="return admit(KEYS, ARGV)")
+        self._readmit = _Script(redis, batch, "admit.lua", "readmit.lua", main="")
+        self._settle = _Script(redis, batch, "settle.lua", main="")
+        self._observe_admit = _Script(
+            redis, batch, "observe_client.lua", "observe_campaign.lua", "admit.lua",
+            "observe_admit.lua", main="",
+        )  # fmt: skip
+        # an end user's own profile (no campaign), and the key's count of its end users
+        self._observe_client = _Script(
+            redis, batch, "observe_client.lua",
+            main=f"return observe_client(KEYS, {{unpack(ARGV, 1, {_OBSERVE_COUNTS[0]})}}, "
+            f"{{unpack(ARGV, {int(_OBSERVE_COUNTS[0]) + 1})}})",
+        )  # fmt: skip
+        self._observe_end_users = _Script(redis, batch, "observe_end_users.lua", main="")
+        # (tag, kind, DAY bucket) -> (every bucket key of the windows, the current ones)
+        self._key_cache: dict[tuple[str, str, int], tuple[list[str], list[str]]] = {}
 
     def _keys(self, scope: str) -> list[str]:
         tag = f"{self._prefix}:{{{scope}}}"
@@ -83,38 +243,28 @@ class RedisStore(StateStore):
         requests: int = 1,
         shown: LimitSpec | None = None,
     ) -> Admission:
-        shown_rpm, shown_tpm = _shown_rates(spec, shown)
-        args = [
-            spec.requests_per_minute or 0,
-            spec.tokens_per_minute or 0,
-            spec.concurrent_requests or 0,
-            tokens,
-            slot,
-            int(slot_ttl_s * 1000),
-            requests,
-            shown_rpm,
-            shown_tpm,
-        ]
+        request = AdmitRequest(scope, spec, tokens, slot, slot_ttl_s, requests, shown)
         try:
-            verdict, left_requests, left, in_flight, retry_ms, shown_r, shown_t = await self._admit(
-                keys=self._keys(scope), args=args
-            )
+            reply = await self._admit(self._keys(scope), _admit_args(request, speculative=False))
         except (RedisError, OSError) as exc:
             raise StateUnavailable(str(exc)) from exc
-        verdict = verdict.decode() if isinstance(verdict, bytes) else verdict
-        allowed = verdict == "ok"
-        return Admission(
-            allowed=allowed,
-            exceeded=None if allowed else verdict,
-            retry_after_s=int(retry_ms) / 1000,
-            remaining_requests=float(left_requests) if spec.requests_per_minute else None,
-            remaining_tokens=float(left) if spec.tokens_per_minute else None,
-            shown_requests=float(shown_r) if spec.requests_per_minute else None,
-            shown_tokens=float(shown_t) if spec.tokens_per_minute else None,
-            in_flight=int(in_flight),
-            slot=slot if allowed and spec.concurrent_requests else "",
-            reserved_tokens=tokens if allowed else 0,
-        )
+        admission = _admission(request, reply)
+        assert admission is not None  # only a speculative admission defers
+        return admission
+
+    async def readmit(self, taken: AdmitRequest, request: AdmitRequest | None) -> Admission | None:
+        spec = taken.spec
+        args = [
+            spec.requests_per_minute or 0, spec.tokens_per_minute or 0, taken.requests,
+            taken.tokens, taken.slot if spec.concurrent_requests else "",
+        ]  # fmt: skip
+        if request is not None:
+            args += _admit_args(request, speculative=False)
+        try:
+            reply = await self._readmit(self._keys(taken.scope), args)
+        except (RedisError, OSError) as exc:
+            raise StateUnavailable(str(exc)) from exc
+        return _admission(request, reply) if request is not None else None
 
     async def settle(
         self,
@@ -124,123 +274,118 @@ class RedisStore(StateStore):
         refund_tokens: int,
         shown: LimitSpec | None = None,
     ) -> None:
+        args = [
+            str(spec.tokens_per_minute or 0),
+            str(refund_tokens),
+            slot,
+            str(_shown_rates(spec, shown)[1]),
+        ]
         try:
-            await self._settle(
-                keys=self._keys(scope),
-                args=[
-                    spec.tokens_per_minute or 0,
-                    refund_tokens,
-                    slot,
-                    _shown_rates(spec, shown)[1],
-                ],
-            )
+            await self._settle(self._keys(scope), args)
         except (RedisError, OSError) as exc:
             raise StateUnavailable(str(exc)) from exc
 
-    def _buckets(self, tag: str, kind: str, window: Window, now: float) -> list[str]:
-        return [f"{tag}:{kind}:{window.name}:{b}" for b in window.bucket_range(now)]
+    def _window_keys(
+        self, tag: str, kind: str, windows: tuple[Window, ...], now: float
+    ) -> tuple[list[str], list[str]]:
+        """The bucket keys of ``windows`` at ``now`` for one profile: every bucket (oldest
+        first, window by window) and the current ones."""
+        cache_key = (tag, kind, DAY.bucket_of(now))  # a WEEK bucket starts with a DAY one
+        keys = self._key_cache.get(cache_key)
+        if keys is None:
+            if len(self._key_cache) >= _KEY_CACHE:
+                self._key_cache.clear()
+            every = [
+                f"{tag}:{k}:{window.name}:{b}"
+                for k, window in zip(kind, windows, strict=True)
+                for b in window.bucket_range(now)
+            ]
+            current = [
+                f"{tag}:{k}:{window.name}:{window.bucket_of(now)}"
+                for k, window in zip(kind, windows, strict=True)
+            ]
+            keys = self._key_cache[cache_key] = (every, current)
+        return keys
 
-    def _risk_keys(self, client: str, now: float) -> list[str]:
+    def _risk_keys(self, client: str, now: float, every: bool = True) -> list[str]:
         tag = f"{self._prefix}:{{c:{client}}}"
-        return [
-            f"{tag}:risk",
-            *self._buckets(tag, "p", DAY, now),
-            *self._buckets(tag, "p", WEEK, now),
-        ]
+        buckets = self._window_keys(tag, "pp", (DAY, WEEK), now)
+        return [f"{tag}:risk", *buckets[0 if every else 1]]
 
     def _end_user_keys(self, client: str, now: float) -> list[str]:
-        return self._buckets(f"{self._prefix}:{{c:{client}}}", "e", DAY, now)
+        tag = f"{self._prefix}:{{c:{client}}}"
+        return self._window_keys(tag, "e", (DAY,), now)[0]
 
-    def _campaign_keys(self, fingerprint: str, now: float) -> list[str]:
+    def _campaign_keys(self, fingerprint: str, now: float, every: bool = True) -> list[str]:
         tag = f"{self._prefix}:{{f:{fingerprint}}}"
-        return [
-            f"{tag}:campaign",
-            *self._buckets(tag, "m", DAY, now),
-            *self._buckets(tag, "p", DAY, now),
-        ]
+        buckets = self._window_keys(tag, "mp", (DAY, DAY), now)
+        return [f"{tag}:campaign", *buckets[0 if every else 1]]
 
     async def observe(
         self, client: str, features: RequestFeatures
     ) -> tuple[ClientProfile, CampaignProfile]:
-        mine, shared = await self._fold(client, features, want=True)
-        return _client_profile(mine, features.fingerprint), _campaign_profile(shared)
+        profile, campaign, _ = await self.observe_admit(client, features, None, want=True)
+        assert profile is not None and campaign is not None
+        return profile, campaign
 
     async def count(self, client: str, features: RequestFeatures) -> None:
-        await self._fold(client, features, want=False)
+        await self.observe_admit(client, features, None, want=False)
 
     async def observe_end_user(
         self, client: str, end_user_scope: str, features: RequestFeatures
     ) -> tuple[ClientProfile, CampaignProfile, ClientProfile]:
-        mine, shared, end_users, own = await self._fold(
-            client, features, want=True, end_user_scope=end_user_scope
-        )
-        profile = _client_profile(mine, features.fingerprint)
-        profile.end_users = int(end_users)
-        return profile, _campaign_profile(shared), _client_profile(own, features.fingerprint)
-
-    async def _fold(
-        self, client: str, features: RequestFeatures, want: bool, end_user_scope: str = ""
-    ) -> list:
         now = self._clock()
-        ttl_ms = int(IDLE_TTL_S * 1000)
-        day_ttl_ms, week_ttl_ms = (int(w.expires_in_s(now) * 1000) + 1 for w in (DAY, WEEK))
-        campaign_keys = self._campaign_keys(features.fingerprint, now)
-        calls = [self._client_call(client, features, want, now, day_ttl_ms, week_ttl_ms)]
-        calls.append((
-            self._observe_campaign.sha, len(campaign_keys), *campaign_keys,
-            client, int(features.max_top), SHARE_ALPHA, ttl_ms, day_ttl_ms, int(want),
-            *features.prompt_hashes,
-        ))  # fmt: skip
-        if end_user_scope:  # the end user among the client's, and the end user's own profile
-            end_user_keys = self._end_user_keys(client, now)
-            calls.append((
-                self._observe_end_users.sha, len(end_user_keys), *end_user_keys,
-                end_user_scope, day_ttl_ms,
-            ))  # fmt: skip
-            calls.append(
-                self._client_call(end_user_scope, features, want, now, day_ttl_ms, week_ttl_ms)
+        day_ttl_ms, week_ttl_ms = (str(int(w.expires_in_s(now) * 1000) + 1) for w in (DAY, WEEK))
+        own_args = _client_args(features, now, day_ttl_ms, week_ttl_ms, want=True)
+        try:  # three scripts, one batch: one round trip
+            (profile, campaign, _), end_users, own = await asyncio.gather(
+                self.observe_admit(client, features, None, want=True),
+                self._observe_end_users(
+                    self._end_user_keys(client, now), [end_user_scope, day_ttl_ms]
+                ),
+                self._observe_client(
+                    self._risk_keys(end_user_scope, now), [*own_args, *features.prompt_hashes]
+                ),
             )
-        try:
-            return await self._evalsha_pipeline(*calls)
         except (RedisError, OSError) as exc:
             raise StateUnavailable(str(exc)) from exc
+        assert profile is not None and campaign is not None
+        profile.end_users = int(end_users)
+        return profile, campaign, _client_profile(own, features.fingerprint)
 
-    def _client_call(
+    async def observe_admit(
         self,
-        scope: str,
+        client: str,
         features: RequestFeatures,
+        request: AdmitRequest | None,
+        *,
         want: bool,
-        now: float,
-        day_ttl_ms: int,
-        week_ttl_ms: int,
-    ) -> tuple:
-        """observe_client.lua's call for one scope (a client, or an end user of one)."""
-        risk_keys = self._risk_keys(scope, now)
-        return (
-            self._observe_client.sha, len(risk_keys), *risk_keys,
-            features.fingerprint, int(features.wants_logprobs), int(features.max_top),
-            int(features.logit_bias), SHARE_ALPHA, GAP_ALPHA, HALF_LIFE_S, int(IDLE_TTL_S * 1000),
-            repr(now), DAY.bucket_of(now), DAY.buckets, day_ttl_ms, week_ttl_ms, int(want),
-            *features.prompt_hashes,
+    ) -> tuple[ClientProfile | None, CampaignProfile | None, Admission | None]:
+        now = self._clock()
+        day_ttl_ms, week_ttl_ms = (str(int(w.expires_in_s(now) * 1000) + 1) for w in (DAY, WEEK))
+        fingerprint = features.fingerprint
+        client_keys = self._risk_keys(client, now, every=want)
+        campaign_keys = self._campaign_keys(fingerprint, now, every=want)
+        admit_args = _admit_args(request, speculative=True) if request is not None else ()
+        keys = [*client_keys, *campaign_keys]
+        if request is not None:
+            keys += self._keys(request.scope)
+        max_top, counts = _FLAG[features.max_top], _FLAG[want]
+        args = (
+            str(len(client_keys)), str(len(campaign_keys)), *_OBSERVE_COUNTS,
+            str(len(admit_args)),
+            *_client_args(features, now, day_ttl_ms, week_ttl_ms, want),
+            client, max_top, _SHARE_ALPHA, _IDLE_TTL_MS, day_ttl_ms, counts,
+            *admit_args, *features.prompt_hashes,
         )  # fmt: skip
-
-    async def _evalsha_pipeline(self, *calls: tuple) -> list:
-        """Run scripts by SHA in one round trip (their keys may live on different cluster
-        slots). redis-py's ``Script`` objects in a pipeline would first ask ``SCRIPT
-        EXISTS``, a second round trip on every request; here a script is loaded only when
-        Redis answers NOSCRIPT (first use, or after a restart or a flush)."""
         try:
-            return await self._pipeline(calls)
-        except NoScriptError:
-            for script in (self._observe_client, self._observe_campaign, self._observe_end_users):
-                await self._redis.script_load(script.script)
-            return await self._pipeline(calls)
-
-    async def _pipeline(self, calls: tuple[tuple, ...]) -> list:
-        async with self._redis.pipeline(transaction=False) as pipe:
-            for call in calls:
-                pipe.evalsha(*call)
-            return await pipe.execute()
+            mine, shared, verdict = await self._observe_admit(keys, args)
+        except (RedisError, OSError) as exc:
+            raise StateUnavailable(str(exc)) from exc
+        admission = _admission(request, verdict) if request is not None else None
+        if not want:
+            return None, None, admission
+        return _client_profile(mine, fingerprint), _campaign_profile(shared), admission
 
     async def peek(self, client: str) -> tuple[ClientProfile | None, CampaignProfile | None]:
         now = self._clock()
@@ -290,6 +435,17 @@ class RedisStore(StateStore):
 
     async def close(self) -> None:
         await self._redis.aclose()
+
+
+def _client_args(
+    features: RequestFeatures, now: float, day_ttl_ms: str, week_ttl_ms: str, want: bool
+) -> tuple[str, ...]:
+    """observe_client.lua's arguments for one request (of a client, or an end user of one)."""
+    return (
+        features.fingerprint, _FLAG[features.wants_logprobs], _FLAG[features.max_top],
+        _FLAG[features.logit_bias], _SHARE_ALPHA, _GAP_ALPHA, _HALF_LIFE_S, _IDLE_TTL_MS,
+        repr(now), str(DAY.bucket_of(now)), _DAY_BUCKETS, day_ttl_ms, week_ttl_ms, _FLAG[want],
+    )  # fmt: skip
 
 
 def _client_profile(values: list, fingerprint: str) -> ClientProfile:

@@ -37,11 +37,14 @@ class _Clock:
 
 
 async def _admitted(
-    body: dict, limits: LimitSpec = LIMITS, tighten_to: LimitSpec | None = None
+    body: dict,
+    limits: LimitSpec = LIMITS,
+    tighten_to: LimitSpec | None = None,
+    endpoint: Endpoint = Endpoint.CHAT,
 ) -> RequestContext:
     """``body`` through the stages up to the plan, for a client with ``limits`` (and a plan
     tightened to ``tighten_to``), on a model with a long context."""
-    ctx = context(body, endpoint=Endpoint.CHAT)
+    ctx = context(body, endpoint=endpoint)
     await authenticate(ctx)
     assert ctx.client is not None
     ctx.client = dataclasses.replace(ctx.client, limits=limits)
@@ -132,3 +135,30 @@ async def test_an_explicit_max_tokens_and_a_tightened_client_reserve_it_all() ->
     await _admitter(MemoryStore(clock=_Clock()))(flagged)
     assert flagged.admission is not None
     assert flagged.admission.reserved_tokens == estimate_tokens(flagged) > 8192
+
+
+async def test_responses_reserve_and_settle_like_chat() -> None:
+    store = MemoryStore(clock=_Clock())
+    admitter = _admitter(store)
+    chat = await _admitted({"model": "teacher", "messages": QUESTION})
+    responses = await _admitted(
+        {"model": "teacher", "input": QUESTION[0]["content"]}, endpoint=Endpoint.RESPONSES
+    )
+    assert responses.body["max_output_tokens"] == 8192
+    await admitter(responses)
+    await _admitter(MemoryStore(clock=_Clock()))(chat)
+    assert responses.admission is not None and chat.admission is not None
+    # the same conversation, the same filled-in limit: the same bounded reservation
+    assert responses.admission.reserved_tokens == chat.admission.reserved_tokens < 1000
+    responses.status = 200
+    responses.prompt_tokens, responses.completion_tokens = USED
+    admitter.settle(responses)
+    await asyncio.sleep(0.01)
+    explicit = await _admitted(
+        {"model": "teacher", "input": "hi", "max_output_tokens": 4000}, endpoint=Endpoint.RESPONSES
+    )
+    await admitter(explicit)
+    assert explicit.admission is not None and explicit.admission.remaining_tokens is not None
+    assert explicit.admission.reserved_tokens == estimate_tokens(explicit) >= 4000
+    spent = LIMITS.tokens_per_minute - explicit.admission.remaining_tokens
+    assert spent == sum(USED) + explicit.admission.reserved_tokens  # settled to what was used

@@ -223,7 +223,10 @@ def test_prompt_logprobs_of_a_decoyed_client_show_its_own_prompt(guard: GuardPro
 
 def test_every_text_the_model_writes_is_mapped_alike() -> None:
     digits = digit_map(SECRET.encode(), "unit", b"prompt")
-    ctx = SimpleNamespace(plan=SimpleNamespace(decoy=DecoyPlan("misinformation", maps=(digits,))))
+    ctx = SimpleNamespace(
+        plan=SimpleNamespace(decoy=DecoyPlan("misinformation", maps=(digits,))),
+        endpoint=Endpoint.CHAT,
+    )
     ctx.body = {"n": 1}
     call = {
         "id": "call_7",
@@ -255,6 +258,47 @@ def test_every_text_the_model_writes_is_mapped_alike() -> None:
         chunk = {"choices": [{"index": 0, "delta": delta}]}
         Decoy().response(ctx, chunk, streaming=True)  # type: ignore[arg-type]
         assert delta["tool_calls"][0]["function"]["arguments"] == digits.show(piece)
+
+
+def test_every_text_of_a_responses_answer_is_mapped_alike() -> None:
+    digits = digit_map(SECRET.encode(), "unit", b"prompt")
+    ctx = SimpleNamespace(
+        plan=SimpleNamespace(decoy=DecoyPlan("misinformation", maps=(digits,))),
+        endpoint=Endpoint.RESPONSES,
+        echo={"instructions": "Use 2 words."},
+    )
+    logprob = {"token": "12", "logprob": -0.5, "bytes": list(b"12"), "top_logprobs": []}
+    text = {"type": "output_text", "text": "12", "annotations": [], "logprobs": [logprob]}
+    output = [
+        {"type": "reasoning", "id": "rs_1", "summary": [], "content": [{"text": "34"}]},
+        {"type": "message", "id": "msg_1", "role": "assistant", "content": [text]},
+        {"type": "function_call", "call_id": "call_7", "name": "f1", "arguments": '{"x": 5}'},
+    ]
+    response = {"object": "response", "instructions": "Use 9 words.", "output": output}
+    Decoy().response(ctx, response, streaming=False)  # type: ignore[arg-type]
+    assert response["instructions"] == "Use 2 words."  # the echo, as the client sent it
+    assert output[0]["content"][0]["text"] == digits.show("34")
+    assert text["text"] == digits.show("12") and logprob["token"] == digits.show("12")
+    assert bytes(logprob["bytes"]) == digits.show("12").encode()
+    assert (output[2]["name"], output[2]["arguments"]) == (
+        digits.show("f1"),
+        digits.show('{"x": 5}'),
+    )
+    assert output[2]["call_id"] == "call_7"  # vLLM's, not the model's
+    # every streamed event that carries text: deltas and the done events that repeat them
+    events = [
+        {"type": "response.output_text.delta", "delta": "7", "logprobs": [dict(logprob)]},
+        {"type": "response.output_text.done", "text": "78", "logprobs": []},
+        {"type": "response.function_call_arguments.delta", "delta": "9"},
+        {"type": "response.reasoning_text.delta", "delta": "0"},
+        {"type": "response.content_part.done", "part": {"type": "output_text", "text": "78"}},
+    ]
+    for event in events:
+        Decoy().response(ctx, event, streaming=True)  # type: ignore[arg-type]
+    assert [events[0]["delta"], events[1]["text"], events[2]["delta"], events[3]["delta"]] == [
+        digits.show(t) for t in ("7", "78", "9", "0")
+    ]
+    assert events[4]["part"]["text"] == digits.show("78")
 
 
 @pytest.fixture
