@@ -40,10 +40,40 @@ _COMPLETION = {
 }
 
 
+_CHAT_COMPLETION = {
+    **_COMPLETION,
+    "object": "chat.completion",
+    "choices": [
+        {"index": 0, "message": {"role": "assistant", "content": "ok"}, "finish_reason": "stop"}
+    ],
+}
+
+
+async def _answer(request: web.Request, body: bytes) -> web.StreamResponse:
+    """A valid answer to ``body``: whole, or three chunks then ``[DONE]``."""
+    chat = request.path.endswith("/chat/completions")
+    if b'"stream":true' not in body.replace(b" ", b""):
+        return web.json_response(_CHAT_COMPLETION if chat else _COMPLETION)
+    response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+    await response.prepare(request)
+    for _ in range(3):
+        if chat:
+            await response.write(
+                b'data: {"id":"c","object":"chat.completion.chunk","created":0,"model":"teacher",'
+                b'"choices":[{"index":0,"delta":{"content":"x"},"finish_reason":null}]}\n\n'
+            )
+        else:
+            await response.write(_chunk("x"))
+    await response.write(b"data: [DONE]\n\n")
+    return response
+
+
 class FaultyUpstream:
     """An OpenAI-like server whose behaviour the test picks with ``mode``.
 
-    Modes: ``error500``, ``hang``, ``slow_stream`` (a chunk every 50 ms, for 10 s),
+    Modes: ``ok`` (a valid answer: a completion or chat completion, whole or as a stream of
+    three chunks; every request body is kept in ``bodies``), ``error500``, ``hang``,
+    ``slow_stream`` (a chunk every 50 ms, for 10 s),
     ``short_stream`` (20 chunks, 100 ms apart, then [DONE]), ``break_stream`` (two
     chunks, then the connection drops), ``flood`` (8 KiB chunks as fast as the guard
     takes them, for up to 60 s), ``reset`` (the connection is reset, TCP RST, as soon as
@@ -65,6 +95,7 @@ class FaultyUpstream:
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._runner: web.AppRunner | None = None
         self._served: set[int] = set()  # close_reused: connections that answered once
+        self.bodies: list[bytes] = []
 
     @property
     def url(self) -> str:
@@ -114,6 +145,9 @@ class FaultyUpstream:
             await request.read()
             return web.json_response(_COMPLETION)
         body = await request.read()
+        if self.mode == "ok":
+            self.bodies.append(body)
+            return await _answer(request, body)
         if self.mode == "not_json":
             if b'"stream":true' in body.replace(b" ", b""):
                 text = "data: <html>upstream proxy error</html>\n\n"
