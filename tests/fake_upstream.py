@@ -74,6 +74,7 @@ class FaultyUpstream:
     Modes: ``ok`` (a valid answer: a completion or chat completion, whole or as a stream of
     three chunks; every request body is kept in ``bodies``), ``error500``, ``hang``,
     ``slow_stream`` (a chunk every 50 ms, for 10 s),
+    ``stall_stream`` (two chunks, then nothing for 30 s),
     ``short_stream`` (20 chunks, 100 ms apart, then [DONE]), ``break_stream`` (two
     chunks, then the connection drops), ``flood`` (8 KiB chunks as fast as the guard
     takes them, for up to 60 s), ``reset`` (the connection is reset, TCP RST, as soon as
@@ -133,6 +134,13 @@ class FaultyUpstream:
 
     async def _generate(self, request: web.Request) -> web.StreamResponse:
         self.requests += 1
+        try:
+            return await self._respond(request)
+        except asyncio.CancelledError:  # the guard closed the connection before the end
+            self.cancelled.set()
+            raise
+
+    async def _respond(self, request: web.Request) -> web.StreamResponse:
         if self.mode == "reset":
             _reset(request)
             return web.Response()  # never sent: the connection is gone
@@ -169,31 +177,30 @@ class FaultyUpstream:
             await asyncio.sleep(30)
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         await response.prepare(request)
-        try:
-            if self.mode == "break_stream":
-                await response.write(_chunk("a") + _chunk("b"))
-                await asyncio.sleep(0.05)
-                assert request.transport is not None
-                request.transport.close()
-                return response
-            if self.mode == "short_stream":
-                for _ in range(20):
-                    await response.write(_chunk("x"))
-                    self.chunks_sent += 1
-                    await asyncio.sleep(0.1)
-            if self.mode == "flood":
-                chunk = _chunk("x" * 8192)
-                deadline = time.monotonic() + 60
-                while time.monotonic() < deadline:
-                    await response.write(chunk)
-                    self.chunks_sent += 1
-            deadline = time.monotonic() + 10
-            while self.mode == "slow_stream" and time.monotonic() < deadline:
+        if self.mode == "stall_stream":
+            await response.write(_chunk("a") + _chunk("b"))
+            await asyncio.sleep(30)
+        if self.mode == "break_stream":
+            await response.write(_chunk("a") + _chunk("b"))
+            await asyncio.sleep(0.05)
+            assert request.transport is not None
+            request.transport.close()
+            return response
+        if self.mode == "short_stream":
+            for _ in range(20):
                 await response.write(_chunk("x"))
                 self.chunks_sent += 1
-                await asyncio.sleep(0.05)
-        except asyncio.CancelledError:
-            self.cancelled.set()
-            raise
+                await asyncio.sleep(0.1)
+        if self.mode == "flood":
+            chunk = _chunk("x" * 8192)
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline:
+                await response.write(chunk)
+                self.chunks_sent += 1
+        deadline = time.monotonic() + 10
+        while self.mode == "slow_stream" and time.monotonic() < deadline:
+            await response.write(_chunk("x"))
+            self.chunks_sent += 1
+            await asyncio.sleep(0.05)
         await response.write(b"data: [DONE]\n\n")
         return response
