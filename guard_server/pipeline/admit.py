@@ -14,7 +14,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import time
 import uuid
+from collections import deque
 
 from guard_server.canonical import prompt_list
 from guard_server.errors import GuardError
@@ -29,6 +31,10 @@ _CHARS_PER_TOKEN = 4
 _DEFAULT_COMPLETION = {Endpoint.CHAT: 256, Endpoint.COMPLETIONS: 16, Endpoint.EMBEDDINGS: 0}
 _DEFAULTED_RESERVATION = _DEFAULT_COMPLETION[Endpoint.CHAT]
 """Completion tokens reserved per choice for a ``max_tokens`` the guard filled in."""
+_RELEASE_RETRY_S = 1.0
+"""How often slots left behind by a state outage are released again."""
+_MAX_LEFT_BEHIND = 10_000
+"""Slots kept for release after an outage; older ones expire by themselves."""
 
 
 def estimate_tokens(ctx: RequestContext) -> int:
@@ -127,6 +133,9 @@ class Admitter:
         self.fail_open = fail_open
         self.slot_ttl_s = slot_ttl_s
         self._settling: set[asyncio.Task[None]] = set()
+        # (scope, limits, slot, when): slots a failed store call may have left taken
+        self._left_behind: deque[tuple[str, LimitSpec, str, float]] = deque(maxlen=_MAX_LEFT_BEHIND)
+        self._releasing: asyncio.Task[None] | None = None
 
     async def __call__(self, ctx: RequestContext) -> None:
         assert ctx.client is not None and ctx.plan is not None
@@ -142,18 +151,22 @@ class Admitter:
             return
         assert ctx.canonical is not None
         ctx.token_ceiling = estimate_tokens(ctx)
+        scope, slot = f"c:{ctx.client.id}", uuid.uuid4().hex
         try:
             admission = await self.store.admit(
-                f"c:{ctx.client.id}",
+                scope,
                 limits,
                 reservation(ctx),
-                uuid.uuid4().hex,
+                slot,
                 self.slot_ttl_s,
                 requests=ctx.canonical.prompts,
                 shown=_shown(ctx.plan.advertised, limits),
             )
         except StateUnavailable as exc:
             self._state_failed(exc)
+            # A call that timed out may still run: a paused Redis runs what it was sent
+            # when it resumes, taking a slot that no settlement would release.
+            self._release_later(scope, limits, slot)
             if self.fail_open:
                 return
             raise GuardError(
@@ -210,7 +223,32 @@ class Admitter:
         try:
             await self.store.settle(scope, limits, slot, refund, shown)
         except StateUnavailable as exc:
-            self._state_failed(exc)  # the slot expires by itself
+            self._state_failed(exc)
+            self._release_later(scope, limits, slot)
+
+    def _release_later(self, scope: str, limits: LimitSpec, slot: str) -> None:
+        """Release ``slot`` once the store answers again (a slot also expires by itself, but
+        only after the longest request: until then the client would be refused for it)."""
+        if not (slot and limits.concurrent_requests):
+            return
+        self._left_behind.append((scope, limits, slot, time.monotonic()))
+        if self._releasing is None or self._releasing.done():
+            self._releasing = asyncio.get_running_loop().create_task(self._release_left_behind())
+
+    async def _release_left_behind(self) -> None:
+        """Release the slots left behind, oldest first, until none is left. Only the slot:
+        a refund that may already have been applied must not be applied twice."""
+        while self._left_behind:
+            await asyncio.sleep(_RELEASE_RETRY_S)
+            expired = time.monotonic() - self.slot_ttl_s
+            while self._left_behind:
+                scope, limits, slot, since = self._left_behind[0]
+                if since > expired:
+                    try:
+                        await self.store.settle(scope, limits, slot, 0)
+                    except StateUnavailable:
+                        break  # still down: the next round
+                self._left_behind.popleft()
 
     def _state_failed(self, exc: Exception) -> None:
         self.metrics.state_up.set(0)
