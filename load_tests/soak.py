@@ -12,8 +12,9 @@ chat answers, 20 % streams). Every ``--sample-s`` the guard's RSS and open file 
 (from /proc), its asyncio tasks (``guard_event_loop_tasks``) and Redis' ``used_memory`` are
 sampled. At the end:
 
-- each series' slope over the measured window (after the first third, the warm-up in which
-  every client is first seen) must be flat: its growth over the window at most
+- each series' slope over the measured window (after the first third: the warm-up, in
+  which every client should be seen once, so ``clients / rate`` at most a third of the run;
+  the report's ``cycle_s``) must be flat: its growth over the window at most
   max(floor, 3 % of its mean) (floors: 8 MiB, 8 fds, 30 tasks, 4 MiB);
 - no 5xx, no transport error;
 - no over-admission: a probe client limited to 60 requests a minute, sent 3 a second
@@ -231,6 +232,7 @@ class SoakReport:
     seconds: float
     saturation_rps: float
     rate: float
+    cycle_s: float  # one pass over every client: the warm-up (a third) should cover it
     requests: int
     statuses: dict[str, int]
     skipped: int
@@ -334,6 +336,7 @@ async def _drive(
         seconds=elapsed,
         saturation_rps=saturated,
         rate=rate,
+        cycle_s=clients / rate,
         requests=sum(tally.statuses.values()),
         statuses=statuses,
         skipped=tally.skipped,
