@@ -43,8 +43,8 @@ async def _load(guard: GuardProcess, outage: Callable[[], None], back: Callable[
     async with httpx.AsyncClient(timeout=30, limits=httpx.Limits(max_connections=64)) as client:
         tasks = [asyncio.create_task(client_loop(client)) for _ in range(SLOTS)]
         await asyncio.sleep(PHASE_S)
+        phase[0] = "during"  # from the moment the outage begins
         await asyncio.to_thread(outage)
-        phase[0] = "during"
         await asyncio.sleep(PHASE_S)
         gauge_during = metric_value(
             await asyncio.to_thread(guard.metrics), "guard_state_backend_up"
@@ -104,7 +104,11 @@ def test_redis_stopped_and_restarted_under_load(
             f"state errors {metric_value(text, 'guard_state_errors_total'):g}"
         )
         assert guard.alive()
-        assert set(statuses["before"]) == {200} and set(statuses["after"]) <= {200}
+        assert set(statuses["before"]) == {200}
+        # A resumed Redis runs the admissions it was sent while paused: their slots are
+        # taken until the guard's next round of releases (within a second), so the first
+        # requests after a pause may find the client at its limit. Never after that (burst).
+        assert set(statuses["after"]) <= ({200, 429} if how == "pause" else {200})
         expected_during = {200} if on_failure == "open" else {503}
         assert set(statuses["during"]) <= expected_during | {200}, statuses["during"]
         assert expected_during <= set(statuses["during"])
