@@ -20,7 +20,7 @@ from guard_server.config.schema import StateSettings, Timeouts, UpstreamSettings
 from guard_server.correlation import correlation_middleware
 from guard_server.errors import GuardError, model_not_found, unauthorized
 from guard_server.generation import GenerationHandler
-from guard_server.metrics import GuardMetrics
+from guard_server.metrics import EventLoopTasksCollector, GuardMetrics
 from guard_server.openai_fields import Endpoint
 from guard_server.openapi import openapi_json
 from guard_server.otel import Tracing
@@ -240,6 +240,7 @@ def build_app(
     review.on_reset(scorer.forget)
     review.on_reset(planner.forget)
     metrics.add_collector(TopClientsCollector(review, holder))
+    metrics.add_collector(EventLoopTasksCollector())
     audit = AuditLog(settings.config.audit, worker)
     app[AUDIT] = audit
     app.on_cleanup.append(lambda _: _close_audit(audit))

@@ -25,6 +25,7 @@ from guard_server.appkeys import DRAINING
 from guard_server.config.loader import ConfigError, Settings
 from guard_server.config.reload import SettingsHolder
 from guard_server.config.schema import UpstreamSettings
+from guard_server.http_server import GuardAppRunner
 from guard_server.logs import ACCESS_LOGGER, AccessLogger
 from guard_server.metrics import GuardMetrics, multiprocess_dir
 from guard_server.otel import otlp_traces_endpoint
@@ -116,7 +117,7 @@ async def _run_worker(
     )
     app = build_app(holder, metrics, upstreams, worker=worker, api_keys=api_keys)
     access_log = settings.config.logging.access_log
-    runner = web.AppRunner(
+    runner = GuardAppRunner(
         app,
         handler_cancellation=True,
         access_log=logging.getLogger(ACCESS_LOGGER) if access_log else None,

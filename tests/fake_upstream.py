@@ -55,10 +55,41 @@ _COMPLETION = {
 }
 
 
+_CHAT_COMPLETION = {
+    **_COMPLETION,
+    "object": "chat.completion",
+    "choices": [
+        {"index": 0, "message": {"role": "assistant", "content": "ok"}, "finish_reason": "stop"}
+    ],
+}
+
+
+async def _answer(request: web.Request, body: bytes) -> web.StreamResponse:
+    """A valid answer to ``body``: whole, or three chunks then ``[DONE]``."""
+    chat = request.path.endswith("/chat/completions")
+    if b'"stream":true' not in body.replace(b" ", b""):
+        return web.json_response(_CHAT_COMPLETION if chat else _COMPLETION)
+    response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+    await response.prepare(request)
+    for _ in range(3):
+        if chat:
+            await response.write(
+                b'data: {"id":"c","object":"chat.completion.chunk","created":0,"model":"teacher",'
+                b'"choices":[{"index":0,"delta":{"content":"x"},"finish_reason":null}]}\n\n'
+            )
+        else:
+            await response.write(_chunk("x"))
+    await response.write(b"data: [DONE]\n\n")
+    return response
+
+
 class FaultyUpstream:
     """An OpenAI-like server whose behaviour the test picks with ``mode``.
 
-    Modes: ``error500``, ``hang``, ``slow_stream`` (a chunk every 50 ms, for 10 s),
+    Modes: ``ok`` (a valid answer: a completion or chat completion, whole or as a stream of
+    three chunks; every request body is kept in ``bodies``), ``error500``, ``hang``,
+    ``slow_stream`` (a chunk every 50 ms, for 10 s),
+    ``stall_stream`` (two chunks, then nothing for 30 s),
     ``short_stream`` (20 chunks, 100 ms apart, then [DONE]), ``break_stream`` (two
     chunks, then the connection drops), ``flood`` (8 KiB chunks as fast as the guard
     takes them, for up to 60 s), ``reset`` (the connection is reset, TCP RST, as soon as
@@ -80,6 +111,7 @@ class FaultyUpstream:
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._runner: web.AppRunner | None = None
         self._served: set[int] = set()  # close_reused: connections that answered once
+        self.bodies: list[bytes] = []
 
     @property
     def url(self) -> str:
@@ -118,6 +150,13 @@ class FaultyUpstream:
 
     async def _generate(self, request: web.Request) -> web.StreamResponse:
         self.requests += 1
+        try:
+            return await self._respond(request)
+        except asyncio.CancelledError:  # the guard closed the connection before the end
+            self.cancelled.set()
+            raise
+
+    async def _respond(self, request: web.Request) -> web.StreamResponse:
         if self.mode == "reset":
             _reset(request)
             return web.Response()  # never sent: the connection is gone
@@ -130,6 +169,9 @@ class FaultyUpstream:
             await request.read()
             return web.json_response(_COMPLETION)
         body = await request.read()
+        if self.mode == "ok":
+            self.bodies.append(body)
+            return await _answer(request, body)
         if self.mode == "not_json":
             if b'"stream":true' in body.replace(b" ", b""):
                 text = "data: <html>upstream proxy error</html>\n\n"
@@ -151,38 +193,37 @@ class FaultyUpstream:
             await asyncio.sleep(30)
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         await response.prepare(request)
-        try:
-            if self.mode == "break_events":  # a Responses API stream that breaks
-                await response.write(_event("response.created", response=_RESPONSE))
-                await response.write(_event("response.output_text.delta", delta="a"))
-                await asyncio.sleep(0.05)
-                assert request.transport is not None
-                request.transport.close()
-                return response
-            if self.mode == "break_stream":
-                await response.write(_chunk("a") + _chunk("b"))
-                await asyncio.sleep(0.05)
-                assert request.transport is not None
-                request.transport.close()
-                return response
-            if self.mode == "short_stream":
-                for _ in range(20):
-                    await response.write(_chunk("x"))
-                    self.chunks_sent += 1
-                    await asyncio.sleep(0.1)
-            if self.mode == "flood":
-                chunk = _chunk("x" * 8192)
-                deadline = time.monotonic() + 60
-                while time.monotonic() < deadline:
-                    await response.write(chunk)
-                    self.chunks_sent += 1
-            deadline = time.monotonic() + 10
-            while self.mode == "slow_stream" and time.monotonic() < deadline:
+        if self.mode == "break_events":  # a Responses API stream that breaks
+            await response.write(_event("response.created", response=_RESPONSE))
+            await response.write(_event("response.output_text.delta", delta="a"))
+            await asyncio.sleep(0.05)
+            assert request.transport is not None
+            request.transport.close()
+            return response
+        if self.mode == "stall_stream":
+            await response.write(_chunk("a") + _chunk("b"))
+            await asyncio.sleep(30)
+        if self.mode == "break_stream":
+            await response.write(_chunk("a") + _chunk("b"))
+            await asyncio.sleep(0.05)
+            assert request.transport is not None
+            request.transport.close()
+            return response
+        if self.mode == "short_stream":
+            for _ in range(20):
                 await response.write(_chunk("x"))
                 self.chunks_sent += 1
-                await asyncio.sleep(0.05)
-        except asyncio.CancelledError:
-            self.cancelled.set()
-            raise
+                await asyncio.sleep(0.1)
+        if self.mode == "flood":
+            chunk = _chunk("x" * 8192)
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline:
+                await response.write(chunk)
+                self.chunks_sent += 1
+        deadline = time.monotonic() + 10
+        while self.mode == "slow_stream" and time.monotonic() < deadline:
+            await response.write(_chunk("x"))
+            self.chunks_sent += 1
+            await asyncio.sleep(0.05)
         await response.write(b"data: [DONE]\n\n")
         return response

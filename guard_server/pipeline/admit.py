@@ -20,7 +20,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import time
 import uuid
+from collections import deque
 
 from guard_server.canonical import prompt_list
 from guard_server.errors import GuardError
@@ -50,6 +52,10 @@ _DEFAULTED_RESERVATION = _DEFAULT_COMPLETION[Endpoint.CHAT]
 SETTLING = 64
 """Settlements in flight to the store at once (the rest wait their turn, off the answer's
 path)."""
+_RELEASE_RETRY_S = 1.0
+"""How often slots left behind by a state outage are released again."""
+_MAX_LEFT_BEHIND = 10_000
+"""Slots kept for release after an outage; older ones expire by themselves."""
 
 
 def estimate_tokens(ctx: RequestContext) -> int:
@@ -156,6 +162,9 @@ class Admitter:
         self.slot_ttl_s = slot_ttl_s
         self._settling: set[asyncio.Task[None]] = set()
         self._settle_slots = asyncio.Semaphore(SETTLING)
+        # (scope, limits, slot, when): slots a failed store call may have left taken
+        self._left_behind: deque[tuple[str, LimitSpec, str, float]] = deque(maxlen=_MAX_LEFT_BEHIND)
+        self._releasing: asyncio.Task[None] | None = None
 
     def request_for(self, ctx: RequestContext, limits: LimitSpec | None) -> AdmitRequest | None:
         """The admission a request needs under ``limits`` (None: blocked, or unlimited). For
@@ -177,6 +186,10 @@ class Admitter:
     async def __call__(self, ctx: RequestContext) -> None:
         assert ctx.client is not None and ctx.plan is not None
         admission: Admission | None = None
+        if ctx.lost_speculation is not None:  # its observe-and-admit call failed: it may run
+            lost = ctx.lost_speculation
+            self._release_later(lost.scope, lost.spec, lost.slot)
+        scope, slot = ctx.plan.limit_scope, uuid.uuid4().hex
         try:
             if ctx.speculation is not None:
                 admission = await self._confirm(ctx, ctx.speculation)
@@ -197,16 +210,20 @@ class Admitter:
             ctx.token_ceiling = estimate_tokens(ctx)
             if admission is None:
                 admission = await self.store.admit(
-                    ctx.plan.limit_scope,
+                    scope,
                     limits,
                     reservation(ctx),
-                    uuid.uuid4().hex,
+                    slot,
                     self.slot_ttl_s,
                     requests=ctx.canonical.prompts,
                     shown=_shown(ctx.plan.advertised, limits),
                 )
         except StateUnavailable as exc:
             self._state_failed(exc)
+            # A call that timed out may still run: a paused Redis runs what it was sent
+            # when it resumes, taking a slot that no settlement would release.
+            if not ctx.plan.limits.unlimited:
+                self._release_later(scope, ctx.plan.limits, slot)
             if self.fail_open:
                 return
             raise GuardError(
@@ -284,7 +301,8 @@ class Admitter:
             async with self._settle_slots:
                 await self.store.settle(scope, limits, slot, refund, shown)
         except StateUnavailable as exc:
-            self._state_failed(exc)  # the slot expires by itself
+            self._state_failed(exc)
+            self._release_later(scope, limits, slot)
         except Exception:  # never lost silently: counted and logged with its traceback
             self.metrics.state_errors.inc()
             log.exception("settling %s failed", scope)
@@ -293,6 +311,30 @@ class Admitter:
         """Wait for the settlements still in flight (at shutdown, before the store closes)."""
         if self._settling:
             await asyncio.gather(*self._settling, return_exceptions=True)
+
+    def _release_later(self, scope: str, limits: LimitSpec, slot: str) -> None:
+        """Release ``slot`` once the store answers again (a slot also expires by itself, but
+        only after the longest request: until then the client would be refused for it)."""
+        if not (slot and limits.concurrent_requests):
+            return
+        self._left_behind.append((scope, limits, slot, time.monotonic()))
+        if self._releasing is None or self._releasing.done():
+            self._releasing = asyncio.get_running_loop().create_task(self._release_left_behind())
+
+    async def _release_left_behind(self) -> None:
+        """Release the slots left behind, oldest first, until none is left. Only the slot:
+        a refund that may already have been applied must not be applied twice."""
+        while self._left_behind:
+            await asyncio.sleep(_RELEASE_RETRY_S)
+            expired = time.monotonic() - self.slot_ttl_s
+            while self._left_behind:
+                scope, limits, slot, since = self._left_behind[0]
+                if since > expired:
+                    try:
+                        await self.store.settle(scope, limits, slot, 0)
+                    except StateUnavailable:
+                        break  # still down: the next round
+                self._left_behind.popleft()
 
     def _state_failed(self, exc: Exception) -> None:
         self.metrics.state_up.set(0)

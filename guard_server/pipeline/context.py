@@ -41,6 +41,8 @@ class RequestContext:
     # expected to have (a speculative store only): (request, verdict); the verdict is None
     # when nothing was decided (deferred), the request None when none was expected.
     speculation: tuple[AdmitRequest | None, Admission | None] | None = None
+    # A speculative admission whose call failed (it may still run: its slot is released)
+    lost_speculation: AdmitRequest | None = None
     token_ceiling: int = 0  # the most tokens the request may use (admission's full estimate)
     policy_actions: list[tuple[str, str]] = field(default_factory=list)  # (action, field)
     end_user: str | None = None  # the client's safety_identifier or user, if it names one

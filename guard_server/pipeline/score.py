@@ -112,9 +112,11 @@ class RiskScorer:
         store = self.store
         assert isinstance(store, SpeculativeStore)
         request = self._speculative(ctx, last)
+        ctx.lost_speculation = request  # until the call answers
         profile, campaign, admission = await store.observe_admit(
             ctx.client.id, features, request, want=not reuse
         )
+        ctx.lost_speculation = None
         ctx.speculation = (request, admission)
         return profile, campaign  # type: ignore[return-value]  # None only if reused
 
