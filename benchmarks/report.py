@@ -124,14 +124,20 @@ def _saturation(results: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _range(data: dict[str, Any], key: str) -> str:
+    low, high = data.get(f"range_{key}") or ("-", "-")
+    return f"{low} to {high}"
+
+
 def _policy_cost(results: dict[str, Any]) -> list[str]:
     data = results.get("policy_cost") or {}
     if "rounds" not in data:
         return []
     table = [
-        [i + 1, r["pass_on_default_rps"], r["default_rps"], r["cost_pct"], r["pass_rps"]]
+        [i + 1, r["pass_on_default_rps"], r["default_rps"], r["cost_pct"],
+         r.get("cost_cpu_pct", "-"), r["pass_rps"]]
         for i, r in enumerate(data["rounds"])
-    ]
+    ]  # fmt: skip
     return [
         f"## Default policy cost (wrk, c={data['concurrency']}, one guard process, its "
         "pass-through and default-tier clients in turn)",
@@ -142,11 +148,14 @@ def _policy_cost(results: dict[str, Any]) -> list[str]:
                 "pass-through client req/s",
                 "default client req/s",
                 "cost %",
+                "cost % per CPU-second",
                 "pass-through guard process req/s (reference)",
             ],
             table,
         ),
-        f"Median cost: **{data['median_cost_pct']} %**.",
+        f"Median cost: **{data['median_cost_pct']} %** (range "
+        f"{_range(data, 'cost_pct')}); per CPU-second of the guard: "
+        f"**{data.get('median_cost_cpu_pct', '-')} %** (range {_range(data, 'cost_cpu_pct')}).",
         "",
     ]
 

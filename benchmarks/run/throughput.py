@@ -92,14 +92,16 @@ def phase_saturation(bench: Bench) -> list[dict[str, Any]]:
     return rows
 
 
-POLICY_COST_ROUNDS = 5
+POLICY_COST_ROUNDS = 9
 
 
 def phase_policy_cost(bench: Bench) -> dict[str, Any]:
     """The default policy's cost: one guard process serving a pass-through client and a
-    default-tier client in turn (wrk at saturation), several rounds, median of the rounds'
-    ratios. The same process serves both, so the ratio is the policy's alone; the
-    pass-through guard process (``g_pass``) is measured in the same rounds for reference."""
+    default-tier client in turn (wrk at saturation), several rounds whose order alternates,
+    median and range of the rounds' costs. The same process serves both, so the cost is the
+    policy's alone. Each is measured both in req/s and in requests per CPU-second of the
+    guard (steadier when other work shares the machine). The pass-through guard process
+    (``g_pass``) is measured in the same rounds for reference."""
     sc = bench.options.sat_concurrency
     steps = (
         ("pass", "guard pass-through", "g_pass", "pass"),
@@ -108,17 +110,29 @@ def phase_policy_cost(bench: Bench) -> dict[str, Any]:
     )
     rounds = []
     for index in range(POLICY_COST_ROUNDS):
-        rps = {
-            name: bench.saturate(label, service, key, "chat", sc, group="policy", policy=key)["rps"]
-            for name, label, service, key in steps
-        }
+        rows = {}
+        for name, label, service, key in steps if index % 2 == 0 else steps[::-1]:
+            rows[name] = bench.saturate(label, service, key, "chat", sc, group="policy", policy=key)
+        rps = {name: row["rps"] for name, row in rows.items()}
+        per_core = {name: row["rps_per_core"] or 0.0 for name, row in rows.items()}
         cost = 100 * (1 - rps["default"] / rps["pass_on_default"])
+        base = per_core["pass_on_default"]
+        cost_cpu = 100 * (1 - per_core["default"] / base) if base else float("nan")
         rounds.append(
-            {**{f"{k}_rps": round(v) for k, v in rps.items()}, "cost_pct": round(cost, 1)}
+            {
+                **{f"{k}_rps": round(v) for k, v in rps.items()},
+                **{f"{k}_per_core": round(v) for k, v in per_core.items()},
+                "cost_pct": round(cost, 1),
+                "cost_cpu_pct": round(cost_cpu, 1),
+            }
         )
-        print(f"  round {index + 1}: {rps}, cost {cost:.1f} %", flush=True)
-    median = statistics.median(r["cost_pct"] for r in rounds)
-    return {"concurrency": sc, "rounds": rounds, "median_cost_pct": round(median, 1)}
+        print(f"  round {index + 1}: cost {cost:.1f} % (per CPU-second {cost_cpu:.1f} %)")
+    out: dict[str, Any] = {"concurrency": sc, "rounds": rounds}
+    for key in ("cost_pct", "cost_cpu_pct"):
+        values = [r[key] for r in rounds]
+        out[f"median_{key}"] = round(statistics.median(values), 1)
+        out[f"range_{key}"] = [min(values), max(values)]
+    return out
 
 
 def find_row(rows: list[dict[str, Any]], label: str, concurrency: int) -> dict[str, Any] | None:
