@@ -188,6 +188,13 @@ _FIELDS: list[FieldSpec] = [
         "off (no response is stored, so none can be polled)",
     ),
     _unpassable(
+        "best_of",
+        _I,
+        COMPLETIONS,
+        OPENAI_UNSERVED,
+        "vLLM does not implement it; ask for `n` answers and choose among them",
+    ),
+    _unpassable(
         "suffix",
         _S,
         COMPLETIONS,

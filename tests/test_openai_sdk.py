@@ -210,3 +210,10 @@ def test_suffix_is_refused_on_completions(client: openai.OpenAI) -> None:
         client.completions.create(model="teacher", prompt="def f(", suffix="return 1")
     error = caught.value.response.json()["error"]
     assert error["param"] == "suffix" and "fill-in-the-middle" in error["message"]
+
+
+def test_best_of_is_refused_on_completions(client: openai.OpenAI) -> None:
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.completions.create(model="teacher", prompt="1 + 1 =", best_of=2, max_tokens=4)
+    error = caught.value.response.json()["error"]
+    assert error["param"] == "best_of" and "`n`" in error["message"]
