@@ -228,18 +228,9 @@ class GenerationHandler:
         """Relay SSE events one by one as they arrive; never buffer the answer."""
         content = response.content
         while True:
-            waited = time.perf_counter()
-            try:
-                line = await content.readline()
-            except (TimeoutError, aiohttp.ClientPayloadError, aiohttp.ClientConnectionError) as exc:
-                await out.write(_error_event(_broken_read(exc, self.metrics)) + _DONE)
-                return
-            finally:
-                ctx.upstream_seconds += time.perf_counter() - waited
-            if not line:
-                self.metrics.upstream_errors.labels("stream").inc()
-                error = upstream_error(502, "The upstream stream ended early.", "upstream_stream")
-                await out.write(_error_event(error) + _DONE)
+            line = await self._next_line(ctx, content)
+            if isinstance(line, GuardError):
+                await out.write(_error_event(line) + _DONE)
                 return
             if not line.startswith(b"data:"):
                 continue
@@ -260,6 +251,23 @@ class GenerationHandler:
                 ctx.first_token_at = time.perf_counter()
             await out.write(b"data: " + orjson.dumps(chunk) + b"\n\n")
 
+    async def _next_line(
+        self, ctx: RequestContext, content: aiohttp.StreamReader
+    ) -> bytes | GuardError:
+        """The next line of an upstream stream, or the error that ends it (the wait counted
+        as upstream time)."""
+        waited = time.perf_counter()
+        try:
+            line = await content.readline()
+        except (TimeoutError, aiohttp.ClientPayloadError, aiohttp.ClientConnectionError) as exc:
+            return _broken_read(exc, self.metrics)
+        finally:
+            ctx.upstream_seconds += time.perf_counter() - waited
+        if not line:
+            self.metrics.upstream_errors.labels("stream").inc()
+            return upstream_error(502, "The upstream stream ended early.", "upstream_stream")
+        return line
+
     async def _pump_events(
         self, ctx: RequestContext, response: aiohttp.ClientResponse, out: ClientWriter
     ) -> None:
@@ -269,18 +277,9 @@ class GenerationHandler:
         content = response.content
         sequence = 0
         while True:
-            waited = time.perf_counter()
-            try:
-                line = await content.readline()
-            except (TimeoutError, aiohttp.ClientPayloadError, aiohttp.ClientConnectionError) as exc:
-                await out.write(_typed_error(_broken_read(exc, self.metrics), sequence))
-                return
-            finally:
-                ctx.upstream_seconds += time.perf_counter() - waited
-            if not line:
-                self.metrics.upstream_errors.labels("stream").inc()
-                error = upstream_error(502, "The upstream stream ended early.", "upstream_stream")
-                await out.write(_typed_error(error, sequence))
+            line = await self._next_line(ctx, content)
+            if isinstance(line, GuardError):
+                await out.write(_typed_error(line, sequence))
                 return
             if not line.startswith(b"data:"):
                 continue  # the ``event:`` line: written again from the event's own type

@@ -18,6 +18,7 @@ OpenAI's hosted tools produce are refused: the guard would not see what they add
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from typing import Any
 
 from guard_server.canonical import PART_KEYS, TEXT_OF_PART
@@ -96,14 +97,7 @@ def _check_item(where: str, item: Any) -> None:
             param=f"{where}.type",
             code="invalid_value",
         )
-    extra = sorted(str(key) for key in item if key not in keys)
-    if extra:
-        shown = ", ".join(f"`{key}`" for key in extra)
-        raise bad_request(
-            f"{where} has key(s) the model never sees: {shown}. Remove them.",
-            param=where,
-            code="unknown_parameter",
-        )
+    _refuse_unseen_keys(where, item, keys)
     if kind == "message":
         _check_message(where, item)
     elif kind == "function_call":
@@ -157,14 +151,7 @@ def _check_part(where: str, part: Any) -> None:
             code="invalid_value",
         )
     used = PART_KEYS[kind] | (OUTPUT_PART_EXTRAS if kind == "output_text" else frozenset())
-    extra = sorted(str(key) for key in part if key not in used)
-    if extra:
-        shown = ", ".join(f"`{key}`" for key in extra)
-        raise bad_request(
-            f"{where} has key(s) the model never sees: {shown}. Remove them.",
-            param=where,
-            code="unknown_parameter",
-        )
+    _refuse_unseen_keys(where, part, used)
     text_key = TEXT_OF_PART.get(kind)
     if text_key is not None and not isinstance(part.get(text_key), str):
         raise bad_request(f"{where}.{text_key} must be a string.", param=f"{where}.{text_key}")
@@ -291,3 +278,15 @@ def _message_of(item: dict[str, Any], previous: dict[str, Any] | None) -> dict[s
     if isinstance(content, list):
         content = [{k: v for k, v in p.items() if k in PART_KEYS[p["type"]]} for p in content]
     return {"role": item["role"], "content": content}
+
+
+def _refuse_unseen_keys(where: str, obj: dict[str, Any], used: Collection[str]) -> None:
+    """400 naming the keys of ``obj`` the model never sees (they would key nothing)."""
+    extra = sorted(str(key) for key in obj if key not in used)
+    if extra:
+        shown = ", ".join(f"`{key}`" for key in extra)
+        raise bad_request(
+            f"{where} has key(s) the model never sees: {shown}. Remove them.",
+            param=where,
+            code="unknown_parameter",
+        )
