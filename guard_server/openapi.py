@@ -71,10 +71,17 @@ _TOKEN_IDS = {"type": "array", "minItems": 1, "items": _INTEGER}
 
 def _content_part() -> dict[str, Any]:
     """A string, or an object of a known type with only the keys vLLM reads of it."""
-    parts: list[dict[str, Any]] = [{"type": "string"}]
+    return {"anyOf": [{"type": "string"}, *_part_objects(output_extras=False)]}
+
+
+def _part_objects(output_extras: bool) -> list[dict[str, Any]]:
+    """One schema per content-part type, with only the keys vLLM reads of it (and, with
+    ``output_extras``, the keys an ``output_text`` echoed back as input may keep)."""
+    parts = []
     for kind, keys in sorted(PART_KEYS.items()):
         text_key = TEXT_OF_PART.get(kind)
-        properties: dict[str, Any] = {key: {} for key in sorted(keys)}
+        used = keys | (OUTPUT_PART_EXTRAS if output_extras and kind == "output_text" else set())
+        properties: dict[str, Any] = {key: {} for key in sorted(used)}
         properties["type"] = {"const": kind}
         if text_key is not None:
             properties[text_key] = {"type": "string"}
@@ -86,7 +93,7 @@ def _content_part() -> dict[str, Any]:
                 "additionalProperties": False,
             }
         )
-    return {"anyOf": parts}
+    return parts
 
 
 def _message_key(key: str) -> dict[str, Any]:
@@ -148,23 +155,7 @@ _PROMPT = {
 
 def _input_part() -> dict[str, Any]:
     """A Responses API content part: an object of a known type (no plain strings)."""
-    parts = []
-    for kind, keys in sorted(PART_KEYS.items()):
-        text_key = TEXT_OF_PART.get(kind)
-        used = keys | (OUTPUT_PART_EXTRAS if kind == "output_text" else frozenset())
-        properties: dict[str, Any] = {key: {} for key in sorted(used)}
-        properties["type"] = {"const": kind}
-        if text_key is not None:
-            properties[text_key] = {"type": "string"}
-        parts.append(
-            {
-                "type": "object",
-                "required": ["type", *([text_key] if text_key else [])],
-                "properties": properties,
-                "additionalProperties": False,
-            }
-        )
-    return {"anyOf": parts}
+    return {"anyOf": _part_objects(output_extras=True)}
 
 
 def _item(kind: str, required: list[str], shapes: dict[str, Any]) -> dict[str, Any]:
