@@ -21,7 +21,6 @@ import asyncio
 import contextlib
 import json
 import statistics
-import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -34,7 +33,7 @@ from benchmarks import procs
 from benchmarks.client import Target, paired
 from benchmarks.loadgen import summary_ms
 from guard_server.pipeline.auth import hash_key
-from guard_server.testing import REPO, ChildProcess, RedisProcess, free_port, write_config
+from guard_server.testing import REPO, GuardProcess, RedisProcess, free_port, write_config
 
 KEY = "sk-bench-review"
 ADMIN_KEY = "sk-bench-review-admin"
@@ -111,16 +110,12 @@ def _guard(
     """A guard from ``code``; guards with the same ``state`` name share their Redis state."""
     directory = work / (state or name.replace(" ", "-"))
     directory.mkdir(exist_ok=True)
-    port = free_port()
-    argv = [sys.executable, "-m", "guard_server", "serve", "--port", str(port), "--config",
-            str(_config(directory, code, upstream, redis))]  # fmt: skip
+    config = _config(directory, code, upstream, redis)
     log = directory / f"{name.replace(' ', '-')}.log"
-    proc = ChildProcess(name, argv, log, env={"PYTHONPATH": str(code)}, cwd=code)
+    proc = GuardProcess(config, log, env={"PYTHONPATH": str(code)}, cwd=code, name=name)
     proc.start()
     try:
-        url = f"http://127.0.0.1:{port}"
-        proc.wait_http(url + "/healthz", 60)
-        yield url
+        yield proc.url
     finally:
         proc.stop()
 
