@@ -7,7 +7,7 @@ import math
 import random
 import time
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -110,6 +110,13 @@ def save_model(model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerFast, out:
     tokenizer.save_pretrained(out)
 
 
+def bf16_is_fast() -> bool:
+    """Whether this CPU has native bfloat16 matmuls (AVX512-BF16 or AMX). Without them,
+    bfloat16 autocast is emulated and about 8x slower than float32 (measured on this
+    project's AVX2 machines: 7.3 against 0.9 CPU-seconds per student step)."""
+    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
 @dataclass(frozen=True, slots=True)
 class TrainConfig:
     """Optimiser settings: AdamW with a one-cycle learning-rate schedule."""
@@ -119,7 +126,7 @@ class TrainConfig:
     weight_decay: float = 0.05
     warmup_frac: float = 0.1
     clip: float = 1.0
-    bf16: bool = True
+    bf16: bool = field(default_factory=bf16_is_fast)
     log_every: int = 100
 
 
@@ -131,7 +138,8 @@ def train_lm(
 ) -> float:
     """Train ``model`` for ``cfg.steps`` steps on ``next_batch(step)``; return the last mean loss.
 
-    Matmuls run under bfloat16 autocast on the CPU (weights and optimiser state stay float32).
+    Matmuls run under bfloat16 autocast on a CPU with native bfloat16 (``cfg.bf16``; weights
+    and optimiser state stay float32), in float32 elsewhere.
     """
     model.train()
     opt = torch.optim.AdamW(
