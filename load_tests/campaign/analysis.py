@@ -47,7 +47,9 @@ def attach_audit(outcomes: list[Outcome], audit: Path, thresholds: dict[str, flo
             record = queue.popleft()
             attempt.risk = record.get("risk")
             attempt.action = record["action"]
-            if attempt.status != 200:
+            if attempt.status != 200 and "assessed" not in record:
+                # A guard from before the plan stage logged ``pass`` for requests refused
+                # after scoring; newer ones log the action taken (``assessed``: the score's).
                 attempt.action = action_for(attempt.risk, thresholds)
     return unmatched
 
