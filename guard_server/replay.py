@@ -35,7 +35,7 @@ import yaml
 from pydantic import ValidationError
 
 from guard_server.config.schema import PolicyFile, TierPolicy
-from guard_server.detection.end_users import assess_key, end_user_decides, score_with_end_user
+from guard_server.detection.end_users import NEWCOMER_MARK, assess_key, decide, score_with_end_user
 from guard_server.detection.features import RequestFeatures
 from guard_server.detection.scoring import ACTIONS
 from guard_server.state.memory import MemoryStore
@@ -138,7 +138,7 @@ class Point:
     assessed_before: str
     assessed_after: str
     action_after: str  # what enforcement would do (pass in shadow mode)
-    scope: str  # whose score decided after: "key" or "end_user"
+    scope: str  # whose score decided after: "key", "end_user" or "newcomers"
 
 
 def read_audit(paths: list[Path]) -> tuple[list[dict[str, Any]], int]:
@@ -201,14 +201,18 @@ async def _replay(lines: list[dict[str, Any]], policies: Policies) -> list[Point
             continue
         features = _features(record, max(1, tier.logprobs.max_top))
         if end_user is not None and detection.end_users.enabled:
-            key, own = await score_with_end_user(store, client, end_user, features, detection)
+            scores = await score_with_end_user(store, client, end_user, features, detection)
+            decided, whose = decide(scores.key, scores.own, scores.newcomers)
         else:
             profile, campaign = await store.observe(client, features)
-            key, own = assess_key(detection, profile, campaign), None
-        by_end_user = end_user_decides(key, own)
-        deciding = own if by_end_user and own is not None else key
+            decided, whose = assess_key(detection, profile, campaign), "key"
+        assert decided is not None
+        deciding = decided
         mode = policies.mode_of(client, tier)
-        before_risk = record.get("end_user_risk") if record.get("scope") else record.get("risk")
+        before_risk = record.get("risk")
+        if record.get("scope"):  # an end-user scope decided: its own or its newcomers'
+            newcomers = NEWCOMER_MARK in record["scope"]
+            before_risk = record.get("newcomers_risk" if newcomers else "end_user_risk")
         points.append(
             Point(
                 ts=clock[0],
@@ -220,7 +224,7 @@ async def _replay(lines: list[dict[str, Any]], policies: Policies) -> list[Point
                 assessed_before=before,
                 assessed_after=deciding.action,
                 action_after=deciding.action if mode == "enforce" else "pass",
-                scope="end_user" if by_end_user else "key",
+                scope=whose,
             )
         )
     return points

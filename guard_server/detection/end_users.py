@@ -7,16 +7,36 @@ request hides nothing from it; the key also counts the distinct end users it nam
 (``end_user_churn``) and ends the per-end-user scoring for that key. End-user scopes never
 join fingerprint campaigns: the end users of one application share its scaffolding, so they
 would look like a multi-key campaign; the campaign signal stays on keys.
+
+**Whose score changes an end user's answers.** The key's scope sees the whole application,
+so one abusive end user whose traffic dominates the key's for a while makes the key look
+like it, and the key's action would hit every end user. So for a request naming an end user
+the key's action stops at ``tighten`` (:func:`decide`): a text-side action (perturb, decoy,
+block) comes only from a scope that holds nothing but that end user's kind of traffic:
+
+- the end user's own scope, and
+- while the end user is new (its own profile younger than ``ESTABLISHED_AGE_S``: ids an
+  application invents per request never get older) and its own scope does not act on it,
+  the scope of the key's *newcomers of the request's shape* (:func:`newcomer_scope`: the
+  key and the request's fingerprint, that is its scaffold, template head and parameters).
+  A script that names a fresh id per request sends one shape, so its requests pile up
+  there, with their timing, logprobs and volume; honest newcomers ask in many shapes, and
+  their arrivals are not clockwork. Every request of such a scope has the same
+  fingerprint, so its ``templated`` signal is meaningless there and is not counted.
+
+Past the tier's cap of distinct end users in a day there are no end-user scopes: the key's
+action applies in full, as to a request that names no end user.
 """
 
 from __future__ import annotations
 
 import hashlib
+from dataclasses import dataclass, replace
 
 from guard_server.config.schema import DetectionPolicy
 from guard_server.detection.features import RequestFeatures
 from guard_server.detection.profile import CampaignProfile, ClientProfile
-from guard_server.detection.scoring import ACTIONS, Assessment, assess
+from guard_server.detection.scoring import ACTIONS, TEXT_ACTIONS, Assessment, assess
 from guard_server.state.base import StateStore
 
 _RANK = {action: rank for rank, action in enumerate(ACTIONS)}
@@ -34,6 +54,12 @@ def end_user_of(body: dict[str, object]) -> str | None:
 
 SCOPE_MARK = "~u:"
 """Between a key's id and its end user's hash in an end-user scope (no client id has ``~``)."""
+NEWCOMER_MARK = "~n:"
+"""Between a key's id and a request fingerprint in the scope of the key's newcomers."""
+ESTABLISHED_AGE_S = 3600.0
+"""An end user whose own profile began at least this long ago has a history of its own
+(ids invented per request never do); until then its requests are also scored among the
+key's newcomers of their shape."""
 
 
 def end_user_scope(client_id: str, end_user: str) -> str:
@@ -44,17 +70,57 @@ def end_user_scope(client_id: str, end_user: str) -> str:
     return f"{client_id}{SCOPE_MARK}{digest}"
 
 
+def newcomer_scope(client_id: str, fingerprint: str) -> str:
+    """The scope of ``client_id``'s new end users whose requests have ``fingerprint``."""
+    return f"{client_id}{NEWCOMER_MARK}{fingerprint}"
+
+
 def client_of_scope(scope: str) -> str:
     """The key's id of a scope (the scope itself for a key's own)."""
-    return scope.partition(SCOPE_MARK)[0]
+    return scope.partition("~")[0]
 
 
-def end_user_decides(key: Assessment | None, end_user: Assessment | None) -> bool:
-    """Whether the end user's assessment calls for more than the key's (then it decides the
-    action of that end user's requests, and only theirs)."""
-    if end_user is None:
-        return False
-    return key is None or _RANK[end_user.action] > _RANK[key.action]
+def established(own: ClientProfile) -> bool:
+    """Whether an end user has a history of its own (see ``ESTABLISHED_AGE_S``)."""
+    return own.age_s >= ESTABLISHED_AGE_S
+
+
+@dataclass(slots=True)
+class EndUserScores:
+    """A request naming an end user, assessed: the key's scope, the end user's own (None
+    past the key's cap of end users), and for a new end user its newcomers' scope."""
+
+    key: Assessment
+    own: Assessment | None
+    newcomers: Assessment | None = None
+    newcomers_scope: str | None = None
+
+
+KEY, END_USER, NEWCOMERS = "key", "end_user", "newcomers"
+"""Whose assessment decides a request (:func:`decide`)."""
+
+
+def decide(
+    key: Assessment | None, own: Assessment | None, newcomers: Assessment | None = None
+) -> tuple[Assessment | None, str]:
+    """The assessment that decides a request naming an end user, and whose it is (``KEY``,
+    ``END_USER`` or ``NEWCOMERS``). Without the end user's own assessment (past the cap,
+    or not scored) the key's decides as it stands. Otherwise the key's action stops at
+    ``tighten`` (its note says so) and the most severe of the three decides; on a tie the
+    key's, so the end user's scopes decide only when they call for more."""
+    if own is None or key is None:
+        return key, KEY
+    if key.action in TEXT_ACTIONS:
+        note = (
+            f"{key.action} held at tighten for this end user: the key's score changes "
+            "no end user's answers (its own scope's and its newcomers' do)"
+        )
+        key = Assessment(key.score, key.contributions, "tighten", note)
+    best, by = key, KEY
+    for assessment, whose in ((own, END_USER), (newcomers, NEWCOMERS)):
+        if assessment is not None and _RANK[assessment.action] > _RANK[best.action]:
+            best, by = assessment, whose
+    return best, by
 
 
 def assess_key(
@@ -78,21 +144,35 @@ async def score_with_end_user(
     end_user: str,
     features: RequestFeatures,
     detection: DetectionPolicy,
-) -> tuple[Assessment, Assessment | None]:
+) -> EndUserScores:
     """Fold one request into the key's scope and the end user's, in one store call, and
-    assess both: (the key's, the end user's). The end user's is None once the key named
-    more than its cap of distinct end users in the day."""
+    assess both; for a new end user (not :func:`established`) that its own scope does not
+    act on, also fold it into the scope of the key's newcomers of its shape (a second
+    call) and assess that. The end
+    user's assessment is None once the key named more than its cap of distinct end users
+    in the day."""
     profile, campaign, mine = await store.observe_end_user(
         client_id, end_user_scope(client_id, end_user), features
     )
     key = assess_key(detection, profile, campaign)
     if profile.end_users > detection.end_users.max_distinct_per_day:
-        return key, None
-    own = assess(
-        mine,
+        return EndUserScores(key, None)
+    own = _assess_scope(detection, mine)
+    if established(mine) or own.action != "pass":  # judged on its own history
+        return EndUserScores(key, own)
+    scope = newcomer_scope(client_id, features.fingerprint)
+    shape = await store.observe_scope(scope, features)
+    # One fingerprint is the scope: every request repeats it, which says nothing here.
+    newcomers = _assess_scope(detection, replace(shape, templated_share=0.0))
+    return EndUserScores(key, own, newcomers, scope)
+
+
+def _assess_scope(detection: DetectionPolicy, profile: ClientProfile) -> Assessment:
+    """An end-user or newcomer scope's assessment (no campaign, no end-user count)."""
+    return assess(
+        profile,
         None,
         detection.thresholds.by_action,
         detection.distinct_prompts.bounds,
         detection.evidence_min,
     )
-    return key, own

@@ -123,6 +123,10 @@ class AuditLog:
             if mine is not None:
                 record["end_user_risk"] = mine.score
                 record["end_user_assessed"] = mine.action
+            newcomers = ctx.newcomers_assessment
+            if newcomers is not None:
+                record["newcomers_risk"] = newcomers.score
+                record["newcomers_assessed"] = newcomers.action
             if plan is not None and plan.by_end_user:
                 record["scope"] = plan.scope
         features = ctx.features

@@ -51,6 +51,8 @@ class RequestContext:
     first_token_at: float | None = None
     assessment: Assessment | None = None  # the key's
     end_user_assessment: Assessment | None = None  # the end user's own scope's, if scored
+    newcomers_assessment: Assessment | None = None  # a new end user's newcomers' scope's
+    newcomers_scope: str | None = None  # ... and that scope (end_users.newcomer_scope)
     features: RequestFeatures | None = None  # what detection counted (the audit log's)
     scored_at: float = 0.0  # wall-clock time detection counted the request at
     fingerprint: str = ""

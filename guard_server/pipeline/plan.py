@@ -11,10 +11,12 @@ In ``shadow`` detection mode the plan records the action the score calls for
 score and the mode: ``allow`` serves the request as ``pass``, ``deny`` blocks it; the score
 is still computed and recorded as ``assessed``.
 
-A request naming an end user is assessed in the key's scope and the end user's
-(:mod:`guard_server.detection.end_users`); the more severe of the two decides, so one
-abusive end user of an application is acted on for its own requests only, while the key's
-own profile is fine. Its tightened limits then apply to a bucket of the end user's own.
+A request naming an end user is assessed in the key's scope and the end user's (and, for
+a new end user, among the key's newcomers of the request's shape:
+:mod:`guard_server.detection.end_users`). The key's action stops at ``tighten`` for it and
+the most severe of the three decides (``end_users.decide``), so one abusive end user of an
+application is acted on for its own requests only, and an end user's answers never change
+because of another's traffic. Tightened limits apply to a bucket of the deciding scope's.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from dataclasses import dataclass, replace
 
 from guard_server.config.loader import Client
 from guard_server.defences.logprobs import LogprobHardening
-from guard_server.detection.end_users import end_user_decides, end_user_scope
+from guard_server.detection.end_users import END_USER, NEWCOMERS, decide, end_user_scope
 from guard_server.detection.scoring import ACTIONS, Assessment
 from guard_server.metrics import GuardMetrics
 from guard_server.openai_fields import Endpoint
@@ -43,11 +45,14 @@ _END_USER_SHOWN = 64  # characters of an end user's id in a plan's reason
 
 @dataclass(frozen=True, slots=True)
 class EndUser:
-    """The end user a request named, its scope and its own assessment (None: not scored)."""
+    """The end user a request named, its scope and its own assessment (None: not scored),
+    and while it is new, its newcomers' scope and assessment."""
 
     name: str  # as the request sent it (safety_identifier, else user)
     scope: str  # the store scope it is scored in (end_user_scope)
     assessment: Assessment | None
+    newcomers: Assessment | None = None
+    newcomers_scope: str = ""  # end_users.newcomer_scope, when `newcomers` is set
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,9 +76,9 @@ class Plan:
 
     @property
     def by_end_user(self) -> bool:
-        """Whether the end user's own score decided (not the key's)."""
+        """Whether an end-user scope decided (its own or its newcomers'), not the key's."""
         end_user = self.basis[3]
-        return end_user is not None and self.scope == end_user.scope
+        return end_user is not None and self.scope != self.basis[0].id
 
     @property
     def reason(self) -> str:
@@ -130,8 +135,12 @@ def make_plan(
     tier = client.tier
     detection = tier.detection
     scope = client.id
-    if end_user is not None and end_user_decides(assessment, end_user.assessment):
-        assessment, scope = end_user.assessment, end_user.scope
+    if end_user is not None:
+        assessment, whose = decide(assessment, end_user.assessment, end_user.newcomers)
+        if whose == END_USER:
+            scope = end_user.scope
+        elif whose == NEWCOMERS:
+            scope = end_user.newcomers_scope
     assessed = assessment.action if assessment is not None else "pass"
     mode = client.detection_mode
     action = planned_action(client, assessed, pin)
@@ -193,8 +202,15 @@ def _reason(
     """Why the plan is what it is, in words an operator can read in the audit log.
     ``assessment`` is the one that decided (the end user's when it called for more)."""
     reason = _score_reason(client, assessment)
-    if end_user is not None and assessment is not None and assessment is end_user.assessment:
-        reason = f"end user {end_user.name[:_END_USER_SHOWN]!r} ({end_user.scope}): {reason}"
+    if end_user is not None and assessment is not None:
+        shown = repr(end_user.name[:_END_USER_SHOWN])
+        if assessment is end_user.assessment:
+            reason = f"end user {shown} ({end_user.scope}): {reason}"
+        elif assessment is end_user.newcomers:
+            reason = (
+                f"new end user {shown}, among the key's newcomers of this request's shape "
+                f"({end_user.newcomers_scope}): {reason}"
+            )
     if pin is None:
         return reason
     by = f" by {pin.by}" if pin.by else ""
@@ -243,7 +259,13 @@ class Planner:
         end_user = None
         if ctx.end_user is not None and client.tier.detection.end_users.enabled:
             scope = end_user_scope(client.id, ctx.end_user)
-            end_user = EndUser(ctx.end_user, scope, ctx.end_user_assessment)
+            end_user = EndUser(
+                ctx.end_user,
+                scope,
+                ctx.end_user_assessment,
+                ctx.newcomers_assessment,
+                ctx.newcomers_scope or "",
+            )
             if pin is None and review is not None:
                 pin = review.pin_of(scope)  # an operator's pin of this end user alone
         plan = ctx.plan = make_plan(

@@ -42,8 +42,9 @@ class RiskScorer:
     (``ctx.speculation``; the admission stage confirms or corrects it).
 
     A request naming an end user (``safety_identifier`` / ``user``) is always assessed, in
-    the key's scope and the end user's (:mod:`guard_server.detection.end_users`), and
-    admitted after its plan (its limits may be the end user's own bucket).
+    the key's scope and the end user's (and, for a new end user, its newcomers' scope:
+    :mod:`guard_server.detection.end_users`), and admitted after its plan (its limits may
+    be a bucket of the end user's own).
     """
 
     def __init__(
@@ -70,8 +71,13 @@ class RiskScorer:
         reuse = last is not None and last[1] > 0
         try:
             if ctx.end_user is not None and tier.detection.end_users.enabled:
-                ctx.assessment, ctx.end_user_assessment = await score_with_end_user(
+                scores = await score_with_end_user(
                     self.store, client_id, ctx.end_user, features, tier.detection
+                )
+                ctx.assessment, ctx.end_user_assessment = scores.key, scores.own
+                ctx.newcomers_assessment, ctx.newcomers_scope = (
+                    scores.newcomers,
+                    scores.newcomers_scope,
                 )
                 self._remember(client_id, ctx.assessment, None)
                 self.metrics.child(self.metrics.risk_score, tier.name).observe(ctx.assessment.score)

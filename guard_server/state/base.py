@@ -119,6 +119,11 @@ class StateStore(abc.ABC):
         ``end_users``) and fold the request into that scope's own profile (no campaign),
         in one round trip; return the client's, its fingerprint's and the end user's."""
 
+    @abc.abstractmethod
+    async def observe_scope(self, scope: str, features: RequestFeatures) -> ClientProfile:
+        """Fold one request into ``scope``'s own profile only (no campaign, no end-user
+        count), as :meth:`observe_end_user` folds an end user's, and return it."""
+
     async def count(self, client: str, features: RequestFeatures) -> None:
         """Fold one request in, like :meth:`observe`, when the profiles are not needed."""
         await self.observe(client, features)

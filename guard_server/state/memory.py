@@ -226,6 +226,12 @@ class MemoryStore(StateStore):
         self._fold_risk(mine, features, now, _registers(features))
         return risk.snapshot(now), campaign.snapshot(now), mine.snapshot(now)
 
+    async def observe_scope(self, scope: str, features: RequestFeatures) -> ClientProfile:
+        now = self._clock()
+        risk = _touch(self._risk, scope, _Risk, self._max_profiles)
+        self._fold_risk(risk, features, now, _registers(features))
+        return risk.snapshot(now)
+
     def _fold(self, client: str, features: RequestFeatures, now: float) -> tuple[_Risk, _Campaign]:
         risk = _touch(self._risk, client, _Risk, self._max_profiles)
         registers = _registers(features)

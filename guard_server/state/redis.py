@@ -353,6 +353,18 @@ class RedisStore(SpeculativeStore):
         profile.end_users = int(end_users)
         return profile, campaign, _client_profile(own, features.fingerprint)
 
+    async def observe_scope(self, scope: str, features: RequestFeatures) -> ClientProfile:
+        now = self._clock()
+        day_ttl_ms, week_ttl_ms = (str(int(w.expires_in_s(now) * 1000) + 1) for w in (DAY, WEEK))
+        args = _client_args(features, now, day_ttl_ms, week_ttl_ms, want=True)
+        try:
+            values = await self._observe_client(
+                self._risk_keys(scope, now), [*args, *features.prompt_hashes]
+            )
+        except (RedisError, OSError) as exc:
+            raise StateUnavailable(str(exc)) from exc
+        return _client_profile(values, features.fingerprint)
+
     async def observe_admit(
         self,
         client: str,

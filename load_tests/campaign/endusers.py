@@ -17,7 +17,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from guard_server.config.schema import DetectionPolicy, DistinctPromptsRamp
-from guard_server.detection.scoring import ACTIONS
+from guard_server.detection.end_users import NEWCOMERS
+from guard_server.detection.scoring import ACTIONS, TEXT_ACTIONS
 from load_tests.campaign.config import defended_tier
 from load_tests.campaign.replay import scored_queries
 from load_tests.simulators.endusers import DAY_S, chat_app_population
@@ -38,9 +39,11 @@ class _Actor:
     worst_own: str = "pass"  # ... decided by its own scope
     first: dict[str, tuple[int, float]] = field(default_factory=dict)  # action -> (request, s)
     first_own: dict[str, tuple[int, float]] = field(default_factory=dict)  # by its own scope
+    first_whose: dict[str, str] = field(default_factory=dict)  # action -> whose scope decided
+    worst_newcomers: str = "pass"  # ... decided by its newcomers' scope
     max_own_risk: float = 0.0
 
-    def note(self, at_s: float, action: str, own: str | None, own_risk: float) -> None:
+    def note(self, at_s: float, action: str, own: str | None, own_risk: float, whose: str) -> None:
         self.requests += 1
         if self.first_at_s is None:
             self.first_at_s = at_s
@@ -49,8 +52,12 @@ class _Actor:
         if own is not None and _RANK[own] > _RANK[self.worst_own]:
             self.worst_own = own
         self.max_own_risk = max(self.max_own_risk, own_risk)
+        if whose == NEWCOMERS and _RANK[action] > _RANK[self.worst_newcomers]:
+            self.worst_newcomers = action
         for name in ACTIONS[1 : _RANK[action] + 1]:
-            self.first.setdefault(name, (self.requests, at_s - self.first_at_s))
+            if name not in self.first:
+                self.first[name] = (self.requests, at_s - self.first_at_s)
+                self.first_whose[name] = whose
         for name in ACTIONS[1 : _RANK[own or "pass"] + 1]:
             self.first_own.setdefault(name, (self.requests, at_s - self.first_at_s))
 
@@ -71,15 +78,28 @@ def run(
     key_first: dict[str, float] = {}
     key_max = 0.0
     honest_requests = 0
+    honest_actions: Counter[str] = Counter()  # what the honest requests got
+    # Honest requests of new end users (no history of their own) while the key's action
+    # was text-side: what applying the key's action to new end users would have hit.
+    new_while_key_text = 0
     for scored in scored_queries(sims, detection):
         at_s, deciding, own = scored.query.at_s, scored.deciding, scored.end_user
         actor = actors[scored.sim.name]
-        actor.note(at_s, deciding.action, own.action if own else None, own.score if own else 0.0)
+        actor.note(
+            at_s,
+            deciding.action,
+            own.action if own else None,
+            own.score if own else 0.0,
+            scored.whose,
+        )
         key = scored.key
         key_max = max(key_max, key.score)
         if actor.role == "honest":
             honest_requests += 1
             key_actions[key.action] += 1
+            honest_actions[deciding.action] += 1
+            if scored.newcomers is not None and key.action in TEXT_ACTIONS:
+                new_while_key_text += 1
         if key.action != "pass":
             key_first.setdefault(key.action, at_s)
     honest = [a for a in actors.values() if a.role == "honest"]
@@ -100,7 +120,13 @@ def run(
             "ever_by_own_scope": {
                 name: sum(_RANK[a.worst_own] >= _RANK[name] for a in honest) for name in ACTIONS[1:]
             },
+            "ever_by_newcomers_scope": {
+                name: sum(_RANK[a.worst_newcomers] >= _RANK[name] for a in honest)
+                for name in ACTIONS[1:]
+            },
             "max_own_risk": round(max((a.max_own_risk for a in honest), default=0.0), 3),
+            "requests_by_action": dict(sorted(honest_actions.items())),
+            "new_end_user_requests_while_key_text_side": new_while_key_text,
         },
         "key": {
             "max_risk": round(key_max, 3),
@@ -113,8 +139,9 @@ def run(
                 "requests": a.requests,
                 "worst": a.worst,
                 "worst_by_own_scope": a.worst_own,
+                "worst_by_newcomers_scope": a.worst_newcomers,
                 "first": {
-                    act: {"request": n, "hours": round(s / 3600, 2)}
+                    act: {"request": n, "hours": round(s / 3600, 2), "by": a.first_whose[act]}
                     for act, (n, s) in a.first.items()
                 },
                 "first_by_own_scope": {

@@ -12,8 +12,10 @@ from typing import Any
 
 from guard_server.config.schema import ActionThresholds, DetectionPolicy
 from guard_server.detection.end_users import (
+    KEY,
+    EndUserScores,
     assess_key,
-    end_user_decides,
+    decide,
     end_user_of,
     score_with_end_user,
 )
@@ -27,17 +29,21 @@ from load_tests.simulators import Query, Reply, Simulator
 @dataclass(slots=True)
 class Scored:
     """One query as the guard's detection saw it: the key's assessment, the end user's (if
-    the query named one and was scored in its scope), and the action that decides."""
+    the query named one and was scored in its scope) and its newcomers' scope's (if the end
+    user was new), and the one that decides (``end_users.decide``, as the plan stage)."""
 
     sim: Simulator
     query: Query
     key: Assessment
     end_user: Assessment | None
+    newcomers: Assessment | None = None
+    deciding: Assessment = None  # type: ignore[assignment]  # set in __post_init__
+    whose: str = KEY  # whose assessment decides: end_users.KEY, END_USER or NEWCOMERS
 
-    @property
-    def deciding(self) -> Assessment:
-        """The assessment that decides the action (the end user's when it calls for more)."""
-        return self.end_user if end_user_decides(self.key, self.end_user) else self.key  # type: ignore[return-value]
+    def __post_init__(self) -> None:
+        decided, self.whose = decide(self.key, self.end_user, self.newcomers)
+        assert decided is not None
+        self.deciding = decided
 
 
 def scored_queries(sims: list[Simulator], detection: DetectionPolicy) -> Iterator[Scored]:
@@ -78,10 +84,10 @@ def scored_queries(sims: list[Simulator], detection: DetectionPolicy) -> Iterato
                 profile, campaign = loop.run_until_complete(store.observe(query.client, features))
                 yield Scored(sim, query, assess_key(detection, profile, campaign), None)
             else:
-                key, own = loop.run_until_complete(
+                scores: EndUserScores = loop.run_until_complete(
                     score_with_end_user(store, query.client, end_user, features, detection)
                 )
-                yield Scored(sim, query, key, own)
+                yield Scored(sim, query, scores.key, scores.own, scores.newcomers)
             reply = None
             if query.await_reply:
                 text = f" The answer is {query.problem.answer}."

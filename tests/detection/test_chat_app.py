@@ -1,7 +1,8 @@
 """A chat application's end users over simulated days (issue 17, item 8), short: honest end
 users are never perturbed or decoyed, an abusive one is acted on alone and fast, and one
-inventing ids is seen by the key (``python -m load_tests.campaign.endusers`` is the long
-run, docs/evaluation.md "End users inside one key")."""
+inventing ids is seen by the key and acted on among the key's newcomers of its shape
+(``python -m load_tests.campaign.endusers`` is the long run, docs/evaluation.md "End users
+inside one key")."""
 
 from __future__ import annotations
 
@@ -33,3 +34,12 @@ def test_a_chat_app_that_shows_logprobs() -> None:
     scraper = report["abusive"][f"scraper{SEED}"]
     assert scraper["worst_by_own_scope"] in ("decoy", "block")
     assert scraper["first"]["decoy"]["request"] <= 100
+    # The key's own score calls for decoy once the scripts run, but the key's text-side
+    # actions reach no end user: the script inventing ids is decoyed among the key's
+    # newcomers of its shape, and no honest end user's answers change.
+    assert "decoy" in report["key"]["first_day"]
+    assert honest["ever"]["perturb"] == 0
+    rotator = report["abusive"][f"rotator{SEED}"]
+    assert rotator["worst_by_newcomers_scope"] in ("decoy", "block")
+    assert rotator["first"]["decoy"]["by"] == "newcomers"
+    assert rotator["first"]["decoy"]["request"] <= 150

@@ -1,6 +1,7 @@
 """End users inside one key: each end user scored in its own scope next to the key's, the
 same in both stores; one abusive end user acted on alone; invented ids hide nothing from
-the key and past the cap raise its risk."""
+the key and past the cap raise its risk; a script inventing ids is acted on among the
+key's newcomers of its shape, and the key's text-side action reaches no end user."""
 
 from __future__ import annotations
 
@@ -17,8 +18,17 @@ from prometheus_client import CollectorRegistry
 from guard_server.canonical import canonical_input
 from guard_server.config.loader import load_settings
 from guard_server.config.schema import AuditSettings
-from guard_server.detection.end_users import end_user_scope, score_with_end_user
+from guard_server.detection.end_users import (
+    END_USER,
+    KEY,
+    NEWCOMERS,
+    decide,
+    end_user_scope,
+    newcomer_scope,
+    score_with_end_user,
+)
 from guard_server.detection.features import RequestFeatures, extract_features
+from guard_server.detection.scoring import TEXT_ACTIONS, Assessment
 from guard_server.metrics import GuardMetrics
 from guard_server.openai_fields import Endpoint
 from guard_server.pipeline.audit import AuditLog
@@ -83,7 +93,12 @@ async def test_both_stores_score_end_users_the_same(redis_server: RedisProcess) 
         scope = end_user_scope(key, end_user)
         mine = await memory.observe_end_user(key, scope, features)
         theirs = await shared.observe_end_user(key, scope, features)
-        for ours, other in ((mine[0], theirs[0]), (mine[2], theirs[2])):
+        shape = newcomer_scope(key, features.fingerprint)  # a newcomers' scope, the same way
+        shapes = (
+            await memory.observe_scope(shape, features),
+            await shared.observe_scope(shape, features),
+        )
+        for ours, other in ((mine[0], theirs[0]), (mine[2], theirs[2]), shapes):
             scale = 1 + ours.gap_mean_s**2
             for name, value in dataclasses.asdict(ours).items():
                 if isinstance(value, float):
@@ -179,10 +194,10 @@ async def test_invented_end_users_hide_nothing_from_the_key() -> None:
         body = _request(i, None, logprobs=True, top_logprobs=5)
         features = extract_features(canonical_input(Endpoint.CHAT, body), 5)
         profile, _ = await plain.observe("k", features)
-        key, own = await score_with_end_user(rotated, "k", f"id-{i}", features, detection)
-        capped_key, capped_own = await score_with_end_user(
-            over_cap, "k", f"id-{i}", features, capped
-        )
+        scores = await score_with_end_user(rotated, "k", f"id-{i}", features, detection)
+        key, own = scores.key, scores.own
+        over = await score_with_end_user(over_cap, "k", f"id-{i}", features, capped)
+        capped_key, capped_own = over.key, over.own
         assert own is not None and own.action == "pass"  # each invented id is new
         assert capped_own is None if i >= 100 else capped_own is not None
     rotated_profile, _ = await rotated.peek("k")
@@ -193,3 +208,75 @@ async def test_invented_end_users_hide_nothing_from_the_key() -> None:
     assert key.action in ("perturb", "decoy") and "end_user_churn" not in key.contributions
     assert capped_key.contributions["end_user_churn"] == pytest.approx(0.15)
     assert capped_key.score > key.score
+
+
+def test_the_key_alone_changes_no_end_users_answers() -> None:
+    decoy = Assessment(0.6, {"max_top_logprobs": 0.25, "templated": 0.15}, "decoy")
+    clean = Assessment(0.1, {"logprobs": 0.05}, "pass")
+    held, whose = decide(decoy, clean)
+    assert whose == KEY and held is not None and held.action == "tighten"
+    assert held.score == 0.6 and "decoy held at tighten for this end user" in held.note
+    assert decide(decoy, None) == (decoy, KEY)  # past the cap: the key's, as it stands
+    assert decide(clean, decoy) == (decoy, END_USER)
+    assert decide(decoy, clean, decoy) == (decoy, NEWCOMERS)
+    assert decide(clean, clean, clean) == (clean, KEY)  # a tie: the key's
+
+
+async def test_a_script_inventing_ids_is_acted_on_among_its_shapes_newcomers(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """An app that shows logprobs: its own users for an hour (they become established),
+    then a script naming a fresh id per request (clockwork, one template) while the app's
+    users and new ones keep coming. The key's score reaches a text-side action; only the
+    script's requests get one, from the scope of the key's newcomers of its shape."""
+    clock = Clock()
+    store = MemoryStore(clock=clock)
+    metrics = GuardMetrics(CollectorRegistry())
+    scorer, planner = RiskScorer(store, metrics), Planner(metrics)
+    audit = AuditLog(AuditSettings(path=str(tmp_path / "audit.jsonl")))
+    rng = random.Random(1)
+    logprobs = {"logprobs": True, "top_logprobs": 5}
+
+    def honest(end_user: str) -> dict:
+        body = _request(0, end_user, **logprobs)
+        phrasing = rng.choice(task.QUESTION_TEMPLATES)
+        body["messages"][0]["content"] = phrasing.format(a=rng.randrange(1000), b=7)
+        return body
+
+    for i in range(120):  # 4,000 s of the app's 30 users
+        clock.now = START + 33.0 * i + rng.uniform(0, 20)
+        await _serve(honest(f"user-{rng.randrange(30)}"), scorer, planner, audit)
+    script: list[RequestContext] = []
+    theirs: list[RequestContext] = []
+    newcomers: list[RequestContext] = []
+    for i in range(600):
+        clock.now = START + 4000.0 + 6.0 * i
+        script.append(await _serve(_request(i, f"id-{i}", **logprobs), scorer, planner, audit))
+        if i % 10 == 3:
+            clock.now += rng.uniform(0.5, 5.5)
+            theirs.append(await _serve(honest(f"user-{rng.randrange(30)}"), scorer, planner, audit))
+        if i % 25 == 7:
+            clock.now += rng.uniform(0.5, 5.5)
+            newcomers.append(await _serve(honest(f"new-{i}"), scorer, planner, audit))
+    audit.close()
+    last = script[-1]
+    assert last.plan is not None and last.plan.action in ("decoy", "block")
+    assert last.plan.scope == newcomer_scope("demo", last.fingerprint)
+    assert last.plan.limit_scope == f"c:{last.plan.scope}"  # tightened on the shape's bucket
+    assert last.plan.reason.startswith("new end user 'id-599', among the key's newcomers")
+    assert last.end_user_assessment is not None and last.end_user_assessment.action == "pass"
+    first = next(i for i, ctx in enumerate(script) if ctx.plan and ctx.plan.action == "decoy")
+    assert first < 150
+    # The key's own score would have decoyed the whole app while the script ran...
+    key_text = [c for c in theirs + newcomers if c.assessment.action in TEXT_ACTIONS]  # type: ignore[union-attr]
+    assert len(key_text) > 40
+    # ...but no honest end user's answers changed, new or established.
+    for ctx in theirs + newcomers:
+        assert ctx.plan is not None and ctx.plan.action in ("pass", "tighten"), ctx.plan.reason
+    assert all("held at tighten for this end user" in c.plan.reason for c in key_text)  # type: ignore[union-attr]
+    assert all(c.newcomers_assessment is not None for c in newcomers)
+    established = [c for c in theirs if c.newcomers_assessment is None]  # an hour old
+    assert len(established) > 0.8 * len(theirs)
+    lines = [orjson.loads(line) for line in (tmp_path / "audit.jsonl").read_bytes().splitlines()]
+    mine = next(line for line in reversed(lines) if line.get("end_user") == "id-599")
+    assert mine["scope"] == last.plan.scope and mine["action"] == last.plan.action
+    assert mine["newcomers_risk"] == last.newcomers_assessment.score  # type: ignore[union-attr]
+    assert mine["newcomers_assessed"] == last.plan.action
