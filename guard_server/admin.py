@@ -20,9 +20,9 @@ from aiohttp import web
 
 from guard_server.appkeys import AUDIT, REVIEW, SETTINGS, STATE
 from guard_server.config.loader import Client
-from guard_server.detection.end_users import assess_key, client_of_scope
+from guard_server.detection.end_users import assess_key, assess_scope, client_of_scope
 from guard_server.detection.profile import CampaignProfile, ClientProfile
-from guard_server.detection.scoring import ACTIONS, Assessment, assess
+from guard_server.detection.scoring import ACTIONS, Assessment
 from guard_server.errors import GuardError, bad_request, unauthorized
 from guard_server.pipeline.plan import planned_action
 from guard_server.state.base import StateUnavailable
@@ -111,7 +111,8 @@ async def list_clients(request: web.Request) -> web.Response:
     clients = request.app[SETTINGS].current.clients_by_id
     rows = []
     for client_id, value in entries:
-        client = clients.get(client_id)
+        key = client_of_scope(client_id)  # an end user's scope: its key's
+        client = clients.get(key)
         if client is None:  # removed from the config; leaves the board with its profile
             continue
         scored = value >= 0
@@ -119,6 +120,7 @@ async def list_clients(request: web.Request) -> web.Response:
         rows.append(
             {
                 "client": client_id,
+                "key": key,
                 "tier": client.tier.name,
                 "score": board_score(value) if scored else None,
                 **_standing(client, board_action(value) if scored else "pass", pin),
@@ -197,13 +199,7 @@ def _assess(client: Client, profile: ClientProfile, campaign: CampaignProfile | 
     detection = client.tier.detection
     if client_of_scope(client.id) == client.id:
         return assess_key(detection, profile, campaign)
-    return assess(  # an end user's scope: no campaign, no end users of its own
-        profile,
-        None,
-        detection.thresholds.by_action,
-        detection.distinct_prompts.bounds,
-        detection.evidence_min,
-    )
+    return assess_scope(detection, client.id, profile)  # an end user's or its newcomers'
 
 
 def _assessed(client: Client, assessment: Assessment | None) -> str:

@@ -2,10 +2,12 @@
 
 A client id is an unbounded label, so this gauge shows at most ``metrics.top_clients``
 clients (K) at any scrape: the board's highest, ordered by the action their score calls for
-and then by score. Its series are computed at scrape time from the review state, so a
-client that leaves the top K leaves the exposition at once (no stale series). With Redis
-every worker and replica reads the same board, so every pod exports the same K clients
-(within one review tick); dashboards and alerts take ``max by (client)`` over pods.
+and then by score. End users' scopes are on the board too (``app~u:<hash>``, and
+``app~n:<fingerprint>`` for a key's newcomers of one request shape), with their key's tier.
+Its series are computed at scrape time from the review state, so a client that leaves the
+top K leaves the exposition at once (no stale series). With Redis every worker and replica
+reads the same board, so every pod exports the same K clients (within one review tick);
+dashboards and alerts take ``max by (client)`` over pods.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from guard_server.config.reload import SettingsHolder
+from guard_server.detection.end_users import client_of_scope
 from guard_server.pipeline.plan import planned_action
 from guard_server.state.review import ReviewState, board_action, board_score
 
@@ -41,7 +44,7 @@ class TopClientsCollector(Collector):
         settings = self.holder.current
         clients = settings.clients_by_id
         for client_id, value in self.review.top(settings.config.metrics.top_clients):
-            client = clients.get(client_id)
+            client = clients.get(client_of_scope(client_id))  # an end user's: its key's
             if client is None:  # removed from the config since
                 continue
             assessed = board_action(value)

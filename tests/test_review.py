@@ -196,6 +196,12 @@ def test_an_end_user_is_shown_pinned_and_reset_on_its_own(guard: GuardProcess) -
     report = _admin(guard, "GET", f"/admin/clients/{scope}").json()
     assert (report["client"], report["assessed"], report["profile"]["total"]) == (scope, "decoy", 1)
     assert _admin(guard, "GET", "/admin/clients/app").json()["assessed"] == "pass"
+    # On the review board and the top-k gauge as an entry of its own, with its key's tier.
+    decoyed = _admin(guard, "GET", "/admin/clients?assessed=decoy").json()["data"]
+    row = next(row for row in decoyed if row["client"] == scope)
+    assert (row["key"], row["tier"], row["action"]) == ("app", "watched", "decoy")
+    labels = {"client": scope, "tier": "watched", "action": "decoy", "mode": "enforce"}
+    assert metric_value(guard.metrics(), "guard_client_risk", **labels) == row["score"]
 
     _pin(guard, scope, "allow", expires_in_s=600)
     assert _content(ask("mallory", logprobs=True)) == truth  # her pin: served as pass

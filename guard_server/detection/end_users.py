@@ -157,18 +157,19 @@ async def score_with_end_user(
     key = assess_key(detection, profile, campaign)
     if profile.end_users > detection.end_users.max_distinct_per_day:
         return EndUserScores(key, None)
-    own = _assess_scope(detection, mine)
+    own = assess_scope(detection, end_user_scope(client_id, end_user), mine)
     if established(mine) or own.action != "pass":  # judged on its own history
         return EndUserScores(key, own)
     scope = newcomer_scope(client_id, features.fingerprint)
     shape = await store.observe_scope(scope, features)
-    # One fingerprint is the scope: every request repeats it, which says nothing here.
-    newcomers = _assess_scope(detection, replace(shape, templated_share=0.0))
-    return EndUserScores(key, own, newcomers, scope)
+    return EndUserScores(key, own, assess_scope(detection, scope, shape), scope)
 
 
-def _assess_scope(detection: DetectionPolicy, profile: ClientProfile) -> Assessment:
-    """An end-user or newcomer scope's assessment (no campaign, no end-user count)."""
+def assess_scope(detection: DetectionPolicy, scope: str, profile: ClientProfile) -> Assessment:
+    """An end user's or newcomers' scope's assessment (no campaign, no end-user count)."""
+    if NEWCOMER_MARK in scope:
+        # One fingerprint is the scope: every request repeats it, which says nothing here.
+        profile = replace(profile, templated_share=0.0)
     return assess(
         profile,
         None,

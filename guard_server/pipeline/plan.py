@@ -268,6 +268,8 @@ class Planner:
             )
             if pin is None and review is not None:
                 pin = review.pin_of(scope)  # an operator's pin of this end user alone
+                if pin is None and ctx.newcomers_scope is not None:
+                    pin = review.pin_of(ctx.newcomers_scope)  # ... or of its newcomers
         plan = ctx.plan = make_plan(
             ctx.settings.secret,
             client,
@@ -283,8 +285,22 @@ class Planner:
             self._track(end_user.scope, "pass", plan.mode)  # no longer flagged on its own
         if review is not None and assessment is not None:
             review.note(client.id, assessment.score, assessment.action)
+            if end_user is not None:
+                self._note_end_user(review, end_user)
         if assessment and assessment.contributions.get("campaign", 0) >= _CAMPAIGN_SIGNAL:
             self._note_campaign(ctx.fingerprint)
+
+    @staticmethod
+    def _note_end_user(review: ReviewState, end_user: EndUser) -> None:
+        """Put an end user's scopes on the board: its newcomers' while it is new, its own
+        once it has a history or its own scope acts on it (so ids invented per request
+        are on the board as one entry, their shape's)."""
+        if end_user.newcomers is not None:
+            review.note(
+                end_user.newcomers_scope, end_user.newcomers.score, end_user.newcomers.action
+            )
+        elif end_user.assessment is not None:
+            review.note(end_user.scope, end_user.assessment.score, end_user.assessment.action)
 
     def expected_limits(self, client: Client, assessment: Assessment | None) -> LimitSpec | None:
         """The limits a request of ``client`` will be admitted under if the plan assesses it
