@@ -450,7 +450,8 @@ class DistinctPromptsRamp(_Strict):
 
 class EndUserPolicy(_Strict):
     """End users inside one key: a request naming one (``safety_identifier``, else ``user``)
-    is also scored in the end user's own scope, and the key is watched for invented ids."""
+    is also scored in the end user's own scope (while it is new, also among the key's
+    newcomers of the request's shape), and the key is watched for invented ids."""
 
     enabled: bool = True
     max_distinct_per_day: Annotated[int, Field(gt=0)] = 10_000
