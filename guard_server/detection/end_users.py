@@ -148,9 +148,8 @@ async def score_with_end_user(
     """Fold one request into the key's scope and the end user's, in one store call, and
     assess both; for a new end user (not :func:`established`) that its own scope does not
     act on, also fold it into the scope of the key's newcomers of its shape (a second
-    call) and assess that. The end
-    user's assessment is None once the key named more than its cap of distinct end users
-    in the day."""
+    call) and assess that. The end user's assessment is None once the key named more than
+    its cap of distinct end users in the day."""
     profile, campaign, mine = await store.observe_end_user(
         client_id, end_user_scope(client_id, end_user), features
     )

@@ -200,7 +200,8 @@ def _reason(
     client: Client, assessment: Assessment | None, pin: Pin | None, end_user: EndUser | None
 ) -> str:
     """Why the plan is what it is, in words an operator can read in the audit log.
-    ``assessment`` is the one that decided (the end user's when it called for more)."""
+    ``assessment`` is the one that decided (``end_users.decide``: the key's, held at
+    ``tighten`` for an end user, the end user's own or its newcomers')."""
     reason = _score_reason(client, assessment)
     if end_user is not None and assessment is not None:
         shown = repr(end_user.name[:_END_USER_SHOWN])
