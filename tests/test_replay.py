@@ -26,8 +26,10 @@ PROBLEMS = make_problems(40, seed=43, split="heldout")
 
 
 def _policy(path: Path, thresholds: dict[str, float], evidence_min: float) -> Path:
-    default = yaml.safe_load((POLICIES / "default.yaml").read_text())["tiers"]["default"]
-    tier = {**default, "detection": {"thresholds": thresholds, "evidence_min": evidence_min}}
+    """``watched``: the shipped ``application`` tier (end users scored) at ``thresholds``."""
+    application = yaml.safe_load((POLICIES / "default.yaml").read_text())["tiers"]["application"]
+    detection = {**application["detection"], "thresholds": thresholds, "evidence_min": evidence_min}
+    tier = {**application, "detection": detection}
     policy = {
         "tiers": {"watched": tier},
         "clients": {

@@ -30,7 +30,7 @@ from guard_server.testing import (
 
 ADMIN_KEY = "sk-admin-review"
 CLIENTS = ["attacker", "honest", "expiring", "cli", *(f"c{i}" for i in range(5))]
-KEYS = {client: f"sk-test-review-{client}" for client in [*CLIENTS, "app"]}
+KEYS = {client: f"sk-test-review-{client}" for client in [*CLIENTS, "app", "collector"]}
 # Asking for the tier's maximal top-k logprobs scores 0.30 from the first request: past
 # `decoy` at once (maximal logprobs alone count as enough evidence here: `evidence_min`),
 # while plain requests stay at 0.
@@ -40,12 +40,19 @@ QUESTION = [{"role": "user", "content": make_problems(1, seed=5, split="heldout"
 
 
 def _config(directory: Path, vllm_url: str, state: dict | None = None, **sections) -> Path:
-    default = yaml.safe_load((POLICIES / "default.yaml").read_text())["tiers"]["default"]
+    """``watched``: the shipped ``application`` tier (end users scored) at ``THRESHOLDS``, for
+    every client but ``collector``, on ``watched-default``: the ``default`` tier at them."""
+    tiers = yaml.safe_load((POLICIES / "default.yaml").read_text())["tiers"]
+    detection = {"thresholds": THRESHOLDS, "evidence_min": 0.2}
+
+    def watched(base: str) -> dict:
+        return {**tiers[base], "detection": {**tiers[base]["detection"], **detection}}
+
+    clients = {c: {"tier": "watched", "keys": [hash_key(k)]} for c, k in KEYS.items()}
+    clients["collector"]["tier"] = "watched-default"
     policy = {
-        "tiers": {
-            "watched": {**default, "detection": {"thresholds": THRESHOLDS, "evidence_min": 0.2}}
-        },
-        "clients": {c: {"tier": "watched", "keys": [hash_key(k)]} for c, k in KEYS.items()},
+        "tiers": {"watched": watched("application"), "watched-default": watched("default")},
+        "clients": clients,
     }
     directory.mkdir(parents=True, exist_ok=True)
     (directory / "watched.yaml").write_text(yaml.safe_dump(policy))
@@ -212,6 +219,31 @@ def test_an_end_user_is_shown_pinned_and_reset_on_its_own(guard: GuardProcess) -
     assert reset["before"]["assessed"] == "decoy" and reset["client"] == scope
     assert _admin(guard, "GET", f"/admin/clients/{scope}").json()["profile"] is None
     assert _admin(guard, "GET", "/admin/clients/app").json()["profile"]["total"] == 15
+
+
+def test_on_a_tier_without_end_users_a_named_end_user_is_its_key(guard: GuardProcess) -> None:
+    """On the ``default`` tier end users are not scored: a client naming a fresh end user at
+    every request is decoyed by its key's score as if it named none (on ``application``
+    mallory's own scope decides, above); the ids are only written to the audit log."""
+    truth = _content(_ask(guard, TRUSTED_KEY))
+    headers = {"Authorization": f"Bearer {KEYS['collector']}"}
+    for i in range(3):
+        body = {"model": "teacher", "messages": QUESTION, "max_tokens": 8, "temperature": 0,
+                "logprobs": True, "top_logprobs": 5, "safety_identifier": f"id-{i}"}  # fmt: skip
+        response = httpx.post(guard.base_url + "/chat/completions", json=body, headers=headers)
+        assert _content(response) != truth
+        line = _last_request(guard, "collector")
+        assert (line["end_user"], line["action"], line["tier"]) == (
+            f"id-{i}",
+            "decoy",
+            "watched-default",
+        )
+        assert not {"scope", "end_user_risk", "newcomers_risk"} & set(line), line
+        assert not line["reason"].startswith(("end user", "new end user")), line["reason"]
+    report = _admin(guard, "GET", "/admin/clients/collector").json()
+    assert (report["assessed"], report["profile"]["total"]) == ("decoy", 3)
+    board = _admin(guard, "GET", "/admin/clients?limit=1000").json()["data"]
+    assert not [row for row in board if row["client"].startswith("collector~")]
 
 
 def test_a_pin_expires_by_itself(guard: GuardProcess) -> None:

@@ -451,9 +451,13 @@ class DistinctPromptsRamp(_Strict):
 class EndUserPolicy(_Strict):
     """End users inside one key: a request naming one (``safety_identifier``, else ``user``)
     is also scored in the end user's own scope (while it is new, also among the key's
-    newcomers of the request's shape), and the key is watched for invented ids."""
+    newcomers of the request's shape), and the key is watched for invented ids.
 
-    enabled: bool = True
+    Off unless a tier opts in (the shipped ``application`` tier): for an end user's requests
+    the key's action stops at ``tighten``, so on a tier whose clients are not known
+    applications a collector naming a fresh id per request would dodge its key's decoy."""
+
+    enabled: bool = False
     max_distinct_per_day: Annotated[int, Field(gt=0)] = 10_000
     """Distinct end users a key may name in a day. Beyond it the key's end users are no
     longer acted on one by one (only the key's own scope decides), and the excess raises the

@@ -1,6 +1,11 @@
 """End users inside one key: each end user an application names (``safety_identifier``,
 else ``user``) is scored in a scope of its own next to the key's.
 
+Only on a tier that opts in (``detection.end_users.enabled``, off unless set: the shipped
+``application`` tier): elsewhere a request naming an end user is scored as its key alone,
+since the rule below would let any client dodge its key's text-side action by naming fresh
+ids and varying its phrasing.
+
 The key's scope still sees every request, so an application that invents a fresh id per
 request hides nothing from it; the key also counts the distinct end users it names in a day
 (``ClientProfile.end_users``), which past the tier's cap is a signal of its own

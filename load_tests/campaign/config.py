@@ -28,6 +28,9 @@ compression factor in the generated policy, since the guard's clock is real time
 PHASES = ("defended", "undefended")
 """``defended``: the default tier's policy (detection on); ``undefended``: the same tier with
 detection disabled. Both have the same static limits."""
+APPLICATION_TIER = "application"
+"""The shipped tier for applications that name their end users (per-end-user scoring on):
+the one the chat application of ``load_tests.campaign.endusers`` is scored on."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,12 +110,13 @@ def campaign_tier(
     compression: float,
     thresholds: tuple[float, ...] | None = None,
     policy_file: Path = DEFAULT_POLICY,
+    base: str = "default",
 ) -> dict[str, Any]:
-    """The default tier of ``policy_file`` with the campaign's static limits.
+    """The ``base`` tier of ``policy_file`` with the campaign's static limits.
 
     ``thresholds`` (tighten, perturb, decoy, block) override the tier's action thresholds.
     """
-    tier = dict(yaml.safe_load(policy_file.read_text())["tiers"]["default"])
+    tier = dict(yaml.safe_load(policy_file.read_text())["tiers"][base])
     tier["limits"] = {name: round(v * compression) for name, v in NOMINAL_LIMITS.items()}
     settings = dict(tier.get("detection", {}))
     if thresholds is not None:
@@ -156,9 +160,11 @@ def write_guard_config(
     )
 
 
-def defended_tier(override: tuple[float, ...] | None = None) -> TierPolicy:
-    """The defended phase's tier, validated (with the thresholds ``override`` if given)."""
-    return TierPolicy.model_validate(campaign_tier(True, 1.0, override))
+def defended_tier(override: tuple[float, ...] | None = None, base: str = "default") -> TierPolicy:
+    """The defended phase's tier, validated (with the thresholds ``override`` if given);
+    ``base``: the shipped tier it starts from (:data:`APPLICATION_TIER` for an application
+    that names its end users)."""
+    return TierPolicy.model_validate(campaign_tier(True, 1.0, override, base=base))
 
 
 def campaign_thresholds(override: tuple[float, ...] | None = None) -> dict[str, float]:

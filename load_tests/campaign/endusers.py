@@ -1,5 +1,6 @@
 """End users inside one key, offline (issue 17, item 8): a chat application's end users over
-simulated weeks, through the guard's own detection code (``replay.scored_queries``).
+simulated weeks, through the guard's own detection code (``replay.scored_queries``), under
+the shipped ``application`` tier's detection settings (per-end-user scoring is opt-in).
 
     python -m load_tests.campaign.endusers --seed 0 [--end-users 2000] [--days 30] [--logprobs]
 
@@ -19,7 +20,7 @@ from typing import Any
 from guard_server.config.schema import DetectionPolicy, DistinctPromptsRamp
 from guard_server.detection.end_users import NEWCOMERS
 from guard_server.detection.scoring import ACTIONS, TEXT_ACTIONS
-from load_tests.campaign.config import defended_tier
+from load_tests.campaign.config import APPLICATION_TIER, defended_tier
 from load_tests.campaign.replay import scored_queries
 from load_tests.simulators.endusers import DAY_S, chat_app_population
 
@@ -70,8 +71,9 @@ def run(
     abusive: bool = True,
     detection: DetectionPolicy | None = None,
 ) -> dict[str, Any]:
-    """Replay one chat application's population; the report :func:`main` prints."""
-    detection = detection or defended_tier().detection
+    """Replay one chat application's population (on the application tier's ``detection``
+    unless given); the report :func:`main` prints."""
+    detection = detection or defended_tier(base=APPLICATION_TIER).detection
     sims = chat_app_population(KEY, seed, end_users, days, logprobs, abusive)
     actors = {sim.name: _Actor(sim.role, sim.kind) for sim in sims}
     key_actions: Counter[str] = Counter()
@@ -169,7 +171,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--no-abusive", action="store_true", help="honest end users only")
     ap.add_argument("--ramp", help="START,FULL: the tier's detection.distinct_prompts instead")
     args = ap.parse_args(argv)
-    detection = defended_tier().detection
+    detection = defended_tier(base=APPLICATION_TIER).detection
     if args.ramp:
         start, full = (int(bound) for bound in args.ramp.split(","))
         ramp = DistinctPromptsRamp(start=start, full=full)

@@ -1,7 +1,9 @@
-"""End users inside one key: each end user scored in its own scope next to the key's, the
-same in both stores; one abusive end user acted on alone; invented ids hide nothing from
-the key and past the cap raise its risk; a script inventing ids is acted on among the
-key's newcomers of its shape, and the key's text-side action reaches no end user."""
+"""End users inside one key, on a tier that opts in (the shipped ``application``): each end
+user scored in its own scope next to the key's, the same in both stores; one abusive end
+user acted on alone; invented ids hide nothing from the key and past the cap raise its
+risk; a script inventing ids is acted on among the key's newcomers of its shape, and the
+key's text-side action reaches no end user. On the shipped ``default`` tier a named end
+user is scored as its key alone."""
 
 from __future__ import annotations
 
@@ -9,14 +11,16 @@ import dataclasses
 import random
 import time
 import uuid
+from pathlib import Path
 
 import orjson
 import pytest
+import yaml
 from multidict import CIMultiDict, CIMultiDictProxy
 from prometheus_client import CollectorRegistry
 
 from guard_server.canonical import canonical_input
-from guard_server.config.loader import load_settings
+from guard_server.config.loader import Settings, load_settings
 from guard_server.config.schema import AuditSettings
 from guard_server.detection.end_users import (
     END_USER,
@@ -32,7 +36,7 @@ from guard_server.detection.scoring import TEXT_ACTIONS, Assessment
 from guard_server.metrics import GuardMetrics
 from guard_server.openai_fields import Endpoint
 from guard_server.pipeline.audit import AuditLog
-from guard_server.pipeline.auth import authenticate
+from guard_server.pipeline.auth import authenticate, hash_key
 from guard_server.pipeline.canonicalize import canonicalize
 from guard_server.pipeline.context import RequestContext
 from guard_server.pipeline.plan import Planner
@@ -42,13 +46,25 @@ from guard_server.pipeline.validate import validate_request
 from guard_server.state.memory import MemoryStore
 from guard_server.state.redis import RedisStore
 from guard_server.teacher import task
-from guard_server.testing import DEMO_KEY, POLICIES, RedisProcess
-from load_tests.campaign.config import defended_tier
+from guard_server.testing import DEFAULT_POLICY, DEMO_KEY, POLICIES, RedisProcess, write_config
+from load_tests.campaign.config import APPLICATION_TIER, defended_tier
 from load_tests.simulators import Reply
 from load_tests.simulators.endusers import chat_app_population
 
-SETTINGS = load_settings(POLICIES / "guard.yaml")
 START = 1_800_000_000.0
+APP_KEY = "sk-test-end-users-app"
+"""The key of ``app``, a client on the shipped ``application`` tier (the demo key's client,
+``demo``, is on ``default``)."""
+
+
+@pytest.fixture(scope="module")
+def settings(tmp_path_factory: pytest.TempPathFactory) -> Settings:
+    """The shipped tiers and demo clients, and ``app`` on the ``application`` tier."""
+    directory = tmp_path_factory.mktemp("end-users")
+    app = {"app": {"tier": APPLICATION_TIER, "keys": [hash_key(APP_KEY)]}}
+    (directory / "app.yaml").write_text(yaml.safe_dump({"clients": app}))
+    policies = [DEFAULT_POLICY, POLICIES / "demo-clients.yaml", directory / "app.yaml"]
+    return load_settings(write_config(directory, [], policies=policies))
 
 
 class Clock:
@@ -127,12 +143,17 @@ def _request(i: int, end_user: str | None, **fields: object) -> dict:
 
 
 async def _serve(
-    body: dict, scorer: RiskScorer, planner: Planner, audit: AuditLog
+    body: dict,
+    scorer: RiskScorer,
+    planner: Planner,
+    audit: AuditLog,
+    settings: Settings,
+    key: str = APP_KEY,
 ) -> RequestContext:
     ctx = RequestContext(
         Endpoint.CHAT,
-        SETTINGS,
-        CIMultiDictProxy(CIMultiDict({"Authorization": f"Bearer {DEMO_KEY}"})),
+        settings,
+        CIMultiDictProxy(CIMultiDict({"Authorization": f"Bearer {key}"})),
         time.perf_counter(),
     )
     ctx.body = body
@@ -142,7 +163,7 @@ async def _serve(
     return ctx
 
 
-async def test_one_abusive_end_user_is_acted_on_alone(tmp_path) -> None:  # type: ignore[no-untyped-def]
+async def test_one_abusive_end_user_is_acted_on_alone(tmp_path, settings: Settings) -> None:  # type: ignore[no-untyped-def]
     clock = Clock()
     store = MemoryStore(clock=clock)
     metrics = GuardMetrics(CollectorRegistry())
@@ -154,19 +175,19 @@ async def test_one_abusive_end_user_is_acted_on_alone(tmp_path) -> None:  # type
     for i in range(400):  # eve's script: clockwork, one template, maximal logprobs
         clock.now = START + 8.0 * i
         body = _request(i, "eve", logprobs=True, top_logprobs=5)
-        eve.append(await _serve(body, scorer, planner, audit))
+        eve.append(await _serve(body, scorer, planner, audit, settings))
         for offset in sorted(rng.uniform(0.5, 7.5) for _ in range(3)):  # the app's others
             clock.now = START + 8.0 * i + offset
             phrasing = rng.choice(task.QUESTION_TEMPLATES)
             body = _request(0, f"user-{rng.randrange(30)}")
             body["messages"][0]["content"] = phrasing.format(a=rng.randrange(20), b=7)  # repeats
-            others.append(await _serve(body, scorer, planner, audit))
+            others.append(await _serve(body, scorer, planner, audit, settings))
     bad = [(c.end_user, c.plan.reason) for c in others if c.plan.action != "pass"]
     assert not bad, (len(bad), bad[:3], bad[-1])
     last = eve[-1]
     assert last.plan is not None and last.plan.action in ("perturb", "decoy")
     assert last.assessment is not None and last.assessment.action in ("pass", "tighten")
-    scope = end_user_scope("demo", "eve")
+    scope = end_user_scope("app", "eve")
     assert last.plan.by_end_user and last.plan.scope == scope
     assert last.plan.limit_scope == f"c:{scope}"  # tightened on a bucket of its own
     assert last.plan.reason.startswith(f"end user 'eve' ({scope}): risk ")
@@ -183,7 +204,7 @@ async def test_one_abusive_end_user_is_acted_on_alone(tmp_path) -> None:  # type
 
 
 async def test_invented_end_users_hide_nothing_from_the_key() -> None:
-    detection = defended_tier().detection
+    detection = defended_tier(base=APPLICATION_TIER).detection
     capped = detection.model_copy(
         update={"end_users": detection.end_users.model_copy(update={"max_distinct_per_day": 100})}
     )
@@ -222,7 +243,9 @@ def test_the_key_alone_changes_no_end_users_answers() -> None:
     assert decide(clean, clean, clean) == (clean, KEY)  # a tie: the key's
 
 
-async def test_a_script_inventing_ids_is_acted_on_among_its_shapes_newcomers(tmp_path) -> None:  # type: ignore[no-untyped-def]
+async def test_a_script_inventing_ids_is_acted_on_among_its_shapes_newcomers(  # type: ignore[no-untyped-def]
+    tmp_path, settings: Settings
+) -> None:
     """An app that shows logprobs: its own users for an hour (they become established),
     then a script naming a fresh id per request (clockwork, one template) while the app's
     users and new ones keep coming. The key's score reaches a text-side action; only the
@@ -243,23 +266,25 @@ async def test_a_script_inventing_ids_is_acted_on_among_its_shapes_newcomers(tmp
 
     for i in range(120):  # 4,000 s of the app's 30 users
         clock.now = START + 33.0 * i + rng.uniform(0, 20)
-        await _serve(honest(f"user-{rng.randrange(30)}"), scorer, planner, audit)
+        await _serve(honest(f"user-{rng.randrange(30)}"), scorer, planner, audit, settings)
     script: list[RequestContext] = []
     theirs: list[RequestContext] = []
     newcomers: list[RequestContext] = []
     for i in range(600):
         clock.now = START + 4000.0 + 6.0 * i
-        script.append(await _serve(_request(i, f"id-{i}", **logprobs), scorer, planner, audit))
+        body = _request(i, f"id-{i}", **logprobs)
+        script.append(await _serve(body, scorer, planner, audit, settings))
         if i % 10 == 3:
             clock.now += rng.uniform(0.5, 5.5)
-            theirs.append(await _serve(honest(f"user-{rng.randrange(30)}"), scorer, planner, audit))
+            body = honest(f"user-{rng.randrange(30)}")
+            theirs.append(await _serve(body, scorer, planner, audit, settings))
         if i % 25 == 7:
             clock.now += rng.uniform(0.5, 5.5)
-            newcomers.append(await _serve(honest(f"new-{i}"), scorer, planner, audit))
+            newcomers.append(await _serve(honest(f"new-{i}"), scorer, planner, audit, settings))
     audit.close()
     last = script[-1]
     assert last.plan is not None and last.plan.action in ("decoy", "block")
-    assert last.plan.scope == newcomer_scope("demo", last.fingerprint)
+    assert last.plan.scope == newcomer_scope("app", last.fingerprint)
     assert last.plan.limit_scope == f"c:{last.plan.scope}"  # tightened on the shape's bucket
     assert last.plan.reason.startswith("new end user 'id-599', among the key's newcomers")
     assert last.end_user_assessment is not None and last.end_user_assessment.action == "pass"
@@ -280,3 +305,81 @@ async def test_a_script_inventing_ids_is_acted_on_among_its_shapes_newcomers(tmp
     assert mine["scope"] == last.plan.scope and mine["action"] == last.plan.action
     assert mine["newcomers_risk"] == last.newcomers_assessment.score  # type: ignore[union-attr]
     assert mine["newcomers_assessed"] == last.plan.action
+
+
+def _collector(i: int, rng: random.Random) -> dict:
+    """A bulk collector's request ``i``: maximal logprobs, one of many phrasings, and a fresh
+    end user (the legacy ``user``) at every request, so no end-user scope ever sees much."""
+    phrasing = rng.choice(task.QUESTION_TEMPLATES)
+    content = phrasing.format(a=1000 + i, b=rng.randrange(1000))
+    return {
+        "model": "teacher",
+        "messages": [{"role": "user", "content": content}],
+        "logprobs": True,
+        "top_logprobs": 5,
+        "user": f"id-{i}",
+    }
+
+
+async def _collect(
+    settings: Settings, key: str, tmp_path: Path
+) -> tuple[list[RequestContext], MemoryStore, list[dict]]:
+    """The collector's 300 requests, one every 6 s, through the scoring and plan stages."""
+    clock = Clock()
+    store = MemoryStore(clock=clock)
+    metrics = GuardMetrics(CollectorRegistry())
+    scorer, planner = RiskScorer(store, metrics), Planner(metrics)
+    audit = AuditLog(AuditSettings(path=str(tmp_path / "audit.jsonl")))
+    rng = random.Random(2)
+    served = []
+    for i in range(300):
+        clock.now = START + 6.0 * i
+        served.append(await _serve(_collector(i, rng), scorer, planner, audit, settings, key))
+    audit.close()
+    lines = [orjson.loads(line) for line in (tmp_path / "audit.jsonl").read_bytes().splitlines()]
+    return served, store, lines
+
+
+async def test_on_the_default_tier_a_named_end_user_is_scored_as_its_key(  # type: ignore[no-untyped-def]
+    tmp_path, settings: Settings
+) -> None:
+    """The shipped ``default`` tier does not score end users: a collector that names a fresh
+    one at every request is decoyed by its key's evidence (maximal logprobs, clockwork) as
+    if it named none; the ids are only written to the audit log."""
+    served, store, lines = await _collect(settings, DEMO_KEY, tmp_path)
+    assert all(ctx.client is not None and ctx.client.tier.name == "default" for ctx in served)
+    first = next(i for i, c in enumerate(served) if c.plan and c.plan.action in TEXT_ACTIONS)
+    assert first < 30  # from clockwork timing on (20 requests)
+    for i, ctx in enumerate(served[first:], first):
+        assert ctx.plan is not None and ctx.plan.action in TEXT_ACTIONS, ctx.plan.reason
+        assert i < 150 or ctx.plan.action in ("decoy", "block"), ctx.plan.reason
+        assert not ctx.plan.by_end_user and ctx.plan.scope == "demo"
+        assert ctx.plan.limit_scope == "c:demo"  # the key's own bucket
+        assert "held at tighten" not in ctx.plan.reason
+    assert all(c.end_user_assessment is None and c.newcomers_assessment is None for c in served)
+    profile, _ = await store.peek("demo")
+    assert profile is not None and profile.total == 300 and profile.end_users == 0
+    assert await store.peek(end_user_scope("demo", "id-299")) == (None, None)
+    assert await store.peek(newcomer_scope("demo", served[-1].fingerprint)) == (None, None)
+    last = lines[-1]
+    assert last["end_user"] == "id-299" and last["action"] == served[-1].plan.action  # type: ignore[union-attr]
+    assert not {"scope", "end_user_risk", "newcomers_risk"} & set(last)
+
+
+async def test_on_the_application_tier_the_key_alone_only_tightens_named_end_users(  # type: ignore[no-untyped-def]
+    tmp_path, settings: Settings
+) -> None:
+    """The same collector on the ``application`` tier: its key's score calls for a text-side
+    action, held at ``tighten`` for every request (each names an end user), and spread over
+    many phrasings no newcomers' scope gathers the evidence to act. This is the price of
+    scoring end users, and why only known applications go on that tier."""
+    served, store, _ = await _collect(settings, APP_KEY, tmp_path)
+    assert all(c.client is not None and c.client.tier.name == APPLICATION_TIER for c in served)
+    key_text = [ctx for ctx in served if ctx.assessment.action in TEXT_ACTIONS]  # type: ignore[union-attr]
+    assert len(key_text) > 150
+    for ctx in served:
+        assert ctx.plan is not None and ctx.plan.action in ("pass", "tighten"), ctx.plan.reason
+        assert ctx.end_user_assessment is not None and ctx.newcomers_assessment is not None
+    assert all("held at tighten for this end user" in c.plan.reason for c in key_text)  # type: ignore[union-attr]
+    profile, _ = await store.peek("app")
+    assert profile is not None and profile.end_users == pytest.approx(300, rel=0.02)
