@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import signal
 import subprocess
 import sys
@@ -37,8 +38,13 @@ def _tier(**fields: object) -> dict:
 
 def test_the_shipped_config_is_valid() -> None:
     settings = load_settings(POLICIES / "guard.yaml")
-    assert set(settings.tiers) == {"default", "trusted"}
+    assert set(settings.tiers) == {"default", "application", "trusted"}
     assert settings.model_names == ["teacher"]
+    # Scoring end users is opt-in: `application` is `default` with it on, nothing else.
+    default, application = settings.tiers["default"], settings.tiers["application"]
+    assert not default.detection.end_users.enabled and application.detection.end_users.enabled
+    detection = application.detection.model_copy(update={"end_users": default.detection.end_users})
+    assert dataclasses.replace(application, name="default", detection=detection) == default
 
 
 def test_relative_paths_are_resolved_against_the_config_folder(
