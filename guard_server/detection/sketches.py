@@ -238,6 +238,8 @@ class WindowedDistinct:
         counts = self._counts
         counts[current] = counts.get(current, 0) + len(registers)
         histogram = self._histogram
+        # If an add below turns the registers dense, `sparse` stays as it was: each of its
+        # values is still at most the register's, so what it skips add would not raise.
         sparse = hll._sparse
         for index, value in registers:
             if sparse is not None and sparse.get(index, 0) >= value:
