@@ -84,3 +84,17 @@ def test_review_cost_quick_run_and_pins_reach_the_other_guard() -> None:
     assert set(report["latency_c1"]) == {"after memory", "after redis"}
     propagation = report["propagation"]
     assert propagation["next_request_on_b_obeyed"] == propagation["pins"] == 10
+
+
+def test_request_stages_reports_every_stage() -> None:
+    """``benchmarks.request_stages`` (in process, no tools needed) measures each stage."""
+    from benchmarks.request_stages import _run
+
+    args = type("Args", (), {"clients": "pass,default", "requests": 40, "body": "chat"})()
+    result = _run(None, args)  # type: ignore[arg-type]
+    for client in ("pass", "default"):
+        stages = result[client]
+        assert {"policy", "score", "plan", "transform", "total"} <= stages.keys()
+        assert all(value >= 0 for value in stages.values())
+        assert stages["total"] > 0
+    assert result["pass"]["score"] < result["default"]["score"]  # the pass tier scores nothing

@@ -22,6 +22,9 @@ from dataclasses import dataclass
 from guard_server.defences.keys import client_key, identity_key
 
 _DIGITS = "0123456789"
+_ASCII = {code: code for code in range(128)}
+"""Every ASCII character to itself: ``str.translate`` looks each character up, and one
+missing from the table costs it a raised and caught ``LookupError``."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -30,6 +33,7 @@ class DigitMap:
 
     forward: dict[int, int]  # what the model wrote -> what the client reads
     inverse: dict[int, int]  # what the client wrote -> what the model reads
+    forward_bytes: bytes  # ``forward`` as a ``bytes.translate`` table
 
     def show(self, text: str) -> str:
         """Text the model wrote, as the client sees it."""
@@ -41,8 +45,11 @@ class DigitMap:
 
     def show_bytes(self, data: list[int]) -> list[int]:
         """UTF-8 bytes the model wrote (a token's), as the client sees them."""
-        forward = self.forward  # str.maketrans keys and values are code points
-        return [forward.get(byte, byte) for byte in data]
+        try:
+            return list(bytes(data).translate(self.forward_bytes))
+        except (TypeError, ValueError):  # not a list of bytes: map what is a digit's code
+            forward = self.forward  # str.maketrans keys and values are code points
+            return [forward.get(byte, byte) for byte in data]
 
 
 def digit_map(secret: bytes, client_id: str, identity: bytes) -> DigitMap:
@@ -53,4 +60,7 @@ def digit_map(secret: bytes, client_id: str, identity: bytes) -> DigitMap:
     while any(a == b for a, b in zip(shifted, _DIGITS, strict=True)):
         rng.shuffle(shifted)
     image = "".join(shifted)
-    return DigitMap(str.maketrans(_DIGITS, image), str.maketrans(image, _DIGITS))
+    forward, inverse = _ASCII.copy(), _ASCII.copy()
+    forward.update(str.maketrans(_DIGITS, image))
+    inverse.update(str.maketrans(image, _DIGITS))
+    return DigitMap(forward, inverse, bytes.maketrans(_DIGITS.encode(), image.encode()))

@@ -8,10 +8,13 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+from functools import lru_cache
 
 
+@lru_cache(maxsize=4096)
 def client_key(secret: bytes, purpose: str, client_id: str) -> bytes:
-    """HMAC-SHA256(secret, purpose ‖ client): one independent 32-byte key per use and client."""
+    """HMAC-SHA256(secret, purpose ‖ client): one independent 32-byte key per use and client.
+    Cached: a client's requests each need a few (noise, decoy digits, seeds, watermark)."""
     message = purpose.encode() + b"\0" + client_id.encode()
     return hmac.new(secret, message, hashlib.sha256).digest()
 

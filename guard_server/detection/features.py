@@ -23,10 +23,10 @@ _NORMALIZED_CHARS = 4096
 """Characters of a turn normalized for the fingerprint: a script's scaffolding shows in a
 turn's head, and the work per request stays bounded whatever the size of the body."""
 # Request fields that describe *how* a client's software asks, not *what* it asks.
-_STYLE_FIELDS = (
+_STYLE_FIELDS = frozenset({
     "max_tokens", "max_completion_tokens", "temperature", "top_p", "top_k", "n", "stop",
     "presence_penalty", "frequency_penalty", "seed", "logit_bias",
-)  # fmt: skip
+})  # fmt: skip
 
 
 @dataclass(slots=True)  # not frozen: built per request, and frozen __init__ costs 4x
@@ -104,38 +104,45 @@ def chat_prompt_identity(turns: tuple[tuple[str, str], ...]) -> str:
     while newest > 0 and turns[newest][0] != "user":
         newest -= 1
     kept = [turn for turn in turns[:newest] if turn[0] in _SCAFFOLD_ROLES]
+    if len(kept) == newest:  # nothing left out (a system prompt and a question): dump as is
+        return _digest(orjson.dumps(turns))
     return _digest(orjson.dumps([*kept, *turns[newest:]]))
 
 
 def extract_features(canonical: CanonicalInput, max_top: int) -> RequestFeatures:
     """Features of a request's canonical input (before the guard rewrites it). ``max_top``
     is the tier's logprob cap: asking for that many counts as asking for the most."""
-    if canonical.endpoint is Endpoint.CHAT:
-        *earlier, (_, last) = canonical.turns
-        scaffold = [SCAFFOLD_LINES.digest(role, text) for role, text in earlier]
+    endpoint = canonical.endpoint
+    chat = endpoint is Endpoint.CHAT
+    if chat:
+        turns = canonical.turns
+        last = turns[-1][1]
+        digest = SCAFFOLD_LINES.digest
+        scaffold = [digest(role, text) for role, text in turns[:-1]]
     else:
         scaffold, last = [], canonical.prompt_texts[0]
     sampling = canonical.sampling
-    style = {name: sampling[name] for name in _STYLE_FIELDS if name in sampling}
+    # in the request's order: the dump sorts the keys
+    style = {name: value for name, value in sampling.items() if name in _STYLE_FIELDS}
     if "logit_bias" in style:
         style["logit_bias"] = len(style["logit_bias"])
     count = canonical.logprobs
     if count is not None:
         style["logprobs"] = count
     signature = orjson.dumps(
-        [_ENDPOINT_NAMES[canonical.endpoint], scaffold, _template_head(last), style],
+        [_ENDPOINT_NAMES[endpoint], scaffold, _template_head(last), style],
         option=orjson.OPT_SORT_KEYS,
     )
     wants = count is not None
-    if canonical.endpoint is Endpoint.CHAT:
-        prompt_hashes: tuple[str, ...] = (chat_prompt_identity(canonical.turns),)
+    if chat:
+        prompt_hashes: tuple[str, ...] = (chat_prompt_identity(turns),)
     else:
         prompt_hashes = tuple(identity[:8].hex() for identity in canonical.identities)
-    return RequestFeatures(
-        prompt_hashes=prompt_hashes,
-        fingerprint=_digest(signature),
-        wants_logprobs=wants,
-        max_top=wants and (count == -1 or count >= max_top),
-        logit_bias=bool(sampling.get("logit_bias")),
-        logprobs=count,
+    return RequestFeatures(  # positional: keywords cost a dataclass __init__ twice as much
+        prompt_hashes,  # prompt_hashes
+        _digest(signature),  # fingerprint
+        wants,  # wants_logprobs
+        wants and (count == -1 or count >= max_top),  # max_top
+        bool(sampling.get("logit_bias")),  # logit_bias
+        count,  # logprobs
     )

@@ -227,14 +227,23 @@ class WindowedDistinct:
 
     def add(self, now: float, registers: list[tuple[int, int]]) -> None:
         """Count one request's items (given as :func:`register_of` pairs) at ``now``."""
-        current = self.window.bucket_of(now)
-        union = self._slide(current)
+        window = self.window
+        current = int(now // window.bucket_s)  # window.bucket_of(now), inlined: per request
+        union = self._union
+        if union is None or current - window.buckets + 1 != self._window_start:
+            union = self._slide(current)
         hll = self._hlls.get(current)
         if hll is None:
             hll = self._hlls[current] = HyperLogLog()
-        self._counts[current] = self._counts.get(current, 0) + len(registers)
+        counts = self._counts
+        counts[current] = counts.get(current, 0) + len(registers)
         histogram = self._histogram
+        # If an add below turns the registers dense, `sparse` stays as it was: each of its
+        # values is still at most the register's, so what it skips add would not raise.
+        sparse = hll._sparse
         for index, value in registers:
+            if sparse is not None and sparse.get(index, 0) >= value:
+                continue  # HyperLogLog.add would not raise it (a repeat, most often)
             if hll.add(index, value):
                 old = union.get(index)
                 if value > old:

@@ -55,8 +55,9 @@ async def apply_tier_policy(ctx: RequestContext) -> None:
         if name == "max_tokens":
             ceiling = _output_ceiling(ctx, bound)
             for field in _OUTPUT_LIMITS:
-                _enforce_bound(ctx, field, bound, ceiling)
-        else:
+                if field in body:
+                    _enforce_bound(ctx, field, bound, ceiling)
+        elif name in body:
             _enforce_bound(ctx, name, bound)
     check_tier_cap(ctx)
     _apply_logit_bias_policy(ctx)
@@ -77,12 +78,11 @@ def _default_max_tokens(ctx: RequestContext) -> None:
     assert ctx.client is not None
     bound = ctx.client.tier.bounds.get("max_tokens")
     body = ctx.body
-    if (
-        not ctx.endpoint.conversational
-        or bound is None
-        or any(body.get(name) is not None for name in _OUTPUT_LIMITS)
-    ):
+    if bound is None or not ctx.endpoint.conversational:
         return
+    for name in _OUTPUT_LIMITS:
+        if body.get(name) is not None:
+            return
     ceiling = _output_ceiling(ctx, bound)
     if ceiling is not None:
         field = _OUTPUT_LIMIT[ctx.endpoint]

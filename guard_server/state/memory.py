@@ -223,28 +223,41 @@ class MemoryStore(StateStore):
             risk.end_users = WindowedDistinct(DAY)
         risk.end_users.add(now, [register_of(end_user_scope)])
         mine = _touch(self._risk, end_user_scope, _Risk, self._max_profiles)
-        self._fold_risk(mine, features, now, _registers(features))
+        self._fold_alone(mine, features, now)
         return risk.snapshot(now), campaign.snapshot(now), mine.snapshot(now)
 
     async def observe_scope(self, scope: str, features: RequestFeatures) -> ClientProfile:
         now = self._clock()
         risk = _touch(self._risk, scope, _Risk, self._max_profiles)
-        self._fold_risk(risk, features, now, _registers(features))
+        self._fold_alone(risk, features, now)
         return risk.snapshot(now)
 
     def _fold(self, client: str, features: RequestFeatures, now: float) -> tuple[_Risk, _Campaign]:
         risk = _touch(self._risk, client, _Risk, self._max_profiles)
         registers = _registers(features)
-        self._fold_risk(risk, features, now, registers)
+        prompts = len(features.prompt_hashes)
+        weight = _share_weight(prompts)  # `prompts` steps of the moving averages at once
+        self._fold_risk(risk, features, now, registers, prompts, weight)
         campaign = _touch(self._campaigns, features.fingerprint, _Campaign, self._max_profiles)
         campaign.members.add(now, [register_of(client)])
         campaign.prompts.add(now, registers)
-        campaign.max_top += _share_weight(features.prompts) * (features.max_top - campaign.max_top)
+        campaign.max_top += weight * (features.max_top - campaign.max_top)
         return risk, campaign
+
+    @classmethod
+    def _fold_alone(cls, risk: _Risk, features: RequestFeatures, now: float) -> None:
+        """Fold a request into a scope that joins no campaign (an end user's, newcomers')."""
+        prompts = len(features.prompt_hashes)
+        cls._fold_risk(risk, features, now, _registers(features), prompts, _share_weight(prompts))
 
     @staticmethod
     def _fold_risk(
-        risk: _Risk, features: RequestFeatures, now: float, registers: list[tuple[int, int]]
+        risk: _Risk,
+        features: RequestFeatures,
+        now: float,
+        registers: list[tuple[int, int]],
+        prompts: int,
+        weight: float,
     ) -> None:
         if risk.updated is not None:
             gap = max(0.0, now - risk.updated)
@@ -256,8 +269,6 @@ class MemoryStore(StateStore):
                 risk.gap_sq += GAP_ALPHA * (gap * gap - risk.gap_sq)
         if risk.since is None:
             risk.since = now
-        prompts = features.prompts
-        weight = _share_weight(prompts)  # `prompts` steps of the moving averages at once
         risk.updated = now
         risk.requests += prompts
         risk.total += prompts
@@ -301,7 +312,7 @@ class MemoryStore(StateStore):
 
 
 def _registers(features: RequestFeatures) -> list[tuple[int, int]]:
-    return [register_of(prompt_hash) for prompt_hash in features.prompt_hashes]
+    return list(map(register_of, features.prompt_hashes))
 
 
 @lru_cache(maxsize=64)
