@@ -206,5 +206,6 @@ def test_constrained_decoding_gives_exact_logit_differences_on_the_trusted_tier_
     np.testing.assert_allclose(stolen.matrix[found], (exact - exact[:, :1])[found], atol=1e-3)
     refused = constrained_stealing.harvest_constrained(default, prompts, columns, strings)
     assert refused.usable.shape[0] == 0
+    assert refused.coverage() == 0
     assert refused.queries == len(columns) - 1  # stops after the first context
     assert "400 parameter_not_allowed" in refused.refusals.most_common(1)[0][0]

@@ -157,6 +157,7 @@ def harvest_constrained(
         matrix[i, 0] = 0.0
     first = ask([(0, j, 0) for j in order])
     if not first:
+        matrix[:] = np.nan  # the reference column's zeros were never returned
         harvest.queries = counter.sent
         harvest.refusals = tally
         return harvest

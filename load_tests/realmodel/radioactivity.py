@@ -14,9 +14,13 @@ held-out prompts at T = 1, and ``guard-server trace``'s test scores them against
 ``--soft-label`` adds the soft-label comparison at the largest N: a student of the default
 tier's text only (a) against one of the text plus the returned top-5 (b), and the same pair
 from the trusted tier (exact values), scored by their held-out NLL of the teacher's own
-answers (trusted tier, T = 1) to the held-out prompts.
+answers (trusted tier, T = 1) to the held-out prompts. ``--soft-label-only`` runs only that
+comparison (on the cached answers of an earlier run's ``--workdir``), ``--seeds 0,1,2``
+repeats its four students with other seeds to show the noise.
 
-Collected answers are kept in ``--workdir`` and reused by a later run with the same one.
+Collected answers (and the held-out reference) are kept in ``--workdir`` and reused by a later
+run with the same one; students are trained after the lab's guard has stopped, so the vLLM is
+needed only while something is still to be collected.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ import argparse
 import json
 import tempfile
 from collections import Counter
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -70,6 +75,42 @@ def examples(
     return out
 
 
+def soft_label_students(
+    tokenizer: Tokenizer,
+    default_data: list[st.Example],
+    trusted_data: list[st.Example],
+    heldout_examples: list[st.Example],
+    heldout: list[str],
+    cfg: st.StudentConfig,
+    seeds: list[int],
+) -> dict[str, Any]:
+    """(a) the default tier's text only, (b) its text + returned top-5; (a') and (b') the
+    same from the trusted tier (exact values): held-out NLL (nats per token) per seed."""
+    vocab = st.build_vocab(tokenizer, [*default_data, *trusted_data, *heldout_examples], heldout)
+    out: dict[str, Any] = {
+        "vocab": len(vocab.real),
+        "with_soft_labels": [
+            sum(e.soft is not None for e in default_data),
+            sum(e.soft is not None for e in trusted_data),
+        ],
+        "seeds": seeds,
+    }
+    runs = {
+        "a_default_text": (default_data, False),
+        "b_default_text_top5": (default_data, True),
+        "a_trusted_text": (trusted_data, False),
+        "b_trusted_text_top5": (trusted_data, True),
+    }
+    for name in runs:
+        out[name] = []
+    for seed in seeds:
+        for name, (data, soft) in runs.items():
+            net = st.train(data, vocab, replace(cfg, seed=seed), soft=soft)
+            out[name].append(round(st.nll(net, vocab, heldout_examples), 3))
+            print(f"soft_label seed {seed} {name} {out[name][-1]}", flush=True)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--vllm-url", default=None, help="reuse a vLLM serving SmolLM2 (plugin on)")
@@ -78,18 +119,29 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--max-tokens", type=int, default=80)
     ap.add_argument("--soft-label", action="store_true")
+    ap.add_argument(
+        "--soft-label-only",
+        action="store_true",
+        help="only the soft-label comparison (no radioactivity students; implies --soft-label)",
+    )
+    ap.add_argument(
+        "--seeds", default="0", help="student seeds of the soft-label comparison (e.g. 0,1,2)"
+    )
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--workdir", type=Path, default=None)
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args(argv)
     threads(args.threads)
+    soft_label = args.soft_label or args.soft_label_only
     sizes = sorted(int(n) for n in args.collect.split(","))
+    seeds = [int(s) for s in args.seeds.split(",")]
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="realmodel-radioactivity-"))
     model_dir = smollm2.ensure_model()
     tokenizer = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
     index = token_index(tokenizer)
     train_prompts = cycled_prompts("train", max(sizes))
     heldout = open_prompts("heldout")
+    cfg = st.StudentConfig(steps=args.steps, batch=args.batch)
     results: dict[str, Any] = {"collect": sizes, "steps": args.steps}
 
     def report(name: str, value: Any) -> None:
@@ -98,6 +150,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.out:
             args.out.write_text(json.dumps(results, indent=1))
 
+    clients = ("clean",) if args.soft_label_only else ("attacker", "clean")
+    collected = {}
+    # Collection needs the lab; the students are trained after it has stopped.
     with stack.running_lab(workdir, args.vllm_url) as lab:
         settings = load_settings(lab.config)
 
@@ -116,8 +171,7 @@ def main(argv: list[str] | None = None) -> int:
                 "others_max_abs_z": round(max(abs(s.z) for s in others), 2),
             }
 
-        collected = {}
-        for client in ("attacker", "clean", *(("trusted",) if args.soft_label else ())):
+        for client in (*clients, *(("trusted",) if soft_label else ())):
             cache = workdir / f"collected-{client}.json"
             if cache.exists():
                 collected[client] = json.loads(cache.read_text())
@@ -126,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
                     lab.base_url, client, train_prompts, max_tokens=args.max_tokens, logprobs=5
                 )
                 cache.write_text(json.dumps(collected[client]))
-            if client != "trusted":
+            if client != "trusted" and not args.soft_label_only:
                 texts = [a["text"] for a in collected[client]]
                 report(f"trace/{client}_collected", traced(texts))
         cache = workdir / "reference-heldout.json"
@@ -137,42 +191,16 @@ def main(argv: list[str] | None = None) -> int:
                 lab.base_url, "trusted", heldout, max_tokens=args.max_tokens, temperature=1.0
             )
             cache.write_text(json.dumps(reference))
-        heldout_examples = examples(tokenizer, index, heldout, reference)
-        if args.soft_label:
-            trusted = examples(tokenizer, index, train_prompts, collected["trusted"])
-
-        def soft_labels(
-            default_data: list[st.Example], trusted_data: list[st.Example]
-        ) -> dict[str, Any]:
-            """(a) text only [the clean student above], (b) text + the default tier's top-5;
-            (a') and (b') the same from the trusted tier (exact values)."""
-            cfg = st.StudentConfig(steps=args.steps, batch=args.batch)
-            vocab = st.build_vocab(
-                tokenizer, [*default_data, *trusted_data, *heldout_examples], heldout
-            )
-            out: dict[str, Any] = {
-                "with_soft_labels": [
-                    sum(e.soft is not None for e in default_data),
-                    sum(e.soft is not None for e in trusted_data),
-                ]
-            }
-            runs = {
-                "a_default_text": (default_data, False),
-                "b_default_text_top5": (default_data, True),
-                "a_trusted_text": (trusted_data, False),
-                "b_trusted_text_top5": (trusted_data, True),
-            }
-            for name, (data, soft) in runs.items():
-                net = st.train(data, vocab, cfg, soft=soft)
-                out[name] = round(st.nll(net, vocab, heldout_examples), 3)
-            return out
-
+    heldout_examples = examples(tokenizer, index, heldout, reference)
+    data = {
+        client: examples(tokenizer, index, train_prompts, answers)
+        for client, answers in collected.items()
+    }
+    if not args.soft_label_only:
         for client in ("attacker", "clean"):
-            data = examples(tokenizer, index, train_prompts, collected[client])
             for n in sizes:
-                vocab = st.build_vocab(tokenizer, [*data[:n], *heldout_examples], heldout)
-                cfg = st.StudentConfig(steps=args.steps, batch=args.batch)
-                net = st.train(data[:n], vocab, cfg)
+                vocab = st.build_vocab(tokenizer, [*data[client][:n], *heldout_examples], heldout)
+                net = st.train(data[client][:n], vocab, cfg)
                 texts = st.generate(net, vocab, tokenizer, heldout, max_new_tokens=args.max_tokens)
                 (workdir / f"student-{client}-{n}.jsonl").write_text(
                     "".join(json.dumps({"text": t}) + "\n" for t in texts)
@@ -185,8 +213,20 @@ def main(argv: list[str] | None = None) -> int:
                         "trace": traced(texts),
                     },
                 )
-                if args.soft_label and client == "clean" and n == sizes[-1]:
-                    report(f"soft_label/{n}", soft_labels(data[:n], trusted[:n]))
+    if soft_label:
+        n = sizes[-1]
+        report(
+            f"soft_label/{n}",
+            soft_label_students(
+                tokenizer,
+                data["clean"][:n],
+                data["trusted"][:n],
+                heldout_examples,
+                heldout,
+                cfg,
+                seeds,
+            ),
+        )
     return 0
 
 
