@@ -163,12 +163,22 @@ async def _serve(
     return ctx
 
 
-async def test_one_abusive_end_user_is_acted_on_alone(tmp_path, settings: Settings) -> None:  # type: ignore[no-untyped-def]
+def _stages(tmp_path: Path) -> tuple[Clock, MemoryStore, RiskScorer, Planner, AuditLog]:
+    """A memory store on a driven clock, the scoring and plan stages, and an audit log."""
     clock = Clock()
     store = MemoryStore(clock=clock)
     metrics = GuardMetrics(CollectorRegistry())
-    scorer, planner = RiskScorer(store, metrics), Planner(metrics)
-    audit = AuditLog(AuditSettings(path=str(tmp_path / "audit.jsonl")))
+    return (
+        clock,
+        store,
+        RiskScorer(store, metrics),
+        Planner(metrics),
+        AuditLog(AuditSettings(path=str(tmp_path / "audit.jsonl"))),
+    )
+
+
+async def test_one_abusive_end_user_is_acted_on_alone(tmp_path, settings: Settings) -> None:  # type: ignore[no-untyped-def]
+    clock, _store, scorer, planner, audit = _stages(tmp_path)
     rng = random.Random(0)
     eve: list[RequestContext] = []
     others: list[RequestContext] = []
@@ -250,11 +260,7 @@ async def test_a_script_inventing_ids_is_acted_on_among_its_shapes_newcomers(  #
     then a script naming a fresh id per request (clockwork, one template) while the app's
     users and new ones keep coming. The key's score reaches a text-side action; only the
     script's requests get one, from the scope of the key's newcomers of its shape."""
-    clock = Clock()
-    store = MemoryStore(clock=clock)
-    metrics = GuardMetrics(CollectorRegistry())
-    scorer, planner = RiskScorer(store, metrics), Planner(metrics)
-    audit = AuditLog(AuditSettings(path=str(tmp_path / "audit.jsonl")))
+    clock, _store, scorer, planner, audit = _stages(tmp_path)
     rng = random.Random(1)
     logprobs = {"logprobs": True, "top_logprobs": 5}
 
@@ -325,11 +331,7 @@ async def _collect(
     settings: Settings, key: str, tmp_path: Path
 ) -> tuple[list[RequestContext], MemoryStore, list[dict]]:
     """The collector's 300 requests, one every 6 s, through the scoring and plan stages."""
-    clock = Clock()
-    store = MemoryStore(clock=clock)
-    metrics = GuardMetrics(CollectorRegistry())
-    scorer, planner = RiskScorer(store, metrics), Planner(metrics)
-    audit = AuditLog(AuditSettings(path=str(tmp_path / "audit.jsonl")))
+    clock, store, scorer, planner, audit = _stages(tmp_path)
     rng = random.Random(2)
     served = []
     for i in range(300):
