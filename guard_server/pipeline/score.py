@@ -7,8 +7,6 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 
-from prometheus_client import Histogram
-
 from guard_server.config.loader import Client
 from guard_server.detection.end_users import assess_key, score_with_end_user
 from guard_server.detection.features import RequestFeatures, extract_features
@@ -57,7 +55,6 @@ class RiskScorer:
         self._speculative = speculate if isinstance(store, SpeculativeStore) else None
         # client id -> [its last assessment, how many more requests may reuse it]
         self._last: OrderedDict[str, list] = OrderedDict()
-        self._histograms: dict[str, Histogram] = {}  # tier -> its risk-score histogram
 
     async def __call__(self, ctx: RequestContext) -> None:
         assert ctx.client is not None
@@ -83,7 +80,7 @@ class RiskScorer:
                     scores.newcomers_scope,
                 )
                 self._remember(client_id, ctx.assessment, None)
-                self._score_histogram(tier.name).observe(ctx.assessment.score)
+                self.metrics.child(self.metrics.risk_score, tier.name).observe(ctx.assessment.score)
                 return
             if self._speculative is not None:
                 predicted = last[0] if last is not None else None
@@ -103,14 +100,7 @@ class RiskScorer:
             ctx.assessment = last[0]
         else:
             ctx.assessment = self._assess(ctx.client, *profiles)
-        self._score_histogram(tier.name).observe(ctx.assessment.score)
-
-    def _score_histogram(self, tier: str) -> Histogram:
-        """The risk-score histogram of ``tier`` (one dictionary look-up per request)."""
-        child = self._histograms.get(tier)
-        if child is None:
-            child = self._histograms[tier] = self.metrics.risk_score.labels(tier)
-        return child
+        self.metrics.child(self.metrics.risk_score, tier.name).observe(ctx.assessment.score)
 
     def forget(self, client_id: str) -> None:
         """Drop the client's last assessment (its profile was reset): assess it afresh."""
